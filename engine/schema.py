@@ -1,0 +1,252 @@
+"""Canonical tables: the one place where columns, types, sort keys and partition rules live.
+
+Every other module asks this one what a table looks like; nothing else spells a column list.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+WRITER = "data-engine"
+NS_PER_HOUR = 3_600_000_000_000
+NS_PER_DAY = 24 * NS_PER_HOUR
+
+
+class Side(str, enum.Enum):
+    BID = "bid"
+    ASK = "ask"
+
+
+class TakerSide(str, enum.Enum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+class GapKind(str, enum.Enum):
+    DISCONNECT = "disconnect"
+    SEQUENCE = "sequence"
+    RESTART = "restart"
+    STALE = "stale"
+
+
+_DICT = pa.dictionary(pa.int32(), pa.string())
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+L2_SCHEMA = pa.schema(
+    [
+        _f("ts", pa.int64()),
+        _f("recv_ts", pa.int64()),
+        _f("source", _DICT),
+        _f("market", _DICT),
+        _f("instrument", _DICT),
+        _f("side", _DICT),
+        _f("price", pa.float64()),
+        _f("size", pa.float64()),
+        _f("seq", pa.int64(), nullable=True),
+        _f("snapshot", pa.bool_()),
+    ]
+)
+
+TRADES_SCHEMA = pa.schema(
+    [
+        _f("ts", pa.int64()),
+        _f("recv_ts", pa.int64()),
+        _f("source", _DICT),
+        _f("market", _DICT),
+        _f("instrument", _DICT),
+        _f("side", _DICT),
+        _f("price", pa.float64()),
+        _f("size", pa.float64()),
+        _f("trade_id", pa.string()),
+        _f("seq", pa.int64(), nullable=True),
+    ]
+)
+
+GAPS_SCHEMA = pa.schema(
+    [
+        _f("source", _DICT),
+        _f("market", _DICT),
+        _f("instrument", _DICT, nullable=True),
+        _f("start_ts", pa.int64()),
+        _f("end_ts", pa.int64()),
+        _f("kind", _DICT),
+        _f("detail", pa.string(), nullable=True),
+    ]
+)
+
+# Derived table (best bid/ask per change), built from l2 by compaction or on demand.
+QUOTES_SCHEMA = pa.schema(
+    [
+        _f("ts", pa.int64()),
+        _f("recv_ts", pa.int64()),
+        _f("source", _DICT),
+        _f("market", _DICT),
+        _f("instrument", _DICT),
+        _f("bid_price", pa.float64(), nullable=True),
+        _f("bid_size", pa.float64(), nullable=True),
+        _f("ask_price", pa.float64(), nullable=True),
+        _f("ask_size", pa.float64(), nullable=True),
+        _f("seq", pa.int64(), nullable=True),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How a table is stored: its schema, which column places a row in time, how files sort."""
+
+    name: str
+    schema: pa.Schema
+    time_col: str  # event time used for range filters and min/max stats
+    part_col: str  # time column that decides date partition and hour (recv_ts for raw tables)
+    sort_keys: tuple[str, ...]
+    enums: dict[str, frozenset[str]]
+    seq_col: str | None = "seq"
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+
+TABLES: dict[str, TableSpec] = {
+    "l2": TableSpec(
+        "l2",
+        L2_SCHEMA,
+        "ts",
+        "recv_ts",
+        ("instrument", "ts", "seq"),
+        {"side": frozenset(s.value for s in Side)},
+    ),
+    "trades": TableSpec(
+        "trades",
+        TRADES_SCHEMA,
+        "ts",
+        "recv_ts",
+        ("instrument", "ts", "seq"),
+        {"side": frozenset(s.value for s in TakerSide)},
+    ),
+    "gaps": TableSpec(
+        "gaps",
+        GAPS_SCHEMA,
+        "start_ts",
+        "start_ts",
+        ("instrument", "start_ts"),
+        {"kind": frozenset(k.value for k in GapKind)},
+        seq_col=None,
+    ),
+    "quotes": TableSpec(
+        "quotes",
+        QUOTES_SCHEMA,
+        "ts",
+        "recv_ts",
+        ("instrument", "ts", "seq"),
+        {},
+    ),
+}
+
+RAW_TABLES = ("l2", "trades", "gaps")
+
+
+class SchemaError(ValueError):
+    """Input that does not fit a canonical table; the message names table, column and problem."""
+
+
+def spec(table: str) -> TableSpec:
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise SchemaError(f"unknown table {table!r}; tables are: {', '.join(TABLES)}") from None
+
+
+def file_metadata(table: str) -> dict[bytes, bytes]:
+    """Key-value metadata written into every Parquet file."""
+    return {
+        b"engine.schema_version": str(SCHEMA_VERSION).encode(),
+        b"engine.table": table.encode(),
+        b"engine.writer": WRITER.encode(),
+    }
+
+
+def _to_arrow(table: str, data: Any) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    mod = type(data).__module__
+    if mod.startswith("polars"):
+        import polars as pl
+
+        if isinstance(data, pl.LazyFrame):
+            data = data.collect()
+        return data.to_arrow()
+    if mod.startswith("pandas"):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    raise SchemaError(
+        f"table {table}: expected a pyarrow Table/RecordBatch or a polars DataFrame, got {type(data).__name__}"
+    )
+
+
+def _compatible(want: pa.DataType, got: pa.DataType) -> bool:
+    if want == got:
+        return True
+    if pa.types.is_dictionary(want):
+        base = got.value_type if pa.types.is_dictionary(got) else got
+        return pa.types.is_string(base) or pa.types.is_large_string(base) or pa.types.is_string_view(base)
+    if pa.types.is_string(want):
+        return pa.types.is_large_string(got) or pa.types.is_string_view(got)
+    if pa.types.is_int64(want):
+        return pa.types.is_integer(got) or pa.types.is_null(got)
+    if pa.types.is_float64(want):
+        return pa.types.is_floating(got) or pa.types.is_integer(got)
+    return False
+
+
+def validate(table: str, data: Any) -> pa.Table:
+    """Check `data` against the canonical schema and return it cast to exactly that schema.
+
+    Errors name the table, the column and the problem, so a bad batch is fixed at its source.
+    """
+    ts = spec(table)
+    t = _to_arrow(table, data)
+    names = set(t.column_names)
+    missing = [c for c in ts.columns if c not in names]
+    if missing:
+        raise SchemaError(f"table {table}: missing column(s) {', '.join(missing)}")
+    extra = [c for c in t.column_names if c not in ts.columns]
+    if extra:
+        raise SchemaError(f"table {table}: unexpected column(s) {', '.join(extra)}; expected {', '.join(ts.columns)}")
+    cols = []
+    for field in ts.schema:
+        col = t.column(field.name)
+        if not _compatible(field.type, col.type):
+            raise SchemaError(f"table {table}, column {field.name}: expected {field.type}, got {col.type}")
+        if col.type != field.type:
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SchemaError(f"table {table}, column {field.name}: cannot convert {col.type} to {field.type}: {e}") from None
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"table {table}, column {field.name}: {col.null_count} null value(s) in a non-null column")
+        cols.append(col)
+    out = pa.Table.from_arrays(cols, schema=ts.schema)
+    for name, allowed in ts.enums.items():
+        values = set(out.column(name).unique().dictionary_decode().to_pylist()) if out.num_rows else set()
+        values.discard(None)
+        bad = values - allowed
+        if bad:
+            raise SchemaError(
+                f"table {table}, column {name}: invalid value(s) {sorted(bad)}; allowed: {sorted(allowed)}"
+            )
+    for name in ("source", "market"):
+        if out.num_rows and "" in set(out.column(name).unique().dictionary_decode().to_pylist()):
+            raise SchemaError(f"table {table}, column {name}: empty string is not a valid {name}")
+    return out
