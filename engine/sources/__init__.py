@@ -1,0 +1,470 @@
+"""Shared pieces of the per-exchange normalizers (one module per exchange beside this one).
+
+A normalizer turns raw text frames into canonical rows. The live collector and the offline
+`ingest` call exactly the same methods (`on_connect`, `on_disconnect`, `feed`, `take`), so the
+same capture always gives the same rows.
+
+Rows are appended column-wise: per-row values (price, size, side, ts) go into plain Python
+lists that are extended once per message with C-level iterators; per-message constants
+(receive time, market, instrument, sequence number, snapshot flag) are stored once per
+message as a "run" and expanded with numpy when the chunk is converted to Arrow.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from engine.log import get_logger
+from engine.schema import GAPS_SCHEMA, L2_SCHEMA, TRADES_SCHEMA
+
+NS = 1_000_000_000
+CHUNK_ROWS = 65_536
+DEFAULT_MAX_SKEW_NS = 24 * 3600 * NS  # an exchange timestamp further than this from recv is absurd
+_DICT_T = pa.dictionary(pa.int32(), pa.string())
+SIDE_MAP = {"bid": "bid", "ask": "ask", "offer": "ask", "buy": "bid", "sell": "ask"}
+
+# ----------------------------------------------------------------------------------------------
+# RFC 3339 timestamps -> int ns, with a cache of the "YYYY-MM-DDTHH" prefix
+
+
+_HOUR_CACHE: dict[str, int] = {}
+
+
+def _hour_base(prefix: str) -> int:
+    base = _HOUR_CACHE.get(prefix)
+    if base is None:
+        if len(prefix) != 13 or prefix[4] != "-" or prefix[7] != "-" or prefix[10] not in "Tt ":
+            raise ValueError(f"bad timestamp prefix {prefix!r}")
+        y, mo, d, h = int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]), int(prefix[11:13])
+        if not (1 <= mo <= 12 and 1 <= d <= 31 and 0 <= h <= 23):
+            raise ValueError(f"bad timestamp prefix {prefix!r}")
+        base = calendar.timegm((y, mo, d, h, 0, 0)) * NS
+        if len(_HOUR_CACHE) > 100_000:
+            _HOUR_CACHE.clear()
+        _HOUR_CACHE[prefix] = base
+    return base
+
+
+def parse_ts(s: str) -> int:
+    """RFC 3339 (UTC 'Z' or numeric offset, 0-9 fractional digits) -> ns since the epoch."""
+    base = _hour_base(s[:13])
+    if s[13] != ":" or s[16] != ":":
+        raise ValueError(f"bad timestamp {s!r}")
+    t = base + (int(s[14:16]) * 60 + int(s[17:19])) * NS
+    rest = s[19:]
+    if rest[-1:] in ("Z", "z"):
+        body, off = rest[:-1], 0
+    elif len(rest) >= 6 and rest[-6] in "+-" and rest[-3] == ":":
+        body = rest[:-6]
+        off = (int(rest[-5:-3]) * 60 + int(rest[-2:])) * 60 * NS
+        if rest[-6] == "-":
+            off = -off
+    else:
+        raise ValueError(f"bad timestamp {s!r}")
+    if body:
+        if body[0] != "." or len(body) > 10 or not body[1:].isdigit():
+            raise ValueError(f"bad timestamp {s!r}")
+        t += int((body[1:] + "000000000")[:9])
+    return t - off
+
+
+def fixed_units(s: str, digits: int) -> int:
+    """Exact decimal string -> integer in units of 10**-digits ("0.2100", 4 -> 2100; "-1.5", 2 -> -150).
+
+    Raises ValueError on anything that is not a plain decimal or has nonzero digits beyond `digits`.
+    """
+    neg = s[:1] == "-"
+    if neg or s[:1] == "+":
+        s = s[1:]
+    whole, dot, frac = s.partition(".")
+    if not (whole.isdigit() or (whole == "" and dot and frac)):
+        raise ValueError(f"bad decimal {s!r}")
+    if frac:
+        if not frac.isdigit():
+            raise ValueError(f"bad decimal {s!r}")
+        if len(frac) > digits:
+            if frac[digits:].strip("0"):
+                raise ValueError(f"too many decimals in {s!r}")
+            frac = frac[:digits]
+    v = int(whole or "0") * 10**digits + (int(frac.ljust(digits, "0")) if frac else 0)
+    return -v if neg else v
+
+
+def finite_sum_ok(xs: list[float]) -> bool:
+    s = math.fsum(xs) if len(xs) < 4 else sum(xs)
+    return s == s and s not in (math.inf, -math.inf)
+
+
+# ----------------------------------------------------------------------------------------------
+# Column builders
+
+
+def _dict_runs(values: list[str], counts: np.ndarray) -> pa.DictionaryArray:
+    enc = pa.array(values, _DICT_T)
+    idx = np.repeat(enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), counts)
+    return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), enc.dictionary)
+
+
+def _const_dict(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32), pa.int32()), pa.array([value], pa.string()))
+
+
+def _side_dict(values: list[str]) -> pa.DictionaryArray:
+    enc = pa.array(values, _DICT_T)
+    raw = enc.dictionary.to_pylist()
+    mapped = [SIDE_MAP[v] for v in raw]  # KeyError -> bulk conversion fails -> slow path
+    uniq = sorted(set(mapped))
+    remap = np.array([uniq.index(m) for m in mapped], np.int32)
+    idx = remap[enc.indices.to_numpy(zero_copy_only=False)] if len(raw) else np.zeros(0, np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(uniq, pa.string()))
+
+
+def _opt_int_runs(values: list[int | None], counts: np.ndarray) -> pa.Array:
+    arr = pa.array(values, pa.int64())
+    if arr.null_count == 0:
+        return pa.array(np.repeat(arr.to_numpy(), counts), pa.int64())
+    mask = np.repeat(np.array([v is None for v in values], bool), counts)
+    filled = np.repeat(arr.fill_null(0).to_numpy(), counts)
+    return pa.array(filled, pa.int64(), mask=mask)
+
+
+class L2Cols:
+    """Columnar accumulator for l2 rows of one source."""
+
+    __slots__ = ("source", "ts", "price", "size", "side", "r_n", "r_recv", "r_mkt", "r_inst", "r_seq", "r_snap", "rows")
+
+    def __init__(self, source: str):
+        self.source = source
+        self.rows = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ts: list[int] = []
+        self.price: list[float] = []
+        self.size: list[float] = []
+        self.side: list[str] = []
+        self.r_n: list[int] = []
+        self.r_recv: list[int] = []
+        self.r_mkt: list[str] = []
+        self.r_inst: list[str] = []
+        self.r_seq: list[int | None] = []
+        self.r_snap: list[bool] = []
+        self.rows = 0
+
+    def run(self, n: int, recv: int, market: str, instrument: str, seq: int | None, snap: bool) -> None:
+        self.r_n.append(n)
+        self.r_recv.append(recv)
+        self.r_mkt.append(market)
+        self.r_inst.append(instrument)
+        self.r_seq.append(seq)
+        self.r_snap.append(snap)
+        self.rows += n
+
+    def _build(self, lo_run: int, hi_run: int, lo_row: int, hi_row: int) -> pa.Table:
+        counts = np.array(self.r_n[lo_run:hi_run], np.int64)
+        n = int(counts.sum())
+        if n != hi_row - lo_row:
+            raise ValueError("run/row count mismatch")
+        cols = [
+            pa.array(self.ts[lo_row:hi_row], pa.int64()),
+            pa.array(np.repeat(np.array(self.r_recv[lo_run:hi_run], np.int64), counts), pa.int64()),
+            _const_dict(self.source, n),
+            _dict_runs(self.r_mkt[lo_run:hi_run], counts),
+            _dict_runs(self.r_inst[lo_run:hi_run], counts),
+            _side_dict(self.side[lo_row:hi_row]),
+            pa.array(self.price[lo_row:hi_row], pa.float64()),
+            pa.array(self.size[lo_row:hi_row], pa.float64()),
+            _opt_int_runs(self.r_seq[lo_run:hi_run], counts),
+            pa.array(np.repeat(np.array(self.r_snap[lo_run:hi_run], bool), counts), pa.bool_()),
+        ]
+        return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
+
+    def take(self, on_bad=None) -> pa.Table | None:
+        if not self.r_n:
+            return None
+        try:
+            t = self._build(0, len(self.r_n), 0, len(self.ts))
+        except Exception as e:  # one bad message must not cost the chunk: redo run by run
+            parts, row = [], 0
+            for i, k in enumerate(self.r_n):
+                try:
+                    parts.append(self._build(i, i + 1, row, row + k))
+                except Exception as e1:
+                    if on_bad:
+                        on_bad(f"l2 conversion failed: {e1!r}", self.r_inst[i])
+                row += k
+            t = pa.concat_tables(parts) if parts else None
+            if on_bad and t is None:
+                on_bad(f"l2 chunk conversion failed: {e!r}", None)
+        self._reset()
+        return t
+
+
+class TradeCols:
+    __slots__ = ("source", "ts", "recv", "mkt", "inst", "side", "price", "size", "tid", "seq")
+
+    def __init__(self, source: str):
+        self.source = source
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ts: list[int] = []
+        self.recv: list[int] = []
+        self.mkt: list[str] = []
+        self.inst: list[str] = []
+        self.side: list[str] = []
+        self.price: list[float] = []
+        self.size: list[float] = []
+        self.tid: list[str] = []
+        self.seq: list[int | None] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.ts)
+
+    def add(self, ts, recv, market, instrument, side, price, size, trade_id, seq) -> None:
+        self.ts.append(ts)
+        self.recv.append(recv)
+        self.mkt.append(market)
+        self.inst.append(instrument)
+        self.side.append(side)
+        self.price.append(price)
+        self.size.append(size)
+        self.tid.append(trade_id)
+        self.seq.append(seq)
+
+    def take(self) -> pa.Table | None:
+        if not self.ts:
+            return None
+        n = len(self.ts)
+        ones = np.ones(n, np.int64)
+        t = pa.Table.from_arrays(
+            [
+                pa.array(self.ts, pa.int64()),
+                pa.array(self.recv, pa.int64()),
+                _const_dict(self.source, n),
+                _dict_runs(self.mkt, ones),
+                _dict_runs(self.inst, ones),
+                pa.array(self.side, pa.string()).dictionary_encode(),
+                pa.array(self.price, pa.float64()),
+                pa.array(self.size, pa.float64()),
+                pa.array(self.tid, pa.string()),
+                pa.array(self.seq, pa.int64()),
+            ],
+            schema=TRADES_SCHEMA,
+        )
+        self._reset()
+        return t
+
+
+class GapCols:
+    def __init__(self, source: str):
+        self.source = source
+        self.rows_: list[tuple] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.rows_)
+
+    def add(self, market: str, instrument: str | None, start_ts: int, end_ts: int, kind: str, detail: str | None) -> None:
+        self.rows_.append((market, instrument, int(start_ts), int(max(end_ts, start_ts)), kind, detail))
+
+    def take(self) -> pa.Table | None:
+        if not self.rows_:
+            return None
+        cols = list(zip(*self.rows_))
+        t = pa.Table.from_arrays(
+            [
+                pa.array([self.source] * len(self.rows_), pa.string()).dictionary_encode(),
+                pa.array(cols[0], pa.string()).dictionary_encode(),
+                pa.array(cols[1], pa.string()).dictionary_encode(),
+                pa.array(cols[2], pa.int64()),
+                pa.array(cols[3], pa.int64()),
+                pa.array(cols[4], pa.string()).dictionary_encode(),
+                pa.array(cols[5], pa.string()),
+            ],
+            schema=GAPS_SCHEMA,
+        )
+        self.rows_ = []
+        return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Counters and the normalizer base
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    bytes: int = 0
+    rows_l2: int = 0
+    rows_trades: int = 0
+    skipped_frames: int = 0
+    ignored_frames: int = 0
+    skipped_rows: int = 0
+    dup_trades: int = 0
+    gaps: int = 0
+    reconnects: int = 0
+    errors: int = 0
+    feed_lag_ns: int | None = None
+    last_recv_ns: int | None = None
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["skip_reasons"] = dict(self.skip_reasons)
+        return d
+
+
+class Action:
+    """A request from the normalizer to the live runtime (ignored offline)."""
+
+    __slots__ = ("kind", "args")
+
+    def __init__(self, kind: str, **args):
+        self.kind = kind  # "reconnect" | "get_snapshot" | "resubscribe" | "error"
+        self.args = args
+
+    def __repr__(self) -> str:
+        return f"Action({self.kind}, {self.args})"
+
+
+class BaseNormalizer:
+    source = "?"
+
+    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, log=None):
+        self.l2 = L2Cols(self.source)
+        self.trades = TradeCols(self.source)
+        self.gaps = GapCols(self.source)
+        self.c = Counters()
+        self.max_skew_ns = max_skew_ns
+        self.actions: list[Action] = []
+        self.log = log or get_logger(source=self.source)
+        self._skip_logged = 0
+        self._skip_log_window = 0.0
+        self.conn: int | None = None
+        self._implicit_conn = 0
+        self.last_frame_recv: int | None = None
+        self.pending_gap: tuple[str, int, str] | None = None  # (kind, start_ts, detail) awaiting reconnect
+
+    # -- bad input ------------------------------------------------------------------------------
+    def skip(self, frame: Any, reason: str, exc: BaseException | None = None) -> None:
+        c = self.c
+        c.skipped_frames += 1
+        key = reason.split(":", 1)[0]
+        c.skip_reasons[key] = c.skip_reasons.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._skip_log_window > 60.0:
+            self._skip_log_window, self._skip_logged = now, 0
+        self._skip_logged += 1
+        if self._skip_logged <= 20:
+            head = frame[:200] if isinstance(frame, (str, bytes)) else repr(frame)[:200]
+            if isinstance(head, bytes):
+                head = head.decode("utf-8", "replace")
+            self.log.warning("frame_skipped", reason=reason, error=repr(exc)[:200] if exc else None, frame_head=head)
+        elif self._skip_logged == 21:
+            self.log.warning("frame_skipped_suppressed", note="more skipped frames this minute; see counters")
+
+    def bad_conversion(self, reason: str, instrument: str | None) -> None:
+        self.c.skipped_rows += 1
+        self.log.warning("conversion_skipped", reason=reason, instrument=instrument)
+
+    # -- gaps -----------------------------------------------------------------------------------
+    def gap(self, market: str, instrument: str | None, start: int, end: int, kind: str, detail: str) -> None:
+        self.gaps.add(market, instrument, start, end, kind, detail)
+        self.c.gaps += 1
+        self.log.warning("gap", market=market, instrument=instrument, kind=kind, start_ts=start, end_ts=end, detail=detail)
+
+    def markets(self) -> Iterable[str]:  # markets known on the current connection
+        return ()
+
+    def emit_pending_gap(self, end_ns: int) -> None:
+        if self.pending_gap is None:
+            return
+        kind, start, detail = self.pending_gap
+        self.pending_gap = None
+        for m in sorted(self.markets()):
+            self.gap(m, None, start, end_ns, kind, detail)
+
+    # -- connection lifecycle (meta lines) -------------------------------------------------------
+    def on_connect(self, recv_ns: int, conn: int | None = None, **meta) -> None:
+        if conn is None:
+            self._implicit_conn += 1
+            conn = -self._implicit_conn
+        self.conn = conn
+        self.reset_connection(recv_ns, **meta)
+        self.emit_pending_gap(recv_ns)
+
+    def on_disconnect(self, recv_ns: int, reason: str = "") -> None:
+        kind = "stale" if reason.startswith("stale") else "disconnect"
+        start = self.last_frame_recv if self.last_frame_recv is not None else recv_ns
+        if self.pending_gap is None:
+            self.pending_gap = (kind, start, f"{kind}: {reason}"[:500])
+        self.invalidate_all()
+        self.conn = None
+
+    def reset_connection(self, recv_ns: int, **meta) -> None:  # per-connection state
+        pass
+
+    def invalidate_all(self) -> None:
+        pass
+
+    # -- output ---------------------------------------------------------------------------------
+    def rows_pending(self) -> int:
+        return self.l2.rows + self.trades.rows + self.gaps.rows
+
+    def take(self) -> dict[str, pa.Table]:
+        out = {}
+        g = self.gaps.take()
+        if g is not None:
+            out["gaps"] = g
+        t = self.l2.take(self.bad_conversion)
+        if t is not None and t.num_rows:
+            out["l2"] = t
+        t = self.trades.take()
+        if t is not None:
+            out["trades"] = t
+        return out
+
+    def pop_actions(self) -> list[Action]:
+        a, self.actions = self.actions, []
+        return a
+
+    def restart_gaps(self, markets: Iterable[str], start_ns: int, end_ns: int, detail: str = "collector restart") -> None:
+        for m in sorted(set(markets)):
+            self.gap(m, None, start_ns, end_ns, "restart", detail)
+
+
+def anchor_table(source: str, books: dict[str, tuple[str, dict]], now_ns: int) -> pa.Table | None:
+    """Books {instrument: (market, {(side, price): size})} -> snapshot l2 rows at ts = recv_ts = now."""
+    cols = L2Cols(source)
+    for inst in sorted(books):
+        market, book = books[inst]
+        if not book:
+            continue
+        keys = sorted(book)
+        cols.ts.extend([now_ns] * len(keys))
+        cols.side.extend(k[0] for k in keys)
+        cols.price.extend(k[1] for k in keys)
+        cols.size.extend(book[k] for k in keys)
+        cols.run(len(keys), now_ns, market, inst, None, True)
+    return cols.take()
+
+
+def make_normalizer(source: str, **kw) -> BaseNormalizer:
+    if source == "coinbase":
+        from engine.sources.coinbase import CoinbaseNormalizer
+
+        return CoinbaseNormalizer(**kw)
+    if source == "kalshi":
+        from engine.sources.kalshi import KalshiNormalizer
+
+        return KalshiNormalizer(**kw)
+    raise ValueError(f"unknown source {source!r}; sources are coinbase, kalshi")
