@@ -388,7 +388,7 @@ class SourceRunner:
                 found: set[str] = set()
                 for s in self.series:
                     mk = await loop.run_in_executor(None, ks.fetch_markets, self.cfg.kalshi_rest_url, s)
-                    found |= ks.open_tickers(mk, s, time.time())
+                    found |= ks.open_tickers(mk, s, time.time() if self.cfg.discovery_wall_clock else None)
                 if found != self.desired:
                     self.log.info("discovery", markets=len(found), new=len(found - self.desired), gone=len(self.desired - found))
                 self.desired = found
@@ -490,9 +490,12 @@ class Collector:
         _atomic_write(self.pid_file, str(os.getpid()))
         loop = asyncio.get_running_loop()
         self.stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, self.request_flush_now)
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(signal.SIGUSR1, self.request_flush_now)
+        except (RuntimeError, ValueError):  # not the main thread (embedded use): no signals
+            log.info("signals_not_installed")
         tasks = [asyncio.create_task(r.run(self.stop), name=f"conn-{r.source}") for r in self.runners]
         hk = asyncio.create_task(self._housekeeping())
         log.info("collector_started", sources=sources, home=str(self.home), pid=os.getpid())
@@ -539,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--coinbase-stall", type=float, default=5.0, help="seconds without a frame before a Coinbase `stale` reconnect")
     ap.add_argument("--kalshi-stall", type=float, default=120.0, help="seconds without a frame before a Kalshi `stale` reconnect")
     ap.add_argument("--discovery-interval", type=float, default=30.0, help="Kalshi market re-discovery period (s)")
+    ap.add_argument("--discovery-wall-clock", action="store_true",
+                    help="also drop Kalshi markets whose open/close times are outside this host's clock")
     ap.add_argument("--snapshot-timeout", type=float, default=15.0, help="resubscribe when get_snapshot is not answered (s)")
     ap.add_argument("--use-yes-price", dest="use_yes_price", action=argparse.BooleanOptionalAction, default=True,
                     help="Kalshi use_yes_price sent on every subscribe and recorded in the capture")

@@ -196,8 +196,12 @@ def fetch_markets(rest_url: str, series: str, status: str = "open", timeout: flo
     return out
 
 
-def open_tickers(markets: list[dict], series: str, now_s: float) -> set[str]:
-    """Tickers of `series` that are open now (membership by ticker prefix incl. the hyphen)."""
+def open_tickers(markets: list[dict], series: str, now_s: float | None = None) -> set[str]:
+    """Tickers of `series` that are open (membership by ticker prefix incl. the hyphen).
+
+    The status filter is applied by the server (`status=open`) and again here on the returned
+    status vocabulary; with `now_s` the open/close times are also checked against that clock.
+    """
     from engine.sources import parse_ts as _p
 
     keep = set()
@@ -207,7 +211,10 @@ def open_tickers(markets: list[dict], series: str, now_s: float) -> set[str]:
         if not t.startswith(prefix):
             continue
         st = (m.get("status") or "").lower()
-        if st in ("closed", "settled", "determined", "finalized"):
+        if st in ("closed", "settled", "determined", "finalized", "initialized", "unopened"):
+            continue
+        if now_s is None:
+            keep.add(t)
             continue
         ct = m.get("close_time")
         if ct:
