@@ -263,6 +263,7 @@ class ReplayServer:
         opened: dict[str, int] = {}
         closed: dict[str, int] = {}
         prev: dict[int, set] = {}
+        in_preamble = True
         for rec in self._records():
             r = rec.get("recv_ns")
             if r is None:
@@ -285,8 +286,11 @@ class ReplayServer:
             sid = d.get("sid")
             tick = msg.get("market_ticker")
             if t in ("orderbook_snapshot", "orderbook_delta", "trade", "ticker") and tick:
+                if t != "orderbook_snapshot":
+                    in_preamble = False
                 if tick not in opened:
-                    opened[tick] = r
+                    # contracts in the capture's initial snapshot burst were open before it started
+                    opened[tick] = first if in_preamble else r
                 if msg.get("market_id"):
                     self.k_market_ids.setdefault(tick, msg["market_id"])
                 if sid is not None:

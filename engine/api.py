@@ -1,0 +1,331 @@
+"""`Engine`: the public face of a lake — append, flush, upload, compact and query."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine import schema
+from engine.buffer import Buffer
+from engine.catalog import Catalog, FileEntry
+from engine.log import get_logger
+from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_key, parse_key
+from engine.schema import NS_PER_HOUR
+from engine.spool import Spool
+from engine.store import ReadCache, open_store
+from engine.timeutil import now_ns
+from engine.writer import write_parquet
+
+log = get_logger(component="engine")
+
+DEFAULT_FLUSH_ROWS = 5_000_000
+HOUR_CLOSE_GRACE_S = 2.0
+APPEND_LAG_NS = 60 * 10**9  # rows a collector received but has not appended yet are at most this old
+
+
+def _bufkey(table: str, source: str, market: str) -> str:
+    return f"{table}|{source}|{market}"
+
+
+class Engine:
+    """One lake home (catalog, spool, staging, cache) bound to one object store."""
+
+    def __init__(self, home: Path, store=None, *, flush_rows: int = DEFAULT_FLUSH_ROWS, background: bool = True,
+                 cache_bytes: int = 2 << 30, book_anchors: bool = False):
+        self.home = Path(home).resolve()
+        self.layout = Layout(self.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(store, self.layout.default_store)
+        self.cache = ReadCache(self.layout.cache, self.store, cache_bytes)
+        if not self.layout.catalog_log.exists() and not self.store.is_local:
+            from engine.manifest import bootstrap_from_manifest
+
+            bootstrap_from_manifest(self)
+        self.catalog = Catalog(self.layout.catalog_log)
+        self.flush_rows = flush_rows
+        self.book_anchors = book_anchors  # collectors and ingest turn this on (design: Book anchors)
+        self._lock = threading.RLock()
+        self._buffers: dict[str, Buffer] = {}
+        self._spool: Spool | None = None
+        self._next_batch = 0
+        self._background = background
+        self._bg: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._books: dict[str, pa.Table] = {}  # l2 bufkey → book at the end of the last file (anchor)
+        self.flush_count = 0
+        self._seen_max: dict[str, int] = {}
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, home: str | os.PathLike | None = None, store: str | None = None, **kw) -> "Engine":
+        eng = cls(Path(home) if home is not None else default_home(), store, **kw)
+        if any(eng.layout.spool.glob("*.arrow")):
+            eng._writer()  # recover a crashed writer's spool now
+        return eng
+
+    def _writer(self) -> Spool:
+        """The spool is taken lazily: readers (Dagster, notebooks) never lock the lake."""
+        if self._spool is None:
+            with self._lock:
+                if self._spool is None:
+                    self._spool = Spool(self.layout.spool)
+                    self._recover()
+                    if self._background:
+                        self._bg = threading.Thread(target=self._background_loop, name="engine-flush", daemon=True)
+                        self._bg.start()
+        return self._spool
+
+    def _recover(self) -> None:
+        sp = self._spool
+        hw = self.catalog.spool_hw
+        recovered = skipped = 0
+        max_id = max(hw.values(), default=-1)
+        for table, key, bid, t in sp.replay():
+            max_id = max(max_id, bid)
+            if bid <= hw.get(key, -1):
+                skipped += t.num_rows
+                continue
+            self._add_rows(table, t, bid, spool=False)
+            recovered += t.num_rows
+        self._next_batch = max(max_id, sp.max_batch_id()) + 1
+        if recovered or skipped:
+            log.info("spool_recovered", rows=recovered, already_durable_rows=skipped)
+        self._flush_all()
+        sp.collect(self.catalog.spool_hw)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._stop.set()
+        if self._bg is not None:
+            self._bg.join(timeout=30)
+        if self._spool is not None:
+            self.flush()
+            self._spool.close()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- write path ----------------------------------------------------------------------
+    def append(self, table: str, data) -> int:
+        """Validate, spool (durable within a second) and buffer `data`; returns rows accepted."""
+        if table not in schema.RAW_TABLES:
+            raise schema.SchemaError(f"unknown table {table!r} for append; raw tables are: {', '.join(schema.RAW_TABLES)}")
+        t = schema.validate(table, data)
+        if t.num_rows == 0:
+            return 0
+        self._writer()
+        sp = schema.spec(table)
+        with self._lock:
+            for group in _split(t, sp.part_col):
+                self._add_rows(table, group, None, spool=True)
+        return t.num_rows
+
+    def _add_rows(self, table: str, t: pa.Table, batch_id: int | None, spool: bool) -> None:
+        """Add rows of one (source, market, hour) to their buffer, flushing the previous hour first."""
+        sp = schema.spec(table)
+        source = t.column("source").chunk(0).dictionary[t.column("source").chunk(0).indices[0].as_py()].as_py()
+        market = t.column("market").chunk(0).dictionary[t.column("market").chunk(0).indices[0].as_py()].as_py()
+        check_key_part("source", source)
+        check_key_part("market", market)
+        mm = pc.min_max(t.column(sp.part_col))
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        hour = lo // NS_PER_HOUR
+        key = _bufkey(table, source, market)
+        buf = self._buffers.get(key)
+        if buf is not None and buf.hour != hour and buf.rows:
+            self._flush_key(key)
+            buf = None
+        if buf is None or buf.hour != hour:
+            buf = Buffer(table, source, market, hour, sp.schema)
+            self._buffers[key] = buf
+        if batch_id is None:
+            batch_id = self._next_batch
+            self._next_batch += 1
+        if spool:
+            self._spool.write(table, key, batch_id, t)
+        buf.add(t, batch_id, lo, hi)
+        if buf.rows >= self.flush_rows:
+            self._flush_key(key)
+
+    def flush(self) -> int:
+        """Write every buffer to Parquet now; returns the number of files written."""
+        if self._spool is None:
+            return 0
+        with self._lock:
+            return self._flush_all()
+
+    def _flush_all(self) -> int:
+        n = 0
+        for key in list(self._buffers):
+            if self._buffers[key].rows:
+                n += self._flush_key(key)
+        return n
+
+    def _flush_key(self, key: str) -> int:
+        buf = self._buffers.pop(key)
+        if not buf.rows:
+            return 0
+        t = buf.to_table()
+        if buf.table == "l2" and self.book_anchors:
+            t = self._with_anchor(key, t)
+        date = date_of_ns(buf.hour * NS_PER_HOUR)
+        part = (buf.table, buf.source, buf.market, date)
+        existing = [parse_key(k).name for k in self.catalog.parts.get(part, {})]
+        existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
+                     if (e.table, e.source, e.market, e.date) == part]
+        seq = 1 + max((int(n) for n in existing if n.isdigit()), default=0)
+        fkey = file_key(buf.table, buf.source, buf.market, date, seq)
+        path = self.layout.staged(fkey)
+        while path.exists():  # a file left by a crash between write and catalog: never overwrite
+            seq += 1
+            fkey = file_key(buf.table, buf.source, buf.market, date, seq)
+            path = self.layout.staged(fkey)
+        t0 = time.perf_counter()
+        wf = write_parquet(buf.table, t, path)
+        entry = FileEntry(
+            key=fkey, table=buf.table, source=buf.source, market=buf.market, date=date, rows=wf.rows,
+            bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
+        )
+        self.catalog.add_file(entry, spool_key=key, spool_upto=buf.last_batch)
+        self.flush_count += 1
+        log.info("file_written", key=fkey, rows=wf.rows, bytes=wf.bytes, seconds=round(time.perf_counter() - t0, 3),
+                 table=buf.table, source=buf.source, market=buf.market)
+        self._spool.rotate()
+        self._spool.collect(self.catalog.spool_hw)
+        self._advance_watermark(buf.source, buf.max_recv_ts)
+        return 1
+
+    def _with_anchor(self, key: str, t: pa.Table) -> pa.Table:
+        """Prefix the file with the book as it stood at the end of the previous file (book anchor)."""
+        from engine.anchors import anchor_rows, end_book
+
+        prev = self._books.get(key)
+        if prev is not None and prev.num_rows:
+            t = pa.concat_tables([anchor_rows(prev, t), t]).unify_dictionaries()
+        self._books[key] = end_book(t)
+        return t
+
+    def _advance_watermark(self, source: str, flushed_max: int | None) -> None:
+        """Sealed watermark: below the oldest buffered row of the source, else past everything seen."""
+        if flushed_max is not None:
+            self._seen_max[source] = max(self._seen_max.get(source, flushed_max), flushed_max)
+        pending = [b.min_recv_ts for b in self._buffers.values() if b.source == source and b.rows]
+        seen = self._seen_max.get(source)
+        if pending:
+            wm = min(pending)
+        else:  # nothing buffered: sealed up to now, less what a collector may still hold before appending
+            wm = max(seen + 1 if seen is not None else 0, now_ns() - APPEND_LAG_NS)
+        if wm is not None:
+            self.catalog.set_watermark(source, wm)
+
+    def _background_loop(self) -> None:
+        """Flush buffers whose UTC hour has closed by the wall clock and that went quiet."""
+        while not self._stop.wait(1.0):
+            try:
+                now_hour = now_ns() // NS_PER_HOUR
+                with self._lock:
+                    for key, buf in list(self._buffers.items()):
+                        if buf.rows and buf.hour < now_hour and time.monotonic() - buf.touched > HOUR_CLOSE_GRACE_S:
+                            self._flush_key(key)
+            except Exception as e:  # noqa: BLE001 - the loop must survive; error logged
+                log.error("background_flush_failed", error=str(e))
+
+    def last_recv_ts(self, source: str) -> int | None:
+        """Newest receive time catalogued or buffered for `source` (the start of a `restart` gap)."""
+        vals = [b.max_recv_ts for b in self._buffers.values() if b.source == source and b.rows]
+        cat = self.catalog.last_recv_ts(source)
+        if cat is not None:
+            vals.append(cat)
+        return max(vals) if vals else None
+
+    def buffered_rows(self) -> int:
+        return sum(b.rows for b in self._buffers.values())
+
+    def buffer_bytes(self) -> int:
+        return sum(b.nbytes() for b in self._buffers.values())
+
+    # ---- file access ---------------------------------------------------------------------
+    def local_path(self, e: FileEntry) -> Path:
+        """A readable local path for a catalogued file: staging, the local store, or the read cache."""
+        p = self.layout.staged(e.key)
+        if p.exists():
+            return p
+        if self.store.is_local:
+            sp = self.store.path(e.key)
+            if sp.exists():
+                return sp
+            raise FileNotFoundError(f"lake file {e.key} is catalogued but missing from staging and {self.store.url}")
+        return self.cache.get(e.key, e.sha256)
+
+    # ---- maintenance (delegated) ---------------------------------------------------------
+    def upload(self, **filters) -> dict:
+        from engine.uploader import upload
+
+        return upload(self, **filters)
+
+    def compact(self, **kw) -> list:
+        from engine.compaction import compact
+
+        return compact(self, **kw)
+
+    def publish_manifest(self) -> str:
+        from engine.manifest import publish
+
+        return publish(self)
+
+    def verify(self, **filters) -> list:
+        from engine.verify import verify
+
+        return verify(self, **filters)
+
+    # ---- queries (delegated to engine.query) ---------------------------------------------
+    def _q(self):
+        from engine.query import Query
+
+        return Query(self)
+
+    def l2(self, **kw) -> pl.DataFrame:
+        return self._q().table("l2", **kw)
+
+    def trades(self, **kw) -> pl.DataFrame:
+        return self._q().table("trades", **kw)
+
+    def gaps(self, **kw) -> pl.DataFrame:
+        return self._q().table("gaps", **kw)
+
+    def read(self, table: str, **kw) -> pl.DataFrame:
+        return self._q().table(table, **kw)
+
+    def sql(self, query: str, **filters) -> pl.DataFrame:
+        return self._q().sql(query, **filters)
+
+
+def _split(t: pa.Table, part_col: str):
+    """Split a validated batch into groups of one (source, market, hour), in time order."""
+    hours = pc.divide(t.column(part_col), NS_PER_HOUR)
+    src = t.column("source")
+    mkt = t.column("market")
+    one_key = (
+        len(pc.unique(src)) == 1 and len(pc.unique(mkt)) == 1 and pc.min_max(hours)["min"] == pc.min_max(hours)["max"]
+    )
+    if one_key:
+        yield t
+        return
+    key_tbl = pa.table({"s": src.cast(pa.string()), "m": mkt.cast(pa.string()), "h": hours})
+    groups = key_tbl.group_by(["s", "m", "h"], use_threads=False).aggregate([])
+    order = sorted(zip(groups.column("h").to_pylist(), groups.column("s").to_pylist(), groups.column("m").to_pylist()))
+    for h, s, m in order:
+        mask = pc.and_(pc.and_(pc.equal(key_tbl.column("s"), s), pc.equal(key_tbl.column("m"), m)), pc.equal(hours, h))
+        yield t.filter(mask)

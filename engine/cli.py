@@ -1,0 +1,173 @@
+"""`data-engine` command line. Storage commands live here; collector, ingest and replay commands
+are dispatched to their own modules so each stays small."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand → "module:function(argv) -> int"
+DISPATCH = {
+    "collect": ("engine.collector:cli", "run the exchange collectors"),
+    "status": ("engine.collector:status_cli", "show collector counters"),
+    "ingest": ("engine.ingest:cli", "normalize capture files offline into the lake"),
+    "replay-exchange": ("engine.replay:cli", "serve a capture as a local exchange"),
+    "gen-capture": ("engine.capture_gen:cli", "generate a protocol-exact capture"),
+    "demo": ("engine.demo:cli", "end-to-end demonstration on a generated lake"),
+    "coverage": ("engine.research.coverage:cli", "coverage per market and hour (optionally a PNG heat map)"),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=None, help="lake home (default $ENGINE_HOME or ./lake)")
+    p.add_argument("--store", default=None, help="object store: directory or s3://bucket/prefix (default $ENGINE_STORE or HOME/store)")
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    bar = {"b": None}
+
+    def cb(done, total):
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=None)
+        bar["b"].update(done - bar["b"].n)
+        if done >= total:
+            bar["b"].close()
+
+    return cb
+
+
+def _engine(args):
+    from engine import Engine
+
+    return Engine.open(args.home, args.store, background=False)
+
+
+def cmd_catalog(args) -> int:
+    import polars as pl
+
+    eng = _engine(args)
+    if args.action == "summary":
+        df = eng.catalog.summary(table=args.table, source=args.source, market=args.market)
+        with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200):
+            print(df)
+        wm = eng.catalog.watermarks
+        for s, w in sorted(wm.items()):
+            from engine.timeutil import iso
+
+            print(f"sealed watermark {s}: {iso(w)}")
+        return 0
+    if args.action == "verify":
+        problems = eng.verify(table=args.table, source=args.source, market=args.market, progress=_progress("verify"))
+        for p in problems:
+            print(f"BAD {p.key}: {p.problem}")
+        print(f"{len(eng.catalog.by_key)} files checked, {len(problems)} problem(s)")
+        return 1 if problems else 0
+    if args.action == "rebuild":
+        if not args.from_store:
+            print("catalog rebuild needs --from-store (the only source it can rebuild from)", file=sys.stderr)
+            return 2
+        from engine.verify import rebuild_from_store
+
+        n = rebuild_from_store(eng)
+        print(f"catalog rebuilt from {eng.store.url}: {n} entries")
+        return 0
+    if args.action == "publish":
+        print(f"published {eng.publish_manifest()} to {eng.store.url}")
+        return 0
+    return 2
+
+
+def cmd_upload(args) -> int:
+    eng = _engine(args)
+    r = eng.upload(table=args.table, market=args.market, date=args.date, progress=_progress("upload"))
+    print(f"uploaded {r['uploaded']} file(s), {r['bytes']} bytes to {eng.store.url}; {r['failed']} failed")
+    for e in r["errors"]:
+        print("  " + e, file=sys.stderr)
+    return 1 if r["failed"] else 0
+
+
+def cmd_compact(args) -> int:
+    eng = _engine(args)
+    res = eng.compact(date=args.date, table=args.table, market=args.market, progress=_progress("compact"))
+    for r in res:
+        print(f"{r.table} {r.source}/{r.market} {r.date}: {r.files_in} files → {r.key} ({r.rows} rows, {r.bytes} bytes)")
+    print(f"{len(res)} partition(s) compacted")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    import polars as pl
+
+    eng = _engine(args)
+    df = eng.sql(args.query, allow_unsealed=args.allow_unsealed)
+    with pl.Config(tbl_rows=args.limit, tbl_cols=30, tbl_width_chars=200):
+        print(df)
+    return 0
+
+
+def cmd_flush(args) -> int:
+    from engine.collector import request_flush
+
+    n = request_flush(args.home)
+    print(f"flush requested from {n} running collector(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="data-engine", description="Market-data engine: collect, store, compact, query.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("catalog", help="catalog summary / verify / rebuild --from-store / publish")
+    c.add_argument("action", choices=["summary", "verify", "rebuild", "publish"])
+    c.add_argument("--from-store", action="store_true")
+    c.add_argument("--table")
+    c.add_argument("--source")
+    c.add_argument("--market")
+    _common(c)
+    c.set_defaults(func=cmd_catalog)
+    u = sub.add_parser("upload", help="verified upload of local files to the store")
+    u.add_argument("--table")
+    u.add_argument("--market")
+    u.add_argument("--date")
+    _common(u)
+    u.set_defaults(func=cmd_upload)
+    k = sub.add_parser("compact", help="merge closed date partitions into one sorted file")
+    k.add_argument("--date")
+    k.add_argument("--table")
+    k.add_argument("--market")
+    _common(k)
+    k.set_defaults(func=cmd_compact)
+    q = sub.add_parser("sql", help="run a read-only SELECT over the lake (views l2, trades, gaps, quotes)")
+    q.add_argument("query")
+    q.add_argument("--allow-unsealed", action="store_true")
+    q.add_argument("--limit", type=int, default=20)
+    _common(q)
+    q.set_defaults(func=cmd_sql)
+    f = sub.add_parser("flush", help="ask running collectors to flush their buffers now")
+    _common(f)
+    f.set_defaults(func=cmd_flush)
+    for name, (_, help_) in DISPATCH.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DISPATCH:
+        mod, fn = DISPATCH[argv[0]][0].split(":")
+        return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    from engine.schema import SchemaError
+    from engine.store import StoreError
+
+    try:
+        return int(args.func(args) or 0)
+    except (SchemaError, StoreError, LookupError, ValueError, OSError) as e:
+        print(f"data-engine {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Daily compaction: a closed date partition's files merged into one sorted `0000.parquet`.
+
+Safe while collectors write: only partitions whose whole day is below the source's sealed
+watermark are touched, and only the files the catalog lists at the start. The new file is
+verified (rows, checksum), uploaded and verified, then swapped in with one catalog line; the old
+objects are purged after a grace period so running queries still find them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import schema
+from engine.catalog import FileEntry
+from engine.log import get_logger
+from engine.paths import partition_prefix
+from engine.timeutil import now_ns, to_ns
+from engine.writer import read_parquet, write_parquet
+
+log = get_logger(component="compaction")
+GRACE_S = 3600.0
+
+
+@dataclass
+class CompactionResult:
+    table: str
+    source: str
+    market: str
+    date: str
+    files_in: int
+    rows: int
+    key: str
+    bytes: int
+    seconds: float
+
+
+class CompactionError(RuntimeError):
+    pass
+
+
+def closed_partitions(eng, date=None, table=None, source=None, market=None):
+    """Partitions that can be compacted: a whole day below the source's watermark, not yet one compacted file."""
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    out = []
+    for part in eng.catalog.partitions(table=table, source=source, market=market):
+        t, s, m, d = part
+        if date is not None and d != date:
+            continue
+        if d >= today:
+            continue
+        day_end = to_ns(d) + schema.NS_PER_DAY
+        if schema.spec(t).part_col == "recv_ts" and eng.catalog.watermark(s) < day_end:
+            continue
+        files = eng.catalog.files_in(part)
+        if len(files) == 1 and files[0].compacted:
+            continue
+        out.append(part)
+    return out
+
+
+def compact(eng, date=None, table=None, market=None, source=None, grace_s: float = GRACE_S, progress=None):
+    """Compact every closed partition matching the filters; idempotent. Returns CompactionResults."""
+    purge_retired(eng, grace_s)
+    results = []
+    parts = closed_partitions(eng, date, table, source, market)
+    for i, part in enumerate(parts):
+        r = compact_partition(eng, part)
+        if r is not None:
+            results.append(r)
+        if progress:
+            progress(i + 1, len(parts))
+    return results
+
+
+def compact_partition(eng, part) -> CompactionResult | None:
+    table, source, market, date = part
+    files = eng.catalog.files_in(part)
+    if not files or (len(files) == 1 and files[0].compacted):
+        return None
+    t0 = time.perf_counter()
+    tables = [read_parquet(eng.local_path(e), e.key) for e in files]
+    expected = sum(e.rows for e in files)
+    for e, t in zip(files, tables):
+        if t.num_rows != e.rows:
+            raise CompactionError(f"{e.key} has {t.num_rows} rows, catalog says {e.rows}; not compacting {part}")
+    merged = pa.concat_tables([t.select(schema.spec(table).columns) for t in tables]).unify_dictionaries()
+    if merged.num_rows != expected:
+        raise CompactionError(f"merged {merged.num_rows} rows, expected {expected}")
+    keys = {e.key for e in files}
+    name = "0000.parquet"
+    key = f"{partition_prefix(table, source, market, date)}/{name}"
+    n = 0
+    while key in keys or key in eng.catalog.retired:  # never overwrite an object a reader may still use
+        n += 1
+        key = f"{partition_prefix(table, source, market, date)}/0000-{n}.parquet"
+    path = eng.layout.staged(key)
+    wf = write_parquet(table, merged, path, extra_meta={"engine.replaces": json.dumps(sorted(keys))})
+    md = pq.ParquetFile(path).metadata
+    if md.num_rows != expected:
+        path.unlink(missing_ok=True)
+        raise CompactionError(f"compacted file {key} holds {md.num_rows} rows, expected {expected}")
+    entry = FileEntry(
+        key=key, table=table, source=source, market=market, date=date, rows=wf.rows, bytes=wf.bytes,
+        sha256=wf.sha256, compacted=True, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
+    )
+    eng.store.put_file(key, path, wf.sha256)  # verified; raises before anything is swapped
+    entry.remote = True
+    eng.catalog.swap(entry, sorted(keys))
+    # The compacted object is verified in the store: local copies (raw and compacted) can go.
+    local = [e.key for e in files if eng.layout.staged(e.key).exists()]
+    for k in local:
+        eng.layout.staged(k).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    local.append(key)
+    eng.catalog.mark_local_deleted(local)
+    res = CompactionResult(table, source, market, date, len(files), expected, key, wf.bytes, time.perf_counter() - t0)
+    log.info("compacted", table=table, source=source, market=market, date=date, files_in=len(files), rows=expected,
+             key=key, seconds=round(res.seconds, 3))
+    return res
+
+
+def purge_retired(eng, grace_s: float = GRACE_S) -> int:
+    """Delete store objects (and local copies) of files replaced more than `grace_s` ago."""
+    cutoff = now_ns() - int(grace_s * 1e9)
+    done = []
+    for key, (at, e) in list(eng.catalog.retired.items()):
+        if at > cutoff:
+            continue
+        if e.remote:
+            eng.store.delete(key)
+        eng.layout.staged(key).unlink(missing_ok=True)
+        done.append(key)
+    eng.catalog.mark_purged(done)
+    if done:
+        log.info("purged_retired", files=len(done))
+    return len(done)

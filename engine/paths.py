@@ -1,0 +1,94 @@
+"""One source of truth for where things live, in the lake home and in the object store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_PART_RE = re.compile(
+    r"^data/(?P<table>[a-z0-9_]+)/source=(?P<source>[^/]+)/market=(?P<market>[^/]+)/date=(?P<date>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)\.parquet$"
+)
+_SAFE = re.compile(r"^[A-Za-z0-9._\-]+$")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("ENGINE_HOME", "./lake")).resolve()
+
+
+def check_key_part(kind: str, value: str) -> str:
+    """Sources and markets become path segments and partition keys: keep them plain."""
+    if not value or not _SAFE.match(value):
+        raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-' only")
+    return value
+
+
+def date_of_ns(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def partition_prefix(table: str, source: str, market: str, date: str) -> str:
+    return f"data/{table}/source={source}/market={market}/date={date}"
+
+
+def file_key(table: str, source: str, market: str, date: str, seq: int) -> str:
+    return f"{partition_prefix(table, source, market, date)}/{seq:04d}.parquet"
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    table: str
+    source: str
+    market: str
+    date: str
+    name: str
+
+
+def parse_key(key: str) -> KeyParts:
+    m = _PART_RE.match(key)
+    if not m:
+        raise ValueError(f"not a lake data key: {key!r}")
+    return KeyParts(**m.groupdict())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Directories of a lake home."""
+
+    home: Path
+
+    @property
+    def staging(self) -> Path:
+        return self.home / "staging"
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.home / "catalog"
+
+    @property
+    def catalog_log(self) -> Path:
+        return self.catalog_dir / "log.jsonl"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def cache(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def default_store(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def status(self) -> Path:
+        return self.home / "status"
+
+    def staged(self, key: str) -> Path:
+        return self.staging / key
+
+
+MANIFEST_KEY = "catalog/manifest.parquet"

@@ -1,0 +1,59 @@
+"""Verified upload of catalogued local files to the object store; local copies stay until compaction."""
+
+from __future__ import annotations
+
+import time
+
+from engine.log import get_logger
+from engine.store import StoreError
+
+log = get_logger(component="upload")
+MAX_CONSECUTIVE_FAILURES = 3  # then the store is down: stop, keep everything local, retry next run
+
+
+def upload(eng, table=None, source=None, market=None, date=None, progress=None) -> dict:
+    """Upload every live file not yet remote; returns counts. Each success is logged to the catalog."""
+    done = failed = nbytes = streak = 0
+    errors: list[str] = []
+    todo = [
+        e for e in eng.catalog.entries()
+        if not e.remote and (table is None or e.table == table) and (date is None or e.date == date)
+        and _match(e.source, source) and _match(e.market, market)
+    ]
+    todo.sort(key=lambda e: e.key)
+    t0 = time.perf_counter()
+    for e in todo:
+        path = eng.layout.staged(e.key)
+        if not path.exists():
+            errors.append(f"{e.key}: local copy missing and not remote")
+            failed += 1
+            log.error("upload_missing_local", key=e.key)
+            continue
+        try:
+            eng.store.put_file(e.key, path, e.sha256)
+        except StoreError as err:
+            failed += 1
+            streak += 1
+            errors.append(f"{e.key}: {err}")
+            log.error("upload_failed", key=e.key, error=str(err))
+            if streak >= MAX_CONSECUTIVE_FAILURES:
+                rest = len(todo) - done - failed
+                failed += rest
+                errors.append(f"{rest} more file(s) not tried: the store failed {streak} times in a row")
+                log.error("upload_aborted", store=eng.store.url, not_tried=rest)
+                break
+            continue
+        streak = 0
+        eng.catalog.mark_remote(e.key)
+        done += 1
+        nbytes += e.bytes
+        if progress:
+            progress(done, len(todo))
+        log.info("uploaded", key=e.key, bytes=e.bytes, store=eng.store.url)
+    return {"uploaded": done, "failed": failed, "bytes": nbytes, "seconds": time.perf_counter() - t0, "errors": errors}
+
+
+def _match(value: str, pattern: str | None) -> bool:
+    from engine.catalog import _match as m
+
+    return m(value, pattern)

@@ -1,0 +1,116 @@
+"""Turns a buffered table into one sorted, zstd Parquet file, atomically, and measures it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine import schema
+from engine.fsio import atomic_path, sha256_file
+
+ROW_GROUP_ROWS = 256 * 1024
+_DELTA = ("ts", "recv_ts", "seq", "start_ts", "end_ts")
+_SPLIT = ("size", "bid_size", "ask_size")
+
+
+def _parquet_options(table: str) -> dict:
+    names = schema.spec(table).columns
+    encoding = {c: "DELTA_BINARY_PACKED" for c in names if c in _DELTA}
+    encoding.update({c: "BYTE_STREAM_SPLIT" for c in names if c in _SPLIT})
+    return dict(
+        compression="zstd",
+        compression_level=3,
+        use_dictionary=[c for c in names if c not in encoding],
+        column_encoding=encoding,
+        write_statistics=True,
+        row_group_size=ROW_GROUP_ROWS,
+    )
+
+
+def _dict_rank(col: pa.ChunkedArray) -> pa.Array:
+    """Sort rank of each value of a dictionary column (pyarrow cannot sort dictionaries directly)."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if not pa.types.is_dictionary(arr.type):
+        return arr
+    values = arr.dictionary.to_pylist()
+    rank = np.empty(len(values), dtype=np.int32)
+    rank[sorted(range(len(values)), key=lambda i: values[i] or "")] = np.arange(len(values), dtype=np.int32)
+    idx = arr.indices.fill_null(0).to_numpy(zero_copy_only=False)
+    out = rank[idx] if len(values) else np.zeros(len(arr), np.int32)
+    if arr.null_count:  # whole-market rows (null instrument) sort first
+        out = np.where(arr.is_null().to_numpy(zero_copy_only=False), -1, out)
+    return pa.array(out)
+
+
+def sort_table(table: str, t: pa.Table) -> pa.Table:
+    keys = schema.spec(table).sort_keys
+    if t.num_rows <= 1:
+        return t
+    cols, names = [], []
+    for k in keys:
+        col = t.column(k)
+        cols.append(_dict_rank(col) if pa.types.is_dictionary(col.type) else col)
+        names.append(k)
+    idx = pc.sort_indices(pa.table(cols, names=names), sort_keys=[(n, "ascending", "at_start") for n in names])
+    return t.take(idx)
+
+
+def is_sorted(table: str, t: pa.Table) -> bool:
+    if t.num_rows <= 1:
+        return True
+    s = sort_table(table, t)
+    return all(s.column(k).equals(t.column(k)) for k in schema.spec(table).sort_keys)
+
+
+@dataclass
+class WrittenFile:
+    path: Path
+    rows: int
+    bytes: int
+    sha256: str
+    stats: dict
+
+
+def table_stats(table: str, t: pa.Table) -> dict:
+    sp = schema.spec(table)
+    out = {}
+    pairs = [("ts", sp.time_col), ("recv_ts", sp.part_col)]
+    if sp.seq_col:
+        pairs.append(("seq", sp.seq_col))
+    for label, col in pairs:
+        mm = pc.min_max(t.column(col))
+        out[f"min_{label}"] = mm["min"].as_py()
+        out[f"max_{label}"] = mm["max"].as_py()
+    return out
+
+
+def write_parquet(table: str, t: pa.Table, path: Path, *, sort: bool = True, extra_meta: dict | None = None) -> WrittenFile:
+    """Write `t` to `path` atomically (temp, fsync, rename); the file is complete or absent."""
+    if sort:
+        t = sort_table(table, t)
+    meta = schema.file_metadata(table)
+    meta.update({k.encode(): v.encode() for k, v in (extra_meta or {}).items()})
+    t = t.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(t, tmp, **_parquet_options(table))
+    return WrittenFile(path, t.num_rows, os.path.getsize(path), sha256_file(path), table_stats(table, t))
+
+
+def read_parquet(path: Path, key: str, columns=None, filters=None) -> pa.Table:
+    """Read one lake file; a damaged file raises CorruptFileError naming its key."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters, schema=None)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorruptFileError(key, str(e)) from None
+
+
+class CorruptFileError(IOError):
+    def __init__(self, key: str, why: str):
+        super().__init__(f"corrupt or unreadable lake file {key}: {why} (run `data-engine catalog verify`)")
+        self.key = key

@@ -1,0 +1,355 @@
+"""Storage core against real files, real DuckDB and moto's S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine import Engine, schema, synth
+from engine.catalog import Catalog
+from engine.paths import parse_key
+from engine.schema import NS_PER_HOUR, SchemaError
+from engine.timeutil import to_ns
+from engine.writer import is_sorted
+
+DAY = 86_400 * 10**9
+START = to_ns("2026-11-01")
+MARKETS = ["BTC-USD", "ETH-USD", "SOL-USD"]
+
+
+def generated(total_rows: int = 1_000_000):
+    """3 markets × 2 days × (l2, trades), split into append-sized batches in time order."""
+    per = total_rows // (len(MARKETS) * 2)
+    batches = []
+    for i, m in enumerate(MARKETS):
+        l2 = synth.l2_rows("coinbase", m, START, per, 2 * DAY, seed=i)
+        tr = synth.trade_rows("coinbase", m, START, per, 2 * DAY, seed=i, id_start=i * 10**7)
+        for t, name in ((l2, "l2"), (tr, "trades")):
+            for off in range(0, t.num_rows, 50_000):
+                batches.append((name, t.slice(off, 50_000)))
+    return batches
+
+
+def canon(df: pl.DataFrame, table: str) -> pl.DataFrame:
+    cols = schema.spec(table).columns
+    df = df.select(cols).with_columns(pl.col(pl.Categorical).cast(pl.String))
+    return df.sort(cols)
+
+
+def expected(batches, table):
+    return canon(pl.from_arrow(pa.concat_tables([t for n, t in batches if n == table])), table)
+
+
+def check_files(eng: Engine):
+    for e in eng.catalog.entries():
+        t = pq.read_table(eng.local_path(e))
+        assert t.num_rows == e.rows, e.key
+        sp = schema.spec(e.table)
+        hours = set((v // NS_PER_HOUR) for v in t.column(sp.part_col).to_pylist())
+        if not e.compacted:
+            assert len(hours) == 1, f"{e.key} spans {len(hours)} hours"
+        assert is_sorted(e.table, t), f"{e.key} not sorted"
+        md = pq.ParquetFile(eng.local_path(e)).schema_arrow.metadata
+        assert md[b"engine.schema_version"] == str(schema.SCHEMA_VERSION).encode()
+
+
+@pytest.mark.parametrize("store_kind", ["local", "s3"])
+def test_million_rows_roundtrip(tmp_path, store_kind, request):
+    store = request.getfixturevalue("s3_env") if store_kind == "s3" else None
+    batches = generated()
+    eng = Engine.open(tmp_path / "home", store, background=False)
+    for name, t in batches:
+        eng.append(name, t)
+    eng.flush()
+    up = eng.upload()
+    assert up["failed"] == 0 and up["uploaded"] == len(eng.catalog.entries())
+    for table in ("l2", "trades"):
+        got = canon(eng.read(table), table)
+        assert got.height == expected(batches, table).height
+        assert got.equals(expected(batches, table))
+    check_files(eng)
+    summ = eng.catalog.summary()
+    assert summ["rows"].sum() == sum(t.num_rows for _, t in batches)
+    assert set(summ["date"]) == {"2026-11-01", "2026-11-02"}
+    eng.close()
+    if store_kind == "s3":
+        # another machine: empty home, the store's manifest is the only thing it reads
+        Engine.open(tmp_path / "home", store, background=False).publish_manifest()
+        shutil.rmtree(tmp_path / "home")
+        other = Engine.open(tmp_path / "laptop", store, background=False)
+        assert other.catalog.summary()["rows"].sum() == sum(t.num_rows for _, t in batches)
+        got = canon(other.trades(market="ETH-USD"), "trades")
+        assert got.equals(expected([b for b in batches if b[1].column("market")[0].as_py() == "ETH-USD"], "trades"))
+
+
+def test_summary_without_data_restart_and_torn_tail(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False)
+    for name, t in generated(60_000):
+        eng.append(name, t)
+    eng.close()
+    before = eng.catalog.summary()
+    shutil.move(tmp_path / "h" / "staging", tmp_path / "elsewhere")
+    shutil.move(tmp_path / "h" / "store", tmp_path / "elsewhere2")
+    again = Engine.open(tmp_path / "h", background=False)
+    assert again.catalog.summary().equals(before)  # rebuilt from the log alone, no data read
+    log = tmp_path / "h" / "catalog" / "log.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"op":"add","file":{"key":"data/l2/sou')  # a writer died mid-line
+    torn = Catalog(log)
+    assert torn.torn_lines == 1
+    assert torn.summary().equals(before)
+    torn.set_watermark("coinbase", 10**19)  # next write cuts the torn tail instead of gluing to it
+    assert Catalog(log).torn_lines == 0
+
+
+def test_compaction_idempotent_and_sorted(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False)
+    batches = generated(120_000)
+    for name, t in batches:
+        eng.append(name, t)
+    eng.flush()
+    n_before = len(eng.catalog.entries())
+    res = eng.compact()
+    assert len(res) == 3 * 2 * 2
+    entries = eng.catalog.entries()
+    assert len(entries) == 12 < n_before
+    assert all(parse_key(e.key).name == "0000" and e.compacted for e in entries)
+    check_files(eng)
+    for table in ("l2", "trades"):
+        assert canon(eng.read(table), table).equals(expected(batches, table))
+    log_size = (tmp_path / "h" / "catalog" / "log.jsonl").stat().st_size
+    assert eng.compact() == []
+    assert (tmp_path / "h" / "catalog" / "log.jsonl").stat().st_size == log_size
+    # the raw objects are kept for running readers, then purged after the grace period
+    assert len(eng.catalog.retired) == n_before
+    from engine.compaction import purge_retired
+
+    assert purge_retired(eng, grace_s=0) == n_before
+    assert not list((tmp_path / "h" / "store").rglob("0001.parquet"))
+
+
+def test_compaction_while_appending_open_day(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False)
+    old = generated(60_000)
+    for name, t in old:
+        eng.append(name, t)
+    eng.flush()
+    now = time.time_ns()
+    today = now - now % DAY
+    live = [synth.l2_rows("coinbase", "BTC-USD", today + i * 60 * 10**9, 2_000, 60 * 10**9, seed=100 + i, seq_start=i * 10**6)
+            for i in range(int((now - today) // (60 * 10**9)) - 1)][-40:]
+    errors = []
+
+    def appender():
+        try:
+            for t in live:
+                eng.append("l2", t)
+                if t is live[len(live) // 2]:
+                    eng.flush()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    th = threading.Thread(target=appender)
+    th.start()
+    res = eng.compact()
+    th.join()
+    eng.flush()
+    assert not errors
+    assert res and all(r.date < time.strftime("%Y-%m-%d", time.gmtime()) for r in res)
+    got = canon(eng.read("l2", allow_unsealed=True), "l2")
+    want = canon(pl.from_arrow(pa.concat_tables([t for n, t in old if n == "l2"] + live)), "l2")
+    assert got.height == want.height
+    assert got.equals(want)
+    assert got.unique().height == got.height
+
+
+CHILD = r"""
+import sys, time, json
+from engine import Engine, synth
+eng = Engine.open(sys.argv[1])
+start = int(sys.argv[2])
+i = 0
+while True:
+    t = synth.l2_rows("coinbase", "BTC-USD", start + i * 10**9, 500, 10**9, seed=i, seq_start=i * 500)
+    eng.append("l2", t)
+    print(json.dumps({"i": i, "t": time.time()}), flush=True)
+    i += 1
+    if i % 40 == 0:
+        eng.flush()
+    time.sleep(0.005)
+"""
+
+
+def test_sigkill_recovers_spooled_rows(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    start = to_ns("2026-11-03")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "h"), str(start)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    acked = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(acked) < 300:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked.append(json.loads(line))
+    kill_t = time.time()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(acked) >= 300
+    eng = Engine.open(tmp_path / "h", background=False)
+    got = eng.read("l2", allow_unsealed=True)
+    seqs = set(got["seq"].to_list())
+    assert len(seqs) == got.height, "duplicates after recovery"
+    must = [a["i"] for a in acked if a["t"] < kill_t - 1.0]
+    for i in must:
+        assert i * 500 in seqs and i * 500 + 499 in seqs, f"batch {i} lost"
+    eng.close()
+    assert not list((tmp_path / "h" / "spool").glob("*.arrow")), "spool not cleaned after recovery"
+
+
+def test_s3_outage_mid_upload(tmp_path, monkeypatch):
+    from engine_tests.conftest import MotoServer
+
+    srv = MotoServer().start()
+    try:
+        for k, v in srv.env().items():
+            monkeypatch.setenv(k, v)
+        srv.make_bucket("outage")
+        eng = Engine.open(tmp_path / "h", "s3://outage/x", background=False)
+        eng.store.attempts = 2
+        for name, t in generated(60_000):
+            eng.append(name, t)
+        eng.flush()
+        total = len(eng.catalog.entries())
+        done = []
+
+        def killer(n, _t):
+            done.append(n)
+            if n == 5:
+                srv.stop()
+
+        r = eng.upload(progress=killer)
+        assert r["uploaded"] == 5 and r["failed"] == total - 5
+        assert all((tmp_path / "h" / "staging" / e.key).exists() for e in eng.catalog.entries())
+        assert sum(e.remote for e in eng.catalog.entries()) == 5
+        srv.start()  # same port, but moto keeps nothing: the store lost its objects too
+        srv.make_bucket("outage")
+        eng2 = Engine.open(tmp_path / "h", "s3://outage/x", background=False)
+        r2 = eng2.upload()
+        assert r2["failed"] == 0 and r2["uploaded"] == total - 5
+        assert all(e.remote for e in eng2.catalog.entries())
+        assert all(eng2.store.head(e.key) is not None for e in eng2.catalog.entries() if e.key not in _first(eng2, 5))
+    finally:
+        srv.stop()
+
+
+def _first(eng, n):
+    return {e.key for e in sorted(eng.catalog.entries(), key=lambda e: e.key)[:n]}
+
+
+def test_watermark_clamp_prefix_filters_and_errors(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False)
+    t = synth.l2_rows("kalshi", "KXBTC", START, 1000, 2 * NS_PER_HOUR, instruments=["KXBTC-A", "KXBTC-B"])
+    eng.append("l2", t.slice(0, 600))
+    eng.append("l2", synth.l2_rows("kalshi", "KXETH", START, 100, NS_PER_HOUR, instruments=["KXETH-A"]))
+    eng.flush()
+    eng.append("l2", t.slice(600))  # buffered: not yet sealed
+    wm = eng.catalog.watermark("kalshi")
+    sealed = eng.l2(source="kalshi")
+    assert sealed.height == 700 and sealed["recv_ts"].max() < wm
+    assert eng.l2(allow_unsealed=True).height == 700  # buffered rows are not in files yet
+    eng.flush()
+    assert eng.l2(market="KX*").height == 1100
+    assert eng.l2(market="KXB*", instrument="KXBTC-A").height == (t.column("instrument").to_pylist().count("KXBTC-A"))
+    assert set(eng.l2(instrument="KX*-B")["instrument"].cast(pl.String)) == {"KXBTC-B"}
+    half = START + NS_PER_HOUR
+    assert eng.l2(start=half).height + eng.l2(end=half).height == 1100
+    assert eng.sql("SELECT count(*) AS n FROM l2 WHERE market = 'KXBTC'")["n"][0] == 1000
+    with pytest.raises(LookupError, match="unknown market 'KXSOL'.*KXBTC, KXETH"):
+        eng.l2(market="KXSOL")
+    with pytest.raises(SchemaError, match="unknown table"):
+        eng.append("quotez", t)
+    with pytest.raises(SchemaError, match="table l2: missing column.*snapshot"):
+        eng.append("l2", t.drop(["snapshot"]))
+    with pytest.raises(SchemaError, match="table l2, column price: expected double, got string"):
+        eng.append("l2", t.set_column(6, "price", t.column("price").cast(pa.string())))
+    with pytest.raises(SchemaError, match="column side: invalid value"):
+        eng.append("l2", t.set_column(5, "side", pa.array(["buy"] * t.num_rows)))
+    with pytest.raises(ValueError, match="end .* must be after start"):
+        eng.l2(start="2026-11-02", end="2026-11-01")
+    for bad in ("COPY (SELECT 1) TO '/tmp/x.csv'", "ATTACH '/tmp/x.db'", "SELECT * FROM read_csv('/etc/passwd')",
+                "INSTALL httpfs", "SELECT * FROM read_parquet('http://127.0.0.1:9/x.parquet')"):
+        with pytest.raises(ValueError):
+            eng.sql(bad)
+    eng.close()
+
+
+def test_bad_credentials_and_unreachable_endpoint(tmp_path, monkeypatch, moto_server):
+    from engine.store import StoreConfigError, StoreError
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)
+    with pytest.raises(StoreConfigError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        Engine.open(tmp_path / "h", "s3://b/p")
+    from engine_tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StoreError, match="manifest.*failed after 5 attempts.*Could not connect"):
+        Engine.open(tmp_path / "fresh", "s3://nowhere/p")  # a fresh home asks the store for its manifest
+    Engine.open(tmp_path / "h2", background=False).close()  # a home with a catalog needs no store to open
+    eng = Engine.open(tmp_path / "h2", "s3://nowhere/p", background=False)
+    eng.store.attempts = 2
+    eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 10, 1000))
+    eng.flush()
+    r = eng.upload()
+    assert r["failed"] == 1 and "failed after 2 attempts" in r["errors"][0]
+    assert all(eng.layout.staged(e.key).exists() for e in eng.catalog.entries())
+
+
+def test_corrupt_file_named_by_query_and_verify(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False)
+    eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 1000, NS_PER_HOUR))
+    eng.flush()
+    (e,) = eng.catalog.entries()
+    p = eng.layout.staged(e.key)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\x00" * 64
+    data[-8:-4] = b"\xff\xff\xff\x7f"  # break the footer length too
+    p.write_bytes(bytes(data))
+    problems = eng.verify()
+    assert [x.key for x in problems] == [e.key]
+    with pytest.raises(IOError, match=e.key.replace("=", "=")):
+        eng.trades()
+
+
+def test_rebuild_from_store(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False)
+    batches = generated(30_000)
+    for name, t in batches:
+        eng.append(name, t)
+    eng.flush()
+    eng.upload()
+    eng.compact()  # leaves retired raw objects in the store within the grace period
+    before = eng.catalog.summary()
+    (tmp_path / "h" / "catalog" / "log.jsonl").unlink()
+    from engine.verify import rebuild_from_store
+
+    rebuild_from_store(Engine.open(tmp_path / "h", background=False))
+    after = Engine.open(tmp_path / "h", background=False)
+    cols = ["table", "source", "market", "date", "rows", "files", "min_ts", "max_ts"]
+    assert after.catalog.summary().select(cols).equals(before.select(cols))
+    assert canon(after.read("trades"), "trades").equals(expected(batches, "trades"))
