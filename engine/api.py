@@ -311,6 +311,42 @@ class Engine:
     def sql(self, query: str, **filters) -> pl.DataFrame:
         return self._q().sql(query, **filters)
 
+    # ---- research toolkit (engine.research; each function takes the engine first) --------
+    def quotes(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.quotes import quotes
+
+        return quotes(self, *args, **kw)
+
+    def book(self, *args, **kw):
+        from engine.research.books import book
+
+        return book(self, *args, **kw)
+
+    def books(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.books import books
+
+        return books(self, *args, **kw)
+
+    def asof(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.asof import asof
+
+        return asof(self, *args, **kw)
+
+    def bars(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.bars import bars
+
+        return bars(self, *args, **kw)
+
+    def valid(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.windows import valid
+
+        return valid(self, *args, **kw)
+
+    def coverage(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.coverage import coverage
+
+        return coverage(self, *args, **kw)
+
 
 def _split(t: pa.Table, part_col: str):
     """Split a validated batch into groups of one (source, market, hour), in time order."""

@@ -119,10 +119,21 @@ def compact_partition(eng, part) -> CompactionResult | None:
     path.unlink(missing_ok=True)
     local.append(key)
     eng.catalog.mark_local_deleted(local)
+    if table == "l2":
+        _derive_quotes(eng, source, market, date)
     res = CompactionResult(table, source, market, date, len(files), expected, key, wf.bytes, time.perf_counter() - t0)
     log.info("compacted", table=table, source=source, market=market, date=date, files_in=len(files), rows=expected,
              key=key, seconds=round(res.seconds, 3))
     return res
+
+
+def _derive_quotes(eng, source, market, date) -> None:
+    """Keep the derived `quotes` table in step with the freshly compacted l2 partition."""
+    try:
+        from engine.research.quotes import derive_partition
+    except ImportError:
+        return
+    derive_partition(eng, source, market, date)
 
 
 def purge_retired(eng, grace_s: float = GRACE_S) -> int:
