@@ -103,7 +103,7 @@ class OkMsg(Struct, kw_only=True, tag_field="type", tag="ok"):
     id: int | None = None
     sid: int | None = None
     seq: int | None = None
-    msg: msgspec.Raw | None = None
+    msg: Any = None
 
 
 class UnsubscribedMsg(Struct, kw_only=True, tag_field="type", tag="unsubscribed"):
@@ -135,7 +135,6 @@ _decoder = msgspec.json.Decoder(
     Union[DeltaMsg, SnapshotMsg, TradeMsg, SubscribedMsg, OkMsg, ErrorMsg, UnsubscribedMsg]
 )
 _probe = msgspec.json.Decoder(Probe)
-_ok_body = msgspec.json.Decoder(dict)
 
 
 class _Bad(Exception):
@@ -582,10 +581,7 @@ class KalshiNormalizer(BaseNormalizer):
     def _ok(self, m: OkMsg) -> None:
         if m.msg is None or self.sid_channel.get(m.sid) != "orderbook_delta":
             return
-        try:
-            body = _ok_body.decode(m.msg)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
+        body = m.msg
         tickers = body.get("market_tickers") if isinstance(body, dict) else None
         if isinstance(tickers, list):
             now = set(tickers)
