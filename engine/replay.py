@@ -350,6 +350,7 @@ class ReplayServer:
             self.rest_url = f"http://{self.host}:{self.port}{REST_PREFIX}"
         else:
             self.ws_url = f"ws://{self.host}:{self.port}"
+        self._primed = await asyncio.to_thread(self._prime)
         self._feed_task = asyncio.create_task(self._feed())
         self.log.info("replay_listening", ws_url=self.ws_url, rest_url=self.rest_url or None,
                       speed=self.speed, capture=str(self.capture) if not isinstance(self.capture, list) else "<list>",
@@ -480,12 +481,46 @@ class ReplayServer:
         else:
             self._have_clients.clear()
 
+    def _prime(self) -> tuple[list, Iterator[dict], int]:
+        """Kalshi: apply the capture's preamble (acks and the initial snapshot burst) before any client
+        connects, so a first subscribe is answered with snapshots at once (Kalshi snapshots carry no
+        timestamp, so a synthesized one is identical to the captured one)."""
+        it = iter(self._records())
+        if self.source != "kalshi":
+            return [], it, 0
+        n = 0
+        for rec in it:
+            meta = rec.get("meta")
+            if meta is not None:
+                if meta.get("type") == "connect" and "use_yes_price" in meta:
+                    self.capture_use_yes = bool(meta["use_yes_price"])
+                continue
+            fr = rec.get("frame") or ""
+            head = fr[:60]
+            if '"subscribed"' in head or '"orderbook_snapshot"' in head:
+                if n in self._scheduled:
+                    return [rec], it, n
+                self.clock_ns = max(self.clock_ns, rec.get("recv_ns", 0))
+                self.counters["frames_read"] += 1
+                self._k_frame(fr)
+                n += 1
+                continue
+            return [rec], it, n
+        return [], it, n
+
     async def _feed(self) -> None:
-        idx = 0
         wall0 = rec0 = None
+        idx = 0
         try:
+            first = True
             while True:
-                for rec in self._records():
+                if first:
+                    head, it, idx = self._primed
+                    first = False
+                    source = (r for part in (head, it) for r in part)
+                else:
+                    source = self._records()
+                for rec in source:
                     if not self._have_clients.is_set():
                         t0 = time.monotonic()
                         await self._have_clients.wait()

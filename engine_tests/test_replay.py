@@ -616,6 +616,7 @@ def test_kalshi_use_yes_price_conversion(k_capture, keys):
             tick = next(json.loads(r["frame"])["msg"]["market_ticker"] for r in k_capture
                         if "frame" in r and '"orderbook_snapshot"' in r["frame"])
             out = {}
+            srv.inject("stall:5")  # freeze the replay clock so both snapshots see the same book
             for flag in (False, True):
                 async with connect(srv.ws_url, additional_headers=hdr) as ws:
                     await ws.send(json.dumps({"id": 1, "cmd": "subscribe", "params": {
