@@ -951,12 +951,15 @@ class ReplayServer:
                 if not self._k_market_ok(t):
                     return self._k_error(c, cid, 16, "Market not found", market_ticker=t)
             use_yes = bool(params.get("use_yes_price", False))
-            for ch in chans:
+            new_subs = []
+            for ch in chans:  # one ack per channel (each its own sid), then the snapshots
                 s = _KSub(c.next_sid, ch, set(ticks) if ticks else None, use_yes)
                 c.next_sid += 1
                 c.ksubs[s.sid] = s
+                new_subs.append(s)
                 c.put(_enc({"id": cid, "type": "subscribed", "msg": {"channel": ch, "sid": s.sid}}).decode())
-                if ch == "orderbook_delta":
+            for s in new_subs:
+                if s.channel == "orderbook_delta":
                     for t in ticks:
                         self._k_send_snapshot(c, s, t)
             self._update_client_event()

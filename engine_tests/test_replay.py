@@ -666,7 +666,10 @@ def test_kalshi_rest_pagination_and_rotation(k_capture, keys):
             hdr = ka.sign_headers("k", priv, "GET", ka.WS_PATH)
             async with connect(srv.ws_url, additional_headers=hdr, max_size=1 << 24) as ws:
                 await ws.send(json.dumps({"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}))
-                await asyncio.to_thread(srv.done.wait, 20)
+                t0 = time.monotonic()
+                while not srv.done.is_set() and time.monotonic() - t0 < 20:
+                    await drain(ws, idle=0.05, limit=5000)
+                assert srv.done.is_set()
             after = {m["ticker"] for m in (await asyncio.to_thread(_get, f"{base}/markets?series_ticker=KXBTC&status=open"))["markets"]}
             closed = {m["ticker"] for m in (await asyncio.to_thread(_get, f"{base}/markets?series_ticker=KXBTC&status=closed"))["markets"]}
             assert after and before - after and after - before
