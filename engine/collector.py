@@ -93,6 +93,8 @@ class SourceRunner:
             self.cmd_id = 0
             self.discovered_once = asyncio.Event()
             self.snapshot_requested: dict[int, float] = {}
+            self.markets_added = 0
+            self.markets_dropped = 0
         self.lock = threading.RLock()
         self.capture = CaptureWriter(Path(cfg.capture_dir), source, compress=not cfg.capture_plain) if cfg.capture_dir else None
         self.conn_id = 0
@@ -156,6 +158,8 @@ class SourceRunner:
         )
         if self.source == "kalshi":
             c["subscribed_markets"] = len(self.subscribed)
+            c["markets_added"] = self.markets_added
+            c["markets_dropped"] = self.markets_dropped
         return c
 
     def write_status(self, home: str) -> None:
@@ -351,6 +355,7 @@ class SourceRunner:
         self.cmd_id += 1
         tickers = sorted(self.desired)
         await ws.send(ks.subscribe_cmd(self.cmd_id, tickers, self.cfg.use_yes_price))
+        self.markets_added += len(set(tickers) - self.subscribed)
         self.subscribed = set(tickers)
         self.log.info("subscribed", markets=len(tickers))
 
@@ -378,6 +383,8 @@ class SourceRunner:
                 self.cmd_id += 1
                 await ws.send(ks.update_cmd(self.cmd_id, sid, drop, "delete_markets"))
         if add or drop:
+            self.markets_added += len(add)
+            self.markets_dropped += len(drop)
             self.log.info("subscription_updated", added=add, dropped=drop)
         self.subscribed = (self.subscribed | set(add)) - set(drop)
 

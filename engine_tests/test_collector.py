@@ -1,0 +1,305 @@
+"""Collector runtime against the replay exchange on 127.0.0.1 (real sockets, subprocess collectors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+pytest.importorskip("engine.replay")
+
+from engine.capture_gen import generate_coinbase, generate_kalshi, write_capture  # noqa: E402
+from engine.replay import ReplayServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KALSHI_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _cmd(home: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", "collect", "--home", str(home), "--backoff-base", "0.05",
+            "--backoff-max", "0.3", "--status-interval", "0.3", *args]
+
+
+def _run(home: Path, *args: str, timeout: float = 40, env=None) -> subprocess.CompletedProcess:
+    p = subprocess.run(_cmd(home, *args), capture_output=True, text=True, timeout=timeout, env=env or _env(), cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _open(home: Path):
+    from engine import Engine
+
+    return Engine.open(home=home)
+
+
+def _tables(home: Path):
+    eng = _open(home)
+    try:
+        return (eng.l2(allow_unsealed=True), eng.trades(allow_unsealed=True), eng.gaps(allow_unsealed=True))
+    finally:
+        eng.close()
+
+
+def _ingest(home: Path, files, source: str) -> None:
+    from engine.ingest import engine_kwargs, ingest_files
+
+    from engine import Engine
+
+    eng = Engine.open(home=home, **engine_kwargs())
+    try:
+        ingest_files(eng, files, source, progress=False)
+    finally:
+        eng.close()
+
+
+def _canon_l2(df: pl.DataFrame, with_recv: bool) -> list:
+    cols = ["instrument", "side", "price", "size", "ts", "snapshot"] + (["recv_ts", "seq"] if with_recv else [])
+    return sorted(df.select([pl.col(c).cast(pl.Utf8) if c in ("instrument", "side") else pl.col(c) for c in cols]).rows())
+
+
+def _canon_trades(df: pl.DataFrame) -> list:
+    return sorted(df.select(pl.col("instrument").cast(pl.Utf8), "trade_id", "ts", "price", "size",
+                            pl.col("side").cast(pl.Utf8)).rows())
+
+
+@pytest.fixture(scope="module")
+def cb_capture(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cap") / "coinbase.jsonl.zst"
+    write_capture(generate_coinbase(seconds=20, rate=150, seed=3, depth=100), p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def cb_reference(cb_capture, tmp_path_factory) -> tuple:
+    home = tmp_path_factory.mktemp("ref")
+    _ingest(home, [cb_capture], "coinbase")
+    return _tables(home)
+
+
+def _final_books(l2: pl.DataFrame) -> dict:
+    """Book per instrument from the rows (receive order), resetting at each snapshot group."""
+    l2 = l2.with_row_index("i").sort(["recv_ts", "seq", "i"])
+    books: dict = {}
+    last_group: dict = {}
+    for inst, side, price, size, snap, recv, seq in l2.select(
+        pl.col("instrument").cast(pl.Utf8), pl.col("side").cast(pl.Utf8), "price", "size", "snapshot", "recv_ts", "seq"
+    ).iter_rows():
+        if snap and last_group.get(inst) != (recv, seq):
+            books[inst] = {}
+            last_group[inst] = (recv, seq)
+        elif not snap:
+            last_group.pop(inst, None)
+        b = books.setdefault(inst, {})
+        if size == 0:
+            b.pop((side, price), None)
+        else:
+            b[(side, price)] = size
+    return books
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_live_equals_offline_malformed_frames_and_kalshi_skipped(cb_capture, cb_reference, tmp_path):
+    home, cap = tmp_path / "live", tmp_path / "cap"
+    with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=0,
+                                    faults=["malformed@1500:1000"]) as srv:
+        p = _run(home, "--source", "coinbase", "kalshi", "--coinbase-url", srv.ws_url, "--capture-dir", str(cap),
+                 "--for", "3", "--coinbase-stall", "30")
+        assert srv.stats()["malformed_sent"] == 1000
+    # Kalshi without credentials: one clear line, Coinbase ran anyway
+    assert p.stderr.count('"kalshi_skipped"') == 1
+    st = json.loads((home / "status" / "coinbase.json").read_text())
+    assert st["skipped_frames"] == 1000 and st["skip_reasons"] == {"malformed_json": 1000}
+    assert st["gaps"] == 0 and st["reconnects"] == 0
+    l2, tr, gaps = _tables(home)
+    assert gaps.height == 0
+    # live == offline over the collector's own capture: identical rows, receive times included
+    files = sorted(cap.glob("coinbase-*.jsonl.zst"))
+    assert files
+    _ingest(tmp_path / "offline", files, "coinbase")
+    l2o, tro, gapso = _tables(tmp_path / "offline")
+    assert _canon_l2(l2, True) == _canon_l2(l2o, True)
+    assert _canon_trades(tr) == _canon_trades(tro)
+    # ... and the same rows as ingesting the capture the exchange served (receive times aside):
+    # every good row kept despite 1,000 malformed frames
+    ref_l2, ref_tr, _ = cb_reference
+    assert _canon_l2(l2, False) == _canon_l2(ref_l2, False)
+    assert _canon_trades(tr) == _canon_trades(ref_tr)
+    assert l2.height > 5000 and tr.height > 300
+
+
+def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, tmp_path):
+    home = tmp_path / "live"
+    with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=4.0,
+                                    faults=["drop@400", "close@1200", "stall@2000:2.5"]) as srv:
+        deadline = time.monotonic() + 30
+        proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "1.2"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        try:
+            while not srv.done.is_set() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-3000:]
+        s = srv.stats()
+        assert s["dropped"] >= 1 and s["closes"] == 1 and s["stalls"] == 1
+    l2, tr, gaps = _tables(home)
+    g = gaps.with_columns(pl.col("kind").cast(pl.Utf8), pl.col("market").cast(pl.Utf8))
+    kinds = set(g["kind"])
+    assert {"sequence", "disconnect", "stale"} <= kinds, g
+    products = {"BTC-USD", "ETH-USD", "SOL-USD"}
+    seq_gaps = g.filter(pl.col("kind") == "sequence")
+    assert set(seq_gaps["market"]) == products and seq_gaps["instrument"].null_count() == seq_gaps.height
+    last_rx = l2["recv_ts"].max()
+    assert g.filter((pl.col("kind") == "stale") & (pl.col("start_ts") < last_rx)).height >= 3  # the injected stall
+    # after every gap a fresh snapshot rebuilds each book
+    for end in g["end_ts"].to_list():
+        after = l2.filter(pl.col("snapshot") & (pl.col("recv_ts") >= end))
+        if l2.filter(pl.col("recv_ts") > end).height:
+            assert set(after["instrument"].cast(pl.Utf8)) == products
+    # resynced books end equal to the exchange's books (reference: the full capture, nothing lost)
+    ref_l2, ref_tr, _ = cb_reference
+    assert _final_books(l2) == _final_books(ref_l2)
+    # trades: no duplicate despite 3 reconnect snapshots, and a subset of the real ones
+    assert tr.select("instrument", "trade_id").unique().height == tr.height
+    assert set(_canon_trades(tr)) <= set(_canon_trades(ref_tr))
+
+
+def _wait_status(home: Path, key: str, minimum: int, timeout: float = 20) -> dict:
+    end = time.monotonic() + timeout
+    p = home / "status" / "coinbase.json"
+    while time.monotonic() < end:
+        try:
+            st = json.loads(p.read_text())
+            if st.get(key, 0) >= minimum:
+                return st
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"status {key} never reached {minimum}")
+
+
+def _parquet_files(home: Path) -> list[Path]:
+    return sorted(p for p in home.rglob("*.parquet") if "/data/" in str(p))
+
+
+def test_flush_request_status_and_sigterm(cb_capture, tmp_path):
+    from engine.collector import request_flush, status_cli
+
+    home = tmp_path / "live"
+    with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=2.0) as srv:
+        proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        try:
+            _wait_status(home, "rows", 1000)
+            assert _parquet_files(home) == []
+            assert request_flush(home) == 1  # SIGUSR1 to the pid in {home}/status
+            end = time.monotonic() + 10
+            while not _parquet_files(home) and time.monotonic() < end:
+                time.sleep(0.1)
+            n_flushed = len(_parquet_files(home))
+            assert n_flushed >= 3
+            assert status_cli(["--home", str(home)]) == 0
+            time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert len(_parquet_files(home)) > n_flushed  # the final flush on SIGTERM
+    st = json.loads((home / "status" / "coinbase.json").read_text())
+    l2, tr, gaps = _tables(home)
+    # every row the collector produced is stored (l2 also holds the engine's book anchor at the top
+    # of the second file)
+    assert tr.height == st["rows_trades"]
+    assert l2.height >= st["rows_l2"]
+    assert not list((home / "status").glob("collector-*.pid"))
+
+
+def test_sigkill_then_restart_recovers_spool_and_records_restart_gap(cb_capture, tmp_path):
+    home = tmp_path / "live"
+    with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=2.0) as srv:
+        proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        try:
+            st = _wait_status(home, "rows", 2000)
+            time.sleep(1.5)  # the spool is synced at least once a second
+        finally:
+            proc.kill()
+            proc.communicate(timeout=10)
+        assert _parquet_files(home) == []  # nothing was flushed: the rows live only in the spool
+        first_rows = st["rows_l2"]
+        _run(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--for", "1.5")
+    l2, tr, gaps = _tables(home)
+    g = gaps.with_columns(pl.col("kind").cast(pl.Utf8))
+    restart = g.filter(pl.col("kind") == "restart")
+    assert restart.height == 3 and restart["instrument"].null_count() == 3
+    t_restart = restart["start_ts"][0]
+    before = l2.filter(pl.col("recv_ts") <= t_restart)
+    assert before.height >= first_rows  # recovered from the spool after SIGKILL
+    assert (restart["end_ts"] > restart["start_ts"]).all()
+    # the restart got a fresh snapshot per product
+    after = l2.filter(pl.col("snapshot") & (pl.col("recv_ts") > restart["end_ts"][0]))
+    assert set(after["instrument"].cast(pl.Utf8)) == {"BTC-USD", "ETH-USD", "SOL-USD"}
+
+
+def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
+    from engine.kalshi_auth import generate_keypair
+
+    priv, pub = generate_keypair(tmp_path / "keys", bits=2048)
+    capf = tmp_path / "kalshi.jsonl.zst"
+    write_capture(generate_kalshi(series=["KXBTC", "KXETH"], seconds=240, rate=40, seed=5, contract_minutes=2,
+                                  strikes=3, use_yes_price=False), capf)
+    home, cap = tmp_path / "live", tmp_path / "cap"
+    env = _env(KALSHI_API_KEY_ID="0f6a1c9e-test-key", KALSHI_PRIVATE_KEY_PATH=str(priv))
+    with ReplayServer.run_in_thread(source="kalshi", capture=str(capf), speed=40.0, kalshi_public_key=str(pub)) as srv:
+        proc = subprocess.Popen(
+            _cmd(home, "--source", "kalshi", "--series", "KXBTC", "KXETH", "--kalshi-url", srv.ws_url,
+                 "--kalshi-rest-url", srv.rest_url, "--discovery-interval", "0.2", "--capture-dir", str(cap),
+                 "--no-use-yes-price"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        try:
+            end = time.monotonic() + 25
+            while not srv.done.is_set() and time.monotonic() < end and proc.poll() is None:
+                time.sleep(0.2)
+            time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-3000:]
+        assert srv.stats()["auth_rejected"] == 0 and srv.stats()["rest_requests"] > 3
+    st = json.loads((home / "status" / "kalshi.json").read_text())
+    assert st["markets_added"] > 6 and st["markets_dropped"] >= 3, st
+    assert st["skipped_frames"] == 0 and st["errors"] == 0
+    l2, tr, gaps = _tables(home)
+    assert set(l2["market"].cast(pl.Utf8)) == {"KXBTC", "KXETH"}
+    events = {i.rsplit("-", 1)[0] for i in l2["instrument"].cast(pl.Utf8).unique()}
+    assert len(events) >= 4  # contracts rotated: several hourly events' contracts were collected
+    assert tr.height > 0 and set(tr["side"].cast(pl.Utf8)) <= {"buy", "sell"}
+    # books are never crossed at the end
+    for inst, b in _final_books(l2).items():
+        bids = [p for s, p in b if s == "bid"]
+        asks = [p for s, p in b if s == "ask"]
+        if bids and asks:
+            assert max(bids) < min(asks), inst
+    # live == offline over the collector's capture (use_yes_price comes from the meta lines)
+    files = sorted(cap.glob("kalshi-*.jsonl*"))
+    _ingest(tmp_path / "offline", files, "kalshi")
+    l2o, tro, gapso = _tables(tmp_path / "offline")
+    assert _canon_l2(l2, True) == _canon_l2(l2o, True)
+    assert _canon_trades(tr) == _canon_trades(tro)
