@@ -92,11 +92,13 @@ class CaptureWriter:
 
     def meta(self, recv_ns: int, meta: dict) -> None:
         if meta.get("type") == "connect":
+            self._conn_meta = None  # a new file opened for this line must not restate the old connection
+        self._roll(recv_ns)
+        self._write({"recv_ns": recv_ns, "meta": meta})
+        if meta.get("type") == "connect":
             self._conn_meta = dict(meta)
         elif meta.get("type") == "disconnect":
             self._conn_meta = None
-        self._roll(recv_ns)
-        self._write({"recv_ns": recv_ns, "meta": meta})
 
     def flush(self) -> None:
         if self._out is None:
