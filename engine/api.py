@@ -37,7 +37,7 @@ class Engine:
     """One lake home (catalog, spool, staging, cache) bound to one object store."""
 
     def __init__(self, home: Path, store=None, *, flush_rows: int = DEFAULT_FLUSH_ROWS, background: bool = True,
-                 cache_bytes: int = 2 << 30, book_anchors: bool = False):
+                 cache_bytes: int = 2 << 30, book_anchors: bool = False, flush_age_s: float | None = None):
         self.home = Path(home).resolve()
         self.layout = Layout(self.home)
         self.home.mkdir(parents=True, exist_ok=True)
@@ -49,6 +49,9 @@ class Engine:
             bootstrap_from_manifest(self)
         self.catalog = Catalog(self.layout.catalog_log)
         self.flush_rows = flush_rows
+        # Optional age trigger (e.g. the demo's 15 s) on top of row count and hour close.
+        env_age = os.environ.get("ENGINE_FLUSH_AGE_S")
+        self.flush_age_s = flush_age_s if flush_age_s is not None else (float(env_age) if env_age else None)
         self.book_anchors = book_anchors  # collectors and ingest turn this on (design: Book anchors)
         self._lock = threading.RLock()
         self._buffers: dict[str, Buffer] = {}
@@ -231,13 +234,17 @@ class Engine:
             self.catalog.set_watermark(source, wm)
 
     def _background_loop(self) -> None:
-        """Flush buffers whose UTC hour has closed by the wall clock and that went quiet."""
+        """Flush buffers whose UTC hour has closed by the wall clock and went quiet, or that are too old."""
         while not self._stop.wait(1.0):
             try:
                 now_hour = now_ns() // NS_PER_HOUR
                 with self._lock:
                     for key, buf in list(self._buffers.items()):
-                        if buf.rows and buf.hour < now_hour and time.monotonic() - buf.touched > HOUR_CLOSE_GRACE_S:
+                        if not buf.rows:
+                            continue
+                        closed = buf.hour < now_hour and time.monotonic() - buf.touched > HOUR_CLOSE_GRACE_S
+                        old = self.flush_age_s is not None and time.monotonic() - buf.created >= self.flush_age_s
+                        if closed or old:
                             self._flush_key(key)
             except Exception as e:  # noqa: BLE001 - the loop must survive; error logged
                 log.error("background_flush_failed", error=str(e))

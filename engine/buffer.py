@@ -18,7 +18,7 @@ _READ_OPTS = pa.ipc.IpcReadOptions(use_threads=False)
 
 class Buffer:
     __slots__ = ("table", "source", "market", "hour", "hot", "hot_rows", "sealed", "rows", "last_batch",
-                 "min_recv_ts", "max_recv_ts", "touched", "schema")
+                 "min_recv_ts", "max_recv_ts", "touched", "created", "schema")
 
     def __init__(self, table: str, source: str, market: str, hour: int, schema: pa.Schema):
         self.table, self.source, self.market, self.hour, self.schema = table, source, market, hour, schema
@@ -29,7 +29,7 @@ class Buffer:
         self.last_batch = -1
         self.min_recv_ts: int | None = None
         self.max_recv_ts: int | None = None
-        self.touched = time.monotonic()
+        self.touched = self.created = time.monotonic()
 
     def add(self, t: pa.Table, batch_id: int, min_recv: int, max_recv: int) -> None:
         self.hot.append(t)
