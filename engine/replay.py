@@ -644,7 +644,7 @@ class ReplayServer:
                     p, q = u.get("price_level"), u.get("new_quantity")
                     if p is None or q is None:
                         continue
-                    if Decimal(q) == 0:
+                    if q == "0" or (q[:1] == "0" and Decimal(q) == 0):
                         side.pop(p, None)
                     else:
                         side[p] = q
