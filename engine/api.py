@@ -17,7 +17,7 @@ from engine.catalog import Catalog, FileEntry
 from engine.log import get_logger
 from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_key, parse_key
 from engine.schema import NS_PER_HOUR
-from engine.spool import Spool
+from engine.spool import Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
 from engine.timeutil import now_ns
 from engine.writer import write_parquet
@@ -70,7 +70,10 @@ class Engine:
     def open(cls, home: str | os.PathLike | None = None, store: str | None = None, **kw) -> "Engine":
         eng = cls(Path(home) if home is not None else default_home(), store, **kw)
         if any(eng.layout.spool.glob("*.arrow")):
-            eng._writer()  # recover a crashed writer's spool now
+            try:
+                eng._writer()  # a crashed writer left a spool: recover it now
+            except SpoolLockedError:
+                pass  # a live writer (the collector) owns it; this engine reads
         return eng
 
     def _writer(self) -> Spool:
@@ -185,6 +188,7 @@ class Engine:
             t = self._with_anchor(key, t)
         date = date_of_ns(buf.hour * NS_PER_HOUR)
         part = (buf.table, buf.source, buf.market, date)
+        self.catalog.refresh()  # another process (compaction) may have written to this partition
         existing = [parse_key(k).name for k in self.catalog.parts.get(part, {})]
         existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
                      if (e.table, e.source, e.market, e.date) == part]

@@ -129,10 +129,12 @@ def compact_partition(eng, part) -> CompactionResult | None:
 
 def _derive_quotes(eng, source, market, date) -> None:
     """Keep the derived `quotes` table in step with the freshly compacted l2 partition."""
-    try:
-        from engine.research.quotes import derive_partition
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("engine.research") is None or importlib.util.find_spec("engine.research.quotes") is None:
         return
+    from engine.research.quotes import derive_partition
+
     derive_partition(eng, source, market, date)
 
 

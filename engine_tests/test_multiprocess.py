@@ -1,0 +1,33 @@
+"""A reader process (Dagster, a notebook) and the writer (collector) share one lake home."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from engine import Engine, synth
+from engine.schema import NS_PER_HOUR
+from engine.spool import SpoolLockedError
+from engine.timeutil import to_ns
+
+import pytest
+
+
+def test_reader_opens_while_writer_holds_spool(tmp_path):
+    writer = Engine.open(tmp_path / "h", background=False)
+    writer.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-01"), 100, NS_PER_HOUR))
+    writer.flush()
+    writer.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-01T01:00"), 50, NS_PER_HOUR,
+                                             id_start=1000))  # buffered: its spool segment is live
+    code = (
+        "import sys; from engine import Engine; e = Engine.open(sys.argv[1], background=False); "
+        "print(e.trades().height)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "h")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "100"
+    reader = Engine.open(tmp_path / "h", background=False)
+    with pytest.raises(SpoolLockedError, match="one writer per lake home"):
+        reader.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-02"), 5, 10**9))
+    writer.close()
+    assert Engine.open(tmp_path / "h", background=False).trades().height == 150
