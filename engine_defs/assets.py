@@ -1,0 +1,273 @@
+"""Assets per table: raw_<t> (external, written by the collector) → uploaded_<t> → compacted_<t>,
+and `catalog` (publishes the manifest). All are partitioned by date × market and return
+`MaterializeResult`s; no IO manager moves data through Dagster, the engine does the work.
+"""
+
+
+import dagster as dg
+
+from engine_defs import lake
+from engine_defs.partitions import partitions_def, split_partition_key
+from engine_defs.resources import EngineResource
+
+TABLES = lake.RAW_TABLES  # l2, trades, gaps
+INTEGRITY = "integrity"
+GROUP = "lake"
+
+
+def raw_key(table: str) -> dg.AssetKey:
+    return dg.AssetKey(f"raw_{table}")
+
+
+def uploaded_key(table: str) -> dg.AssetKey:
+    return dg.AssetKey(f"uploaded_{table}")
+
+
+def compacted_key(table: str) -> dg.AssetKey:
+    return dg.AssetKey(f"compacted_{table}")
+
+
+CATALOG_KEY = dg.AssetKey("catalog")
+
+_DESCR = {
+    "l2": "L2 book updates (one row per price-level change)",
+    "trades": "trades (one row per trade)",
+    "gaps": "known holes in the data (disconnects, sequence jumps, restarts, stale feeds)",
+}
+
+raw_specs = [
+    dg.AssetSpec(
+        raw_key(t),
+        description=f"Hourly raw Parquet files of {_DESCR[t]}, written by the collector (outside Dagster) and "
+                    "reported by the catalog sensor, one materialization per file.",
+        partitions_def=partitions_def,
+        group_name=GROUP,
+        kinds={"parquet"},
+    )
+    for t in TABLES
+]
+
+
+def ts_value(ns: int | None):
+    return dg.MetadataValue.timestamp(ns / 1e9) if ns is not None else dg.MetadataValue.null()
+
+
+def file_metadata(e) -> dict:
+    """Metadata of one raw file (the sensor's raw materializations)."""
+    return {
+        "dagster/row_count": dg.MetadataValue.int(e.rows),
+        "bytes": dg.MetadataValue.int(e.bytes),
+        "key": dg.MetadataValue.text(e.key),
+        "min_ts": ts_value(e.min_ts),
+        "max_ts": ts_value(e.max_ts),
+        "max_recv_ts": ts_value(e.max_recv_ts),
+        "span_hours": dg.MetadataValue.float(((e.max_ts - e.min_ts) / 3.6e12) if e.min_ts is not None else 0.0),
+    }
+
+
+def stats_metadata(st: lake.PartStats, store_url: str | None = None) -> dict:
+    md = {
+        "dagster/row_count": dg.MetadataValue.int(st.rows),
+        "bytes": dg.MetadataValue.int(st.bytes),
+        "files": dg.MetadataValue.int(st.files),
+        "remote_files": dg.MetadataValue.int(st.remote_files),
+        "local_files": dg.MetadataValue.int(st.local_files),
+        "min_ts": ts_value(st.min_ts),
+        "max_ts": ts_value(st.max_ts),
+        "span_hours": dg.MetadataValue.float(round(st.span_hours, 4)),
+        "lag_s": dg.MetadataValue.float(round(st.lag_s, 3)) if st.lag_s is not None else dg.MetadataValue.null(),
+    }
+    if st.largest_gap_s is not None:
+        md["largest_gap_s"] = dg.MetadataValue.float(round(st.largest_gap_s, 6))
+    if st.coverage_pct is not None:
+        md["coverage_pct"] = dg.MetadataValue.float(st.coverage_pct)
+        md["hours_with_data"] = dg.MetadataValue.int(st.hours_with_data)
+    if store_url:
+        md["store"] = dg.MetadataValue.text(store_url)
+    return md
+
+
+def _part(context, table: str) -> tuple[str, str, str, str]:
+    date, source, market = split_partition_key(context.partition_key)
+    return table, source, market, date
+
+
+def _gaps_figures(eng, source, market, date) -> dict:
+    g = lake.recorded_gaps(eng, source, market, date)
+    secs = float(((g["end_ts"] - g["start_ts"]).sum() or 0) / 1e9) if g.height else 0.0
+    return {"recorded_gaps": dg.MetadataValue.int(g.height), "recorded_gap_s": dg.MetadataValue.float(round(secs, 3))}
+
+
+def make_uploaded(table: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"uploaded_{table}",
+        deps=[raw_key(table)],
+        partitions_def=partitions_def,
+        group_name=GROUP,
+        kinds={"parquet", "s3"},
+        description=f"The partition's raw {table} files copied to the object store and verified (size and "
+                    "checksum); local copies stay until the day is compacted.",
+    )
+    def _uploaded(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
+        eng = engine.engine()
+        t, source, market, date = _part(context, table)
+        res = eng.upload(table=t, source=source, market=market, date=date)
+        st = lake.part_stats(eng, t, source, market, date)
+        md = stats_metadata(st, eng.store.url)
+        md.update({"uploaded_files": dg.MetadataValue.int(res["uploaded"]),
+                   "uploaded_bytes": dg.MetadataValue.int(res["bytes"]),
+                   "failed_files": dg.MetadataValue.int(res["failed"])})
+        if table != "gaps":
+            md.update(_gaps_figures(eng, source, market, date))
+        if res["failed"]:
+            raise dg.Failure(
+                description=f"{res['failed']} of {res['failed'] + res['uploaded']} file(s) of {table} "
+                            f"{source}:{market} {date} did not upload to {eng.store.url}; they stay local and the "
+                            f"next run retries: " + "; ".join(res["errors"][:5]),
+                metadata=md,
+            )
+        context.log.info(f"uploaded {res['uploaded']} file(s), {res['bytes']} bytes of {table} {source}:{market} "
+                         f"{date}; partition now {st.files} file(s), {st.remote_files} remote")
+        return dg.MaterializeResult(metadata=md)
+
+    return _uploaded
+
+
+def integrity_result(table: str, rep: lake.Integrity, key: str | None) -> dg.AssetCheckResult:
+    md = {
+        "rows": dg.MetadataValue.int(rep.rows),
+        "catalog_rows": dg.MetadataValue.int(rep.expected_rows if rep.expected_rows is not None else -1),
+        "schema_ok": dg.MetadataValue.bool(rep.schema_ok),
+        "sorted": dg.MetadataValue.bool(rep.sorted_ok),
+        "duplicate_rows": dg.MetadataValue.int(rep.duplicates),
+        "rows_outside_partition": dg.MetadataValue.int(rep.outside_partition),
+    }
+    if key:
+        md["file"] = dg.MetadataValue.text(key)
+    if rep.problems:
+        md["problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in rep.problems))
+    if rep.duplicate_examples:
+        cols = list(rep.duplicate_examples[0])
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rep.duplicate_examples]
+        md["duplicate_examples"] = dg.MetadataValue.md("\n".join(lines))
+    return dg.AssetCheckResult(
+        check_name=INTEGRITY,
+        asset_key=compacted_key(table),
+        passed=rep.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata=md,
+        description="; ".join(rep.problems) if rep.problems else "schema, sort order, duplicates and row count OK",
+    )
+
+
+def make_compacted(table: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"compacted_{table}",
+        deps=[uploaded_key(table)],
+        partitions_def=partitions_def,
+        group_name=GROUP,
+        kinds={"parquet", "s3"},
+        check_specs=[dg.AssetCheckSpec(
+            INTEGRITY, asset=compacted_key(table), blocking=True, partitions_def=partitions_def,
+            description="Schema, sort order, duplicate events and row count equal to the catalog, checked on "
+                        "the merged file before it is uploaded and swapped in; a failure blocks the upload "
+                        "and everything downstream (the catalog manifest).",
+        )],
+        description=f"The closed day of {table} merged into one sorted file (0000.parquet), verified, uploaded, "
+                    "swapped into the catalog in one entry; replaced raw objects are retired after a grace period.",
+    )
+    def _compacted(context: dg.AssetExecutionContext, engine: EngineResource):
+        eng = engine.engine()
+        part = _part(context, table)
+        t, source, market, date = part
+        files = eng.catalog.files_in(part)
+        if files and not (len(files) == 1 and files[0].compacted):
+            from engine.compaction import closed_partitions
+
+            if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
+                day_end = lake.day_bounds(date)[1]
+                wm = eng.catalog.watermark(source)
+                why = ("the UTC day has not ended" if not lake.is_closed_day(date) else
+                       f"the sealed watermark of {source} ({lake.fmt_ts(wm)}) is before the day's end "
+                       f"({lake.fmt_ts(day_end)}): a collector may still hold rows of that day")
+                raise dg.Failure(
+                    description=f"not compacting {t} {source}:{market} {date}: only closed days are compacted and "
+                                f"{why}. Nothing was changed; run it again once the day is sealed.",
+                    allow_retries=False,
+                )
+            try:
+                res, rep = lake.compact_gated(eng, part)
+            except lake.IntegrityError as err:
+                yield integrity_result(t, err.report, err.key)
+                raise dg.Failure(
+                    description=f"compaction of {t} {source}:{market} {date} blocked: {'; '.join(err.report.problems)}. "
+                                "The merged file was deleted before upload; the raw files and the catalog are unchanged.",
+                    allow_retries=False,
+                ) from None
+            st = lake.part_stats(eng, t, source, market, date)
+            yield integrity_result(t, rep, res.key if res else None)
+            md = stats_metadata(st, eng.store.url)
+            if res is not None:
+                md.update({"files_merged": dg.MetadataValue.int(res.files_in), "key": dg.MetadataValue.text(res.key),
+                           "compaction_s": dg.MetadataValue.float(round(res.seconds, 3))})
+            if t != "gaps":
+                md.update(_gaps_figures(eng, source, market, date))
+            context.log.info(f"compacted {t} {source}:{market} {date}: {st.rows} rows into {st.keys}")
+            yield dg.MaterializeResult(metadata=md)
+            return
+        # Already compacted (idempotent re-run: re-verify the committed file) or no data at all.
+        st = lake.part_stats(eng, t, source, market, date)
+        if files:
+            e = files[0]
+            rep = lake.integrity_of_file(t, eng.local_path(e), expected_rows=e.rows, source=source, market=market,
+                                         date=date)
+            yield integrity_result(t, rep, e.key)
+            if not rep.passed:
+                raise dg.Failure(description=f"the committed compacted file {e.key} fails integrity: "
+                                             f"{'; '.join(rep.problems)}; run `data-engine catalog verify`.")
+        else:
+            yield integrity_result(t, lake.Integrity(t, 0, 0, True, True, 0, 0, []), None)
+        md = stats_metadata(st, eng.store.url)
+        md["note"] = dg.MetadataValue.text("already compacted; nothing changed" if files else "no data in this partition")
+        if t != "gaps":
+            md.update(_gaps_figures(eng, source, market, date))
+        yield dg.MaterializeResult(metadata=md)
+
+    return _compacted
+
+
+@dg.asset(
+    name="catalog",
+    deps=[uploaded_key(t) for t in TABLES] + [compacted_key(t) for t in TABLES],
+    partitions_def=partitions_def,
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Publishes the catalog manifest (one Parquet object listing every remote file and the sealed "
+                "watermarks) to the store, so another machine opens the lake with one GET and no LIST. "
+                "Materialized per partition after its uploads or compaction.",
+)
+def catalog(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
+    eng = engine.engine()
+    date, source, market = split_partition_key(context.partition_key)
+    key = eng.publish_manifest()
+    entries = eng.catalog.entries()
+    remote = [e for e in entries if e.remote]
+    mine = [e for e in entries if e.source == source and e.market == market and e.date == date]
+    wms = {s: lake.fmt_ts(w) for s, w in sorted(eng.catalog.watermarks.items())}
+    return dg.MaterializeResult(metadata={
+        "manifest": dg.MetadataValue.text(f"{eng.store.url}/{key}"),
+        "dagster/row_count": dg.MetadataValue.int(sum(e.rows for e in remote)),
+        "listed_files": dg.MetadataValue.int(len(remote)),
+        "listed_bytes": dg.MetadataValue.int(sum(e.bytes for e in remote)),
+        "local_only_files": dg.MetadataValue.int(len(entries) - len(remote)),
+        "partition_files": dg.MetadataValue.int(len(mine)),
+        "partition_rows": dg.MetadataValue.int(sum(e.rows for e in mine)),
+        "partition_remote_files": dg.MetadataValue.int(sum(1 for e in mine if e.remote)),
+        "watermarks": dg.MetadataValue.json(wms),
+    })
+
+
+uploaded_assets = [make_uploaded(t) for t in TABLES]
+compacted_assets = [make_compacted(t) for t in TABLES]
+all_assets = [*raw_specs, *uploaded_assets, *compacted_assets, catalog]

@@ -1,0 +1,93 @@
+"""Project-local DAGSTER_HOME: SQLite storage, telemetry off, a small run queue, run monitoring and
+tick retention. `python -m engine_defs.instance [DIR]` creates it and prints its path.
+
+    export DAGSTER_HOME=$(python -m engine_defs.instance)   # default: <repo>/.dagster_home
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HOME = ROOT / ".dagster_home"
+
+DAGSTER_YAML = """\
+# Written by engine_defs/instance.py; rewritten when its settings change.
+telemetry:
+  enabled: false
+storage:
+  sqlite:
+    base_dir: {home}/storage
+local_artifact_storage:
+  module: dagster._core.storage.root
+  class: LocalArtifactStorage
+  config:
+    base_dir: {home}
+compute_logs:
+  module: dagster._core.storage.local_compute_log_manager
+  class: LocalComputeLogManager
+  config:
+    base_dir: {home}/logs
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: {max_runs}
+    dequeue_interval_seconds: {dequeue_s}
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_resume_run_attempts: 0
+  poll_interval_seconds: {monitor_s}
+run_retries:
+  enabled: false
+sensors:
+  use_threads: true
+  num_workers: 2
+schedules:
+  use_threads: true
+  num_workers: 2
+retention:
+  schedule:
+    purge_after_days: 30
+  sensor:
+    purge_after_days:
+      skipped: 1
+      failure: 30
+      success: 7
+"""
+
+
+def instance_yaml(home: Path, max_concurrent_runs: int | None = None) -> str:
+    return DAGSTER_YAML.format(
+        home=Path(home).resolve(),
+        max_runs=max_concurrent_runs or int(os.environ.get("ENGINE_DAGSTER_MAX_RUNS", "2")),
+        dequeue_s=int(os.environ.get("ENGINE_DAGSTER_DEQUEUE_S", "2")),
+        monitor_s=int(os.environ.get("ENGINE_DAGSTER_MONITOR_S", "30")),
+    )
+
+
+def ensure_instance(home: str | os.PathLike | None = None, max_concurrent_runs: int | None = None) -> Path:
+    """Create (or update) DAGSTER_HOME with the engine's dagster.yaml; returns its absolute path."""
+    home = Path(home or os.environ.get("DAGSTER_HOME") or DEFAULT_HOME).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "storage").mkdir(exist_ok=True)
+    text = instance_yaml(home, max_concurrent_runs)
+    path = home / "dagster.yaml"
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return home
+
+
+def main(argv: list[str]) -> int:
+    print(ensure_instance(argv[0] if argv else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

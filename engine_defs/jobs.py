@@ -1,0 +1,53 @@
+"""Jobs: uploads (targeted by the catalog sensor), compaction (targeted by the nightly schedule and
+backfills) and a flush job that asks running collectors to flush their buffers now."""
+
+
+import dagster as dg
+
+from engine_defs.assets import CATALOG_KEY, TABLES, compacted_key, uploaded_key
+from engine_defs.partitions import partitions_def
+from engine_defs.resources import EngineResource
+
+upload_job = dg.define_asset_job(
+    "upload_job",
+    selection=dg.AssetSelection.assets(*[uploaded_key(t) for t in TABLES], CATALOG_KEY),
+    partitions_def=partitions_def,
+    description="Upload a (date, market) partition's new raw files, run the gap/coverage checks and republish "
+                "the manifest. The catalog sensor requests one run per touched partition.",
+)
+
+compact_job = dg.define_asset_job(
+    "compact_job",
+    selection=dg.AssetSelection.assets(*[compacted_key(t) for t in TABLES], CATALOG_KEY),
+    partitions_def=partitions_def,
+    description="Compact a closed (date, market) partition (integrity-checked before upload) and republish the "
+                "manifest. Nightly schedule; backfill any date × market range from the UI or the CLI.",
+)
+
+
+class FlushError(RuntimeError):
+    pass
+
+
+@dg.op(description="Ask every running collector of the lake to flush its buffers to Parquet now (SIGUSR1).")
+def request_collector_flush(context: dg.OpExecutionContext, engine: EngineResource) -> int:
+    try:
+        from engine.collector import request_flush
+    except ImportError as e:  # the collector module is missing from this install
+        raise dg.Failure(description=f"cannot ask collectors to flush: engine.collector is unavailable ({e})") from None
+    n = request_flush(engine.home)
+    if n == 0:
+        context.log.warning(
+            f"no running collector found for lake {engine.home}: nothing was flushed now; a flush request file was "
+            "left for the next collector that starts. Start one with `data-engine collect` (or ./scripts/run)."
+        )
+    else:
+        context.log.info(f"asked {n} running collector(s) of {engine.home} to flush; the catalog sensor will see "
+                         "their files within its next ticks")
+    context.add_output_metadata({"collectors_signalled": n, "lake": engine.home})
+    return n
+
+
+@dg.job(description="Ask running collectors to flush now (their files then flow through the sensor's upload runs).")
+def flush_job():
+    request_collector_flush()

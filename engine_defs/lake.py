@@ -1,0 +1,356 @@
+"""Engine-side helpers for the Dagster definitions (no Dagster imports here, so they test alone).
+
+- `read_log`: the catalog log from a byte offset, line by line with each line's end offset, without
+  building the catalog's in-memory index (a sensor tick must stay fast on a 100k-file log);
+- `part_stats`: rows, bytes, files, time range, largest gap, silent intervals of one partition;
+- `recorded_gaps`: rows of the `gaps` table overlapping one (source, market, day);
+- `integrity`: schema, sort order, duplicate events, row count and partition bounds of a table;
+- `compact_gated`: the core's `compact_partition`, with `integrity` run on the merged file after it
+  is written and before it is uploaded or swapped into the catalog, so a bad compaction is blocked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import schema
+from engine.catalog import FileEntry, Op
+from engine.timeutil import NS, now_ns, to_ns
+
+RAW_TABLES = ("l2", "trades", "gaps")
+DATA_TABLES = ("l2", "trades")
+DAY_NS = 86_400 * NS
+SILENCE_S = float(os.environ.get("ENGINE_DAGSTER_SILENCE_S", "300"))  # coverage: silence longer than this is a hole
+
+_dec = msgspec.json.Decoder(Op)
+
+
+# ---- catalog log ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LogRead:
+    ops: list[tuple[int, Op]]  # (offset just after the line, op)
+    offset: int  # where the next read starts
+    size: int  # log size when read
+    reset: bool = False  # the cursor was past the end (log replaced): read from 0
+    bad_lines: int = 0
+
+
+def read_log(path: Path, offset: int, max_bytes: int = 4 << 20, max_ops: int | None = None) -> LogRead:
+    """Complete lines after `offset`, at most `max_bytes` and `max_ops` (the rest is left for later)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return LogRead([], 0, 0, reset=offset > 0)
+    reset = False
+    if offset > size:
+        offset, reset = 0, True
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(max_bytes)
+    out: list[tuple[int, Op]] = []
+    pos = 0
+    bad = 0
+    end = data.rfind(b"\n") + 1
+    while pos < end:
+        nl = data.index(b"\n", pos)
+        line = data[pos:nl]
+        pos = nl + 1
+        if not line.strip():
+            continue
+        try:
+            op = _dec.decode(line)
+        except msgspec.DecodeError:
+            bad += 1
+            continue
+        out.append((offset + pos, op))
+        if max_ops is not None and len(out) >= max_ops:
+            break
+    return LogRead(out, offset + pos, size, reset, bad)
+
+
+# ---- partition figures ---------------------------------------------------------------------------
+
+
+def day_bounds(date: str) -> tuple[int, int]:
+    start = to_ns(date)
+    return start, start + DAY_NS
+
+
+def is_closed_day(date: str) -> bool:
+    return date < dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+@dataclass
+class PartStats:
+    table: str
+    source: str
+    market: str
+    date: str
+    files: int = 0
+    rows: int = 0
+    bytes: int = 0
+    remote_files: int = 0
+    local_files: int = 0
+    compacted: bool = False
+    min_ts: int | None = None
+    max_ts: int | None = None
+    min_recv_ts: int | None = None
+    max_recv_ts: int | None = None
+    largest_gap_s: float | None = None  # longest time between consecutive rows (receive time)
+    window: tuple[int, int] | None = None  # the part of the day that should be covered
+    silences: list[tuple[int, int]] = field(default_factory=list)  # holes longer than SILENCE_S
+    covered_s: float | None = None
+    hours_with_data: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def span_hours(self) -> float:
+        if self.min_ts is None or self.max_ts is None:
+            return 0.0
+        return (self.max_ts - self.min_ts) / 3.6e12
+
+    @property
+    def lag_s(self) -> float | None:
+        """Seconds from the newest row's receive time to now: how far behind this figure is."""
+        return None if self.max_recv_ts is None else (now_ns() - self.max_recv_ts) / NS
+
+    @property
+    def coverage_pct(self) -> float | None:
+        if not self.window or self.window[1] <= self.window[0] or self.covered_s is None:
+            return None
+        return round(100.0 * self.covered_s / ((self.window[1] - self.window[0]) / NS), 3)
+
+
+def _entry_figures(st: PartStats, files: list[FileEntry]) -> None:
+    st.files = len(files)
+    st.keys = [e.key for e in files]
+    st.rows = sum(e.rows for e in files)
+    st.bytes = sum(e.bytes for e in files)
+    st.remote_files = sum(1 for e in files if e.remote)
+    st.local_files = sum(1 for e in files if e.local)
+    st.compacted = len(files) == 1 and files[0].compacted
+
+    def agg(fn, attr):
+        vals = [getattr(e, attr) for e in files if getattr(e, attr) is not None]
+        return fn(vals) if vals else None
+
+    st.min_ts, st.max_ts = agg(min, "min_ts"), agg(max, "max_ts")
+    st.min_recv_ts, st.max_recv_ts = agg(min, "min_recv_ts"), agg(max, "max_recv_ts")
+
+
+def read_column(eng, files: list[FileEntry], col: str) -> np.ndarray:
+    arrays = []
+    for e in files:
+        t = pq.read_table(eng.local_path(e), columns=[col])
+        arrays.append(t.column(col).to_numpy())
+    return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
+
+
+def part_stats(eng, table: str, source: str, market: str, date: str, *, read_rows: bool = True,
+               silence_s: float = SILENCE_S) -> PartStats:
+    """Figures of one (table, source, market, date) partition from the catalog, plus (when
+    `read_rows`) the time between consecutive rows read from the files' receive-time column."""
+    eng.catalog.refresh()
+    st = PartStats(table, source, market, date)
+    files = eng.catalog.files_in((table, source, market, date))
+    _entry_figures(st, files)
+    if not read_rows or table not in DATA_TABLES:
+        return st
+    day0, day1 = day_bounds(date)
+    sealed = eng.catalog.watermark(source)
+    wend = min(day1, max(sealed, st.max_recv_ts + 1 if st.max_recv_ts is not None else day0))
+    st.window = (day0, wend)
+    recv = np.sort(read_column(eng, files, schema.spec(table).part_col)) if files else np.empty(0, np.int64)
+    recv = recv[(recv >= day0) & (recv < day1)]
+    if len(recv):
+        diffs = np.diff(recv)
+        st.largest_gap_s = float(diffs.max()) / NS if len(diffs) else 0.0
+        st.hours_with_data = int(len(np.unique((recv - day0) // (3600 * NS))))
+    thr = int(silence_s * NS)
+    holes: list[tuple[int, int]] = []
+    if len(recv) == 0:
+        if wend > day0:
+            holes.append((day0, wend))
+    else:
+        if recv[0] - day0 > thr:
+            holes.append((day0, int(recv[0])))
+        if len(recv) > 1:
+            idx = np.nonzero(np.diff(recv) > thr)[0]
+            holes += [(int(recv[i]), int(recv[i + 1])) for i in idx]
+        if wend - recv[-1] > thr:
+            holes.append((int(recv[-1]), wend))
+    st.silences = holes
+    st.covered_s = max(0.0, (wend - day0) / NS - sum((b - a) for a, b in holes) / NS)
+    return st
+
+
+def recorded_gaps(eng, source: str, market: str, date: str) -> pl.DataFrame:
+    """Rows of the `gaps` table for (source, market) overlapping the UTC day `date` (sorted by start)."""
+    day0, day1 = day_bounds(date)
+    prev = (dt.date.fromisoformat(date) - dt.timedelta(days=1)).isoformat()
+    tables = []
+    for d in (prev, date):
+        for e in eng.catalog.files_in(("gaps", source, market, d)):
+            tables.append(pq.read_table(eng.local_path(e)).select(schema.GAPS_SCHEMA.names))
+    cols = ["instrument", "kind", "start_ts", "end_ts", "detail"]
+    if not tables:
+        return pl.DataFrame(schema={"instrument": pl.String, "kind": pl.String, "start_ts": pl.Int64,
+                                    "end_ts": pl.Int64, "detail": pl.String})
+    df = pl.from_arrow(pa.concat_tables(tables).unify_dictionaries())
+    df = df.with_columns(pl.col(pl.Categorical).cast(pl.String)).select(cols)
+    return df.filter((pl.col("end_ts") > day0) & (pl.col("start_ts") < day1)).sort("start_ts")
+
+
+# ---- integrity -----------------------------------------------------------------------------------
+
+
+# Exchanges put several rows in one sequence-numbered message (a Coinbase l2_data frame carries many
+# level updates under one sequence_num), so `seq` alone is not unique; the same sequence number on
+# the same event is. A trade is identified by its trade_id.
+DUP_KEYS = {
+    "l2": ("instrument", "seq", "ts", "side", "price"),  # non-snapshot updates with a seq
+    "trades": ("instrument", "trade_id"),
+    "gaps": tuple(schema.GAPS_SCHEMA.names),
+}
+
+
+@dataclass
+class Integrity:
+    table: str
+    rows: int
+    expected_rows: int | None
+    schema_ok: bool
+    sorted_ok: bool
+    duplicates: int
+    outside_partition: int
+    problems: list[str]
+    duplicate_examples: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def duplicate_rows(table: str, t: pa.Table) -> tuple[int, list[dict]]:
+    keys = list(DUP_KEYS[table])
+    if t.num_rows < 2:
+        return 0, []
+    df = pl.from_arrow(t.select(keys + (["snapshot"] if table == "l2" else [])))
+    df = df.with_columns(pl.col(pl.Categorical).cast(pl.String))
+    if table == "l2":
+        df = df.filter(~pl.col("snapshot") & pl.col("seq").is_not_null()).drop("snapshot")
+    elif table == "trades":
+        df = df.filter(pl.col("trade_id").is_not_null())
+    dup = df.filter(df.is_duplicated())
+    if dup.height == 0:
+        return 0, []
+    n = dup.height - dup.unique().height  # rows beyond the first of each duplicated event
+    return n, dup.unique(maintain_order=True).head(10).to_dicts()
+
+
+def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, source: str | None = None,
+              market: str | None = None, date: str | None = None) -> Integrity:
+    """Schema, sort order, duplicate events, row count (against the catalog) and partition bounds."""
+    from engine.writer import is_sorted
+
+    sp = schema.spec(table)
+    problems: list[str] = []
+    got = [(f.name, str(f.type)) for f in t.schema]
+    want = [(f.name, str(f.type)) for f in sp.schema]
+    schema_ok = got == want
+    if not schema_ok:
+        problems.append(f"schema differs from {table}: got {got}, want {want}")
+    sorted_ok = bool(schema_ok and is_sorted(table, t))
+    if schema_ok and not sorted_ok:
+        problems.append(f"rows are not sorted by ({', '.join(sp.sort_keys)})")
+    dups, examples = duplicate_rows(table, t) if schema_ok else (0, [])
+    if dups:
+        problems.append(f"{dups} duplicate event row(s) (same {', '.join(DUP_KEYS[table])})")
+    if expected_rows is not None and t.num_rows != expected_rows:
+        problems.append(f"{t.num_rows} rows, the catalog says {expected_rows}")
+    outside = 0
+    if schema_ok and t.num_rows:
+        import pyarrow.compute as pc
+
+        for col, want_v in (("source", source), ("market", market)):
+            if want_v is not None:
+                outside += t.num_rows - pc.sum(pc.equal(t.column(col).cast(pa.string()), want_v)).as_py() or 0
+        if date is not None:
+            d0, d1 = day_bounds(date)
+            c = t.column(sp.part_col)
+            outside += pc.sum(pc.or_(pc.less(c, d0), pc.greater_equal(c, d1))).as_py() or 0
+        if outside:
+            problems.append(f"{outside} row(s) outside partition {source}:{market} {date}")
+    return Integrity(table, t.num_rows, expected_rows, schema_ok, sorted_ok, dups, outside, problems, examples)
+
+
+def integrity_of_file(table: str, path: Path, **kw) -> Integrity:
+    t = pq.read_table(path)
+    return integrity(table, t.replace_schema_metadata(None), **kw)
+
+
+class IntegrityError(RuntimeError):
+    def __init__(self, report: Integrity, key: str):
+        super().__init__(f"compacted file {key} failed integrity checks: {'; '.join(report.problems)}")
+        self.report = report
+        self.key = key
+
+
+class _GatedStore:
+    """Wraps the engine's store for one compaction: the merged file is checked before its upload."""
+
+    def __init__(self, inner, prefix: str, check):
+        self._inner, self._prefix, self._check = inner, prefix, check
+        self.report: Integrity | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def put_file(self, key: str, path: Path, sha256: str) -> None:
+        if self.report is None and key.startswith(self._prefix + "/0000"):
+            self.report = self._check(Path(path))
+            if not self.report.passed:
+                Path(path).unlink(missing_ok=True)  # never catalogued: nothing else refers to it
+                raise IntegrityError(self.report, key)
+        return self._inner.put_file(key, path, sha256)
+
+
+def compact_gated(eng, part: tuple[str, str, str, str]):
+    """Compact one partition; the merged file must pass `integrity` before upload and catalog swap.
+
+    Returns (CompactionResult | None, Integrity | None); raises IntegrityError (nothing uploaded,
+    catalog unchanged) when the merged file is bad.
+    """
+    from engine.compaction import compact_partition
+    from engine.paths import partition_prefix
+
+    table, source, market, date = part
+    expected = sum(e.rows for e in eng.catalog.files_in(part))
+    gate = _GatedStore(eng.store, partition_prefix(*part),
+                       lambda p: integrity_of_file(table, p, expected_rows=expected, source=source, market=market,
+                                                   date=date))
+    real = eng.store
+    eng.store = gate
+    try:
+        res = compact_partition(eng, part)
+    finally:
+        eng.store = real
+    return res, gate.report
+
+
+def fmt_ts(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / NS, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"

@@ -1,0 +1,110 @@
+"""`EngineResource`: hands assets, sensors, schedules and notebooks an `Engine` for one lake.
+
+Credentials come from `EnvVar`s (Dagster shows the variable name, never the value) and are only
+placed in the process environment while the store client is built; they are never logged.
+"""
+
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+_AWS_FIELDS = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_endpoint_url": "AWS_ENDPOINT_URL",
+    "aws_region": "AWS_DEFAULT_REGION",
+}
+_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _env_overlay(values: dict[str, str]):
+    """Set env vars only while the boto3 client is built (the core reads credentials from the env)."""
+    if not values:
+        yield
+        return
+    with _env_lock:
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _env_or_none(name: str):
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+class EngineResource(dg.ConfigurableResource):
+    """One lake: `home` (catalog, staging) and `store` (directory or s3://bucket/prefix)."""
+
+    home: str
+    store: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
+
+    _engine = PrivateAttr(default=None)
+
+    @classmethod
+    def from_env(cls) -> "EngineResource":
+        """ENGINE_HOME (default ./lake), ENGINE_STORE and AWS_* from the environment.
+
+        In Definitions the credentials stay `EnvVar`s; in a notebook, `EngineResource.from_env().engine()`.
+        """
+        from engine.paths import default_home
+
+        return cls(
+            home=str(default_home()),
+            store=os.environ.get("ENGINE_STORE") or None,
+            **{f: _env_or_none(v) for f, v in _AWS_FIELDS.items()},
+        )
+
+    def _credentials(self) -> dict[str, str]:
+        out = {}
+        for f, env in _AWS_FIELDS.items():
+            v = getattr(self, f)
+            if isinstance(v, dg.EnvVar):  # outside a Dagster run (notebook): resolve now
+                v = v.get_value()
+            if v:
+                out[env] = v
+        return out
+
+    def open(self):
+        """A new reader `Engine` (background=False). Never takes the collector's spool lock."""
+        from engine.api import Engine
+
+        with _env_overlay(self._credentials()):
+            # Engine(...) rather than Engine.open(...): open() recovers a crashed spool, which
+            # would take the writer's lock and fail (or race) while a collector is running.
+            return Engine(Path(self.home), self.store, background=False)
+
+    def engine(self):
+        """The engine of this resource, opened once and reused (per run, or per notebook)."""
+        if self._engine is None:
+            self._engine = self.open()
+        else:
+            self._engine.catalog.refresh()
+        return self._engine
+
+    def teardown_after_execution(self, context) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    @property
+    def catalog_log(self) -> Path:
+        from engine.paths import Layout
+
+        return Layout(Path(self.home).resolve()).catalog_log
