@@ -180,12 +180,16 @@ class Engine:
         return n
 
     def _flush_key(self, key: str) -> int:
-        buf = self._buffers.pop(key)
+        """Write one buffer as a catalogued file. On any failure the buffer stays (and its rows stay
+        in the spool), so a later flush or a restart writes them: a failed flush loses nothing."""
+        buf = self._buffers[key]
         if not buf.rows:
+            del self._buffers[key]
             return 0
         t = buf.to_table()
+        book = None
         if buf.table == "l2" and self.book_anchors:
-            t = self._with_anchor(key, t)
+            t, book = self._with_anchor(key, t)
         date = date_of_ns(buf.hour * NS_PER_HOUR)
         part = (buf.table, buf.source, buf.market, date)
         self.catalog.refresh()  # another process (compaction) may have written to this partition
@@ -206,6 +210,9 @@ class Engine:
             bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
         )
         self.catalog.add_file(entry, spool_key=key, spool_upto=buf.last_batch)
+        del self._buffers[key]
+        if book is not None:
+            self._books[key] = book
         self.flush_count += 1
         log.info("file_written", key=fkey, rows=wf.rows, bytes=wf.bytes, seconds=round(time.perf_counter() - t0, 3),
                  table=buf.table, source=buf.source, market=buf.market)
@@ -214,15 +221,15 @@ class Engine:
         self._advance_watermark(buf.source, buf.max_recv_ts)
         return 1
 
-    def _with_anchor(self, key: str, t: pa.Table) -> pa.Table:
-        """Prefix the file with the book as it stood at the end of the previous file (book anchor)."""
+    def _with_anchor(self, key: str, t: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Prefix the file with the book as it stood at the end of the previous file (book anchor);
+        also return the book at the end of this file, to carry once the file is catalogued."""
         from engine.anchors import anchor_rows, end_book
 
         prev = self._books.get(key)
         if prev is not None and prev.num_rows:
             t = pa.concat_tables([anchor_rows(prev, t), t]).unify_dictionaries()
-        self._books[key] = end_book(t)
-        return t
+        return t, end_book(t)
 
     def _advance_watermark(self, source: str, flushed_max: int | None) -> None:
         """Sealed watermark: below the oldest buffered row of the source, else past everything seen."""
