@@ -1,0 +1,86 @@
+"""Research toolkit over the lake: quotes, books, as-of joins, bars, gap-aware windows, coverage.
+
+Every function takes an `Engine` first and returns Polars; `Engine` delegates to them
+(`eng.quotes`, `eng.book`, `eng.books`, `eng.asof`, `eng.bars`, `eng.valid`, `eng.coverage`).
+
+Book semantics shared by quotes and books (see `engine.research.quotes`):
+rows of one instrument are applied in arrival order — (`recv_ts`, `ts`, `seq`), ties in stored
+order; a run of `snapshot` rows from one message (same `recv_ts` and `seq`) replaces the book;
+size 0 removes a level; a quote is emitted after each event (rows sharing instrument, `recv_ts`,
+`ts`, `seq`; a whole snapshot is one event) whose best bid/ask differs from the previous one.
+
+This module holds the small helpers the submodules share (durations, reading catalogued files).
+"""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "min": 60 * 10**9,
+          "h": 3600 * 10**9, "d": 86_400 * 10**9, "w": 7 * 86_400 * 10**9}
+_DUR = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|min|s|m|h|d|w)")
+
+
+def parse_duration(value, *, name: str = "duration") -> int | None:
+    """'30s', '1m' (minute), '1h30m', '250ms', a timedelta or int ns → int ns (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected a duration like '30s', got bool")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+        return value
+    import datetime as dt
+
+    if isinstance(value, dt.timedelta):
+        ns = (value.days * 86_400 + value.seconds) * 10**9 + value.microseconds * 1000
+        if ns <= 0:
+            raise ValueError(f"{name}: must be positive, got {value}")
+        return ns
+    if isinstance(value, str):
+        s = value.strip().lower()
+        pos, total = 0, 0
+        for m in _DUR.finditer(s):
+            if m.start() != pos:
+                break
+            total += int(float(m.group(1)) * _UNITS[m.group(2)])
+            pos = m.end()
+        if pos == len(s) and total > 0:
+            return total
+    raise ValueError(f"{name}: cannot parse {value!r}; use e.g. '500ms', '30s', '1m', '1h', '1d' or int nanoseconds")
+
+
+def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=None, clamp=None, columns=None,
+                 filter_expr=None) -> pa.Table:
+    """Rows of the given catalogued files, in file order then stored order (no re-sorting)."""
+    from engine import schema
+    from engine.query import Query
+
+    sp = schema.spec(table)
+    if not entries:
+        t = sp.schema.empty_table()
+        return t.select(columns) if columns else t
+    paths = [str(eng.local_path(e)) for e in entries]
+    expr = Query(eng)._filter_expr(table, instrument, start, end, clamp or {})
+    if filter_expr is not None:
+        expr = filter_expr if expr is None else expr & filter_expr
+    ds = pads.dataset(paths, schema=sp.schema, format="parquet")
+    return ds.to_table(filter=expr, columns=columns)
+
+
+def to_polars(t) -> pl.DataFrame:
+    return t if isinstance(t, pl.DataFrame) else pl.from_arrow(t)
+
+
+def clamp_for(eng, table: str, entries, allow_unsealed: bool) -> dict:
+    """Per-source sealed watermark to clamp reads of `entries` to (empty when unsealed is allowed)."""
+    from engine import schema
+
+    if allow_unsealed or schema.spec(table).part_col != "recv_ts":
+        return {}
+    return {s: eng.catalog.watermark(s) for s in sorted({e.source for e in entries})}
