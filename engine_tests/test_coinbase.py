@@ -259,7 +259,7 @@ def test_sequence_jump_invalidates_all_books_and_asks_for_reconnect():
     assert kinds == ["disconnect", "disconnect"]
     rows = out["l2"].to_pylist()
     assert [(r["snapshot"], r["size"]) for r in rows] == [(True, 1.0), (False, 0.0)]
-    assert n.books["BTC-USD"] == {}
+    assert n.books["BTC-USD"] == ({}, {})
 
 
 def test_meta_less_sequence_restart_is_a_new_connection():
@@ -297,32 +297,40 @@ def test_bad_frames_counted_skipped_good_rows_kept():
     ]
     for f in bad:
         n.feed(T0, f)
-    # typed but absurd l2 frames consume their sequence number; the book is marked invalid
-    n.feed(T0, l2_frame(seq, "BTC-USD", [("bid", "100", "-1")]))
-    assert n.c.skipped_frames == len(bad) + 1
-    assert [a.kind for a in n.pop_actions()] == ["reconnect"]
+    assert n.c.skipped_frames == len(bad) and n.pop_actions() == []
+    # typed but absurd l2 frames consume their sequence number; found by the bulk check at
+    # conversion: the message is dropped, the book marked invalid, a resync requested
+    n.feed(T0 + 1, l2_frame(seq, "BTC-USD", [("bid", "100", "-1")]))
     out = n.take()
+    assert n.c.skipped_frames == len(bad) + 1 and n.c.skip_reasons["bad_rows"] == 1
+    assert [a.kind for a in n.pop_actions()] == ["reconnect"]
     assert out["gaps"].num_rows == 1 and out["gaps"].column("kind").to_pylist() == ["sequence"]
     assert out["l2"].num_rows == 2  # the snapshot survives
+    assert "BTC-USD" not in n.valid
 
 
 @pytest.mark.parametrize(
-    "updates,why",
+    "updates,why,kept",
     [
-        ([("bid", "NaN", "1")], "nan price"),
-        ([("bid", "100", "inf")], "inf size"),
-        ([("bid", "0", "1")], "zero price"),
-        ([("middle", "100", "1")], "side"),
+        ([("bid", "NaN", "1")], "nan price", 3),
+        ([("bid", "100", "inf")], "inf size", 3),
+        ([("bid", "0", "1")], "zero price", 3),
+        ([("bid", "100", "1"), ("bid", "101", "-0.5")], "negative size", 3),
+        ([("middle", "100", "1")], "side", 2),
     ],
 )
-def test_absurd_values_skip_the_frame(updates, why):
+def test_absurd_values_skip_the_frame(updates, why, kept):
     n = CoinbaseNormalizer()
     seq = _start(n, ("BTC-USD",))
     n.feed(T0, l2_frame(seq, "BTC-USD", updates))
     n.feed(T0, l2_frame(seq + 1, "BTC-USD", [("bid", "100.5", "7")]))
-    assert n.c.skipped_frames == 1, why
     out = n.take()
-    assert out["l2"].num_rows == 2  # only the snapshot: the book went invalid after the bad frame
+    assert n.c.skipped_frames == 1, why
+    # only the bad message is dropped (bulk checks find it at conversion, so a later update in the
+    # same chunk is kept; an unknown side is caught while decoding, before the next update)
+    assert out["l2"].num_rows == kept, why
+    assert "BTC-USD" not in n.valid and [a.kind for a in n.pop_actions()] == ["reconnect"]
+    assert out["gaps"].column("kind").to_pylist() == ["sequence"]
 
 
 def test_timestamp_far_from_receive_time():
@@ -334,21 +342,28 @@ def test_timestamp_far_from_receive_time():
         u["event_time"] = "1970-01-01T00:00:00Z"
     n.feed(T0 + 5, json.dumps(f))
     assert n.take()["l2"].column("ts").to_pylist() == [T0]
-    # both event time and envelope absurd: skipped
-    n.feed(T0, l2_frame(1, "BTC-USD", [("bid", "1", "2")], t=T0 - 10 * 86400 * 10**9))
+    # event time and envelope both absurd: the receive time stands in (the level change is real)
+    n.feed(T0 + 7, l2_frame(1, "BTC-USD", [("bid", "1", "2")], t=T0 - 10 * 86400 * 10**9))
+    # an unparseable event time too
+    g = json.loads(l2_frame(2, "BTC-USD", [("bid", "1", "3")]))
+    g["events"][0]["updates"][0]["event_time"] = "yesterday-ish"
+    n.feed(T0 + 8, json.dumps(g))
+    out = n.take()["l2"]
+    assert out.column("ts").to_pylist() == [T0 + 7, T0]  # recv, then the envelope
+    assert n.c.ts_fallbacks == 3 and n.c.skipped_frames == 0
+    # a trade with an absurd time is skipped (no book depends on it)
+    n.feed(T0, trades_frame(3, [("BTC-USD", 1, "1", "1", "BUY")], t=T0 - 10 * 86400 * 10**9))
     assert n.c.skipped_frames == 1
 
 
 def test_conversion_failure_skips_only_the_bad_message():
     cols = L2Cols("coinbase")
     for i, side in enumerate(["bid", "weird", "offer"]):
-        cols.ts.append(T0)
         cols.price.append(1.0 + i)
         cols.size.append(1.0)
-        cols.side.append(side)
-        cols.run(1, T0, "BTC-USD", "BTC-USD", i, False)
+        cols.run(1, T0, T0, "BTC-USD", "BTC-USD", side, i, False)
     bad = []
-    t = cols.take(lambda why, inst: bad.append(inst))
+    t = cols.take(lambda run, why: bad.append(run[6]))
     assert t.num_rows == 2 and len(bad) == 1
     assert t.column("side").to_pylist() == ["bid", "ask"]
 

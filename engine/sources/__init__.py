@@ -52,8 +52,28 @@ def _hour_base(prefix: str) -> int:
     return base
 
 
+_MIN_CACHE: dict[str, int] = {}
+
+
 def parse_ts(s: str) -> int:
     """RFC 3339 (UTC 'Z' or numeric offset, 0-9 fractional digits) -> ns since the epoch."""
+    if s[-1:] == "Z" and s[16:17] == ":":  # fast path: cached minute, then seconds and fraction
+        base = _MIN_CACHE.get(s[:16])
+        if base is not None:
+            body = s[17:-1]
+            if len(body) > 3 and body[2] == "." and len(body) <= 12 and body[3:].isdigit() and body[:2].isdigit():
+                return base + int(body[:2]) * NS + int((body[3:] + "00000000")[:9])
+            if len(body) == 2 and body.isdigit():
+                return base + int(body) * NS
+    t = _parse_ts_slow(s)
+    if s[-1:] == "Z" and len(s) >= 20:
+        if len(_MIN_CACHE) > 100_000:
+            _MIN_CACHE.clear()
+        _MIN_CACHE[s[:16]] = _hour_base(s[:13]) + int(s[14:16]) * 60 * NS
+    return t
+
+
+def _parse_ts_slow(s: str) -> int:
     base = _hour_base(s[:13])
     if s[13] != ":" or s[16] != ":":
         raise ValueError(f"bad timestamp {s!r}")
@@ -116,14 +136,14 @@ def _const_dict(value: str, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32), pa.int32()), pa.array([value], pa.string()))
 
 
-def _side_dict(values: list[str]) -> pa.DictionaryArray:
+def _side_dict(values: list[str], counts: np.ndarray) -> pa.DictionaryArray:
     enc = pa.array(values, _DICT_T)
     raw = enc.dictionary.to_pylist()
     mapped = [SIDE_MAP[v] for v in raw]  # KeyError -> bulk conversion fails -> slow path
     uniq = sorted(set(mapped))
     remap = np.array([uniq.index(m) for m in mapped], np.int32)
     idx = remap[enc.indices.to_numpy(zero_copy_only=False)] if len(raw) else np.zeros(0, np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(uniq, pa.string()))
+    return pa.DictionaryArray.from_arrays(pa.array(np.repeat(idx, counts), pa.int32()), pa.array(uniq, pa.string()))
 
 
 def _opt_int_runs(values: list[int | None], counts: np.ndarray) -> pa.Array:
@@ -135,76 +155,134 @@ def _opt_int_runs(values: list[int | None], counts: np.ndarray) -> pa.Array:
     return pa.array(filled, pa.int64(), mask=mask)
 
 
+_NULL_TS = np.iinfo(np.int64).min
+
+
+def _bulk_ts(strings: list[str | None]) -> np.ndarray:
+    """RFC 3339 strings -> int64 ns (vectorized by Arrow); unparseable or None -> _NULL_TS."""
+    try:
+        arr = pa.array(strings, pa.string()).cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64())
+        return np.array(arr.fill_null(_NULL_TS).to_numpy(zero_copy_only=False), np.int64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # one bad string: parse one by one
+        out = np.empty(len(strings), np.int64)
+        for i, v in enumerate(strings):
+            try:
+                out[i] = parse_ts(v) if v else _NULL_TS
+            except (ValueError, IndexError, TypeError):
+                out[i] = _NULL_TS
+        return out
+
+
 class L2Cols:
-    """Columnar accumulator for l2 rows of one source."""
+    """Columnar accumulator for l2 rows of one source.
 
-    __slots__ = ("source", "ts", "price", "size", "side", "r_n", "r_recv", "r_mkt", "r_inst", "r_seq", "r_snap", "rows")
+    Per row only price and size are stored (lists extended once per message). Everything constant
+    over a run of rows of one message is one tuple per run:
+        (n, recv_ns, ts_ns | None, event_time_str | None, envelope_time_str | None,
+         market, instrument, side, seq, snapshot)
+    Timestamp strings are parsed in bulk by Arrow at conversion; an event time that is unparseable
+    or further than `max_skew_ns` from the receive time falls back to the envelope time, then to
+    the receive time (counted in `ts_fallbacks`). Rows with a NaN/inf price or size, a negative size
+    or a non-positive price are found in bulk too: their runs are dropped and reported through
+    `on_bad_run`, never the chunk.
+    """
 
-    def __init__(self, source: str):
+    __slots__ = ("source", "price", "size", "runs", "rows", "max_skew_ns", "ts_fallbacks", "last_lag")
+
+    def __init__(self, source: str, max_skew_ns: int = DEFAULT_MAX_SKEW_NS):
         self.source = source
-        self.rows = 0
+        self.max_skew_ns = max_skew_ns
+        self.ts_fallbacks = 0
+        self.last_lag: int | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self.ts: list[int] = []
         self.price: list[float] = []
         self.size: list[float] = []
-        self.side: list[str] = []
-        self.r_n: list[int] = []
-        self.r_recv: list[int] = []
-        self.r_mkt: list[str] = []
-        self.r_inst: list[str] = []
-        self.r_seq: list[int | None] = []
-        self.r_snap: list[bool] = []
+        self.runs: list[tuple] = []
         self.rows = 0
 
-    def run(self, n: int, recv: int, market: str, instrument: str, seq: int | None, snap: bool) -> None:
-        self.r_n.append(n)
-        self.r_recv.append(recv)
-        self.r_mkt.append(market)
-        self.r_inst.append(instrument)
-        self.r_seq.append(seq)
-        self.r_snap.append(snap)
+    def run(self, n: int, recv: int, ts: int, market: str, instrument: str, side: str, seq: int | None, snap: bool) -> None:
+        """The last `n` appended price/size values share these values (ts already in ns)."""
+        self.runs.append((n, recv, ts, None, None, market, instrument, side, seq, snap))
         self.rows += n
 
-    def _build(self, lo_run: int, hi_run: int, lo_row: int, hi_row: int) -> pa.Table:
-        counts = np.array(self.r_n[lo_run:hi_run], np.int64)
+    def _resolve_ts(self, recv: np.ndarray, ts_: tuple, et_: tuple, env_: tuple) -> np.ndarray:
+        if not any(et_):
+            return np.array(ts_, np.int64)
+        ts = _bulk_ts(list(et_))
+        given = np.array([t if t is not None else _NULL_TS for t in ts_], np.int64)
+        has = given != _NULL_TS
+        ts[has] = given[has]
+        bad = (ts == _NULL_TS) | (np.abs(recv - ts) >= self.max_skew_ns)
+        if bad.any():
+            env = _bulk_ts([v if b else None for v, b in zip(env_, bad)])
+            env_ok = bad & (env != _NULL_TS) & (np.abs(recv - env) < self.max_skew_ns)
+            ts[env_ok] = env[env_ok]
+            rest = bad & ~env_ok
+            ts[rest] = recv[rest]
+            self.ts_fallbacks += int(bad.sum())
+        return ts
+
+    def _build(self, runs: list[tuple], price: list[float], size: list[float], on_bad=None) -> pa.Table | None:
+        n_, recv_, ts_, et_, env_, mkt_, inst_, side_, seq_, snap_ = zip(*runs)
+        counts = np.array(n_, np.int64)
         n = int(counts.sum())
-        if n != hi_row - lo_row:
+        if n != len(price) or n != len(size):
             raise ValueError("run/row count mismatch")
+        pr = np.array(price, np.float64)
+        sz = np.array(size, np.float64)
+        ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
+        if not ok.all():  # drop the runs holding absurd values, keep the rest
+            run_of_row = np.repeat(np.arange(len(runs)), counts)
+            bad_runs = np.unique(run_of_row[~ok])
+            if on_bad is not None:
+                for i in bad_runs.tolist():
+                    on_bad(runs[i], "absurd price or size")
+            keep_run = np.ones(len(runs), bool)
+            keep_run[bad_runs] = False
+            keep_row = keep_run[run_of_row]
+            runs = [r for r, k in zip(runs, keep_run.tolist()) if k]
+            if not runs:
+                return None
+            return self._build(runs, pr[keep_row].tolist(), sz[keep_row].tolist(), on_bad)
+        recv = np.array(recv_, np.int64)
+        ts = self._resolve_ts(recv, ts_, et_, env_)
+        self.last_lag = int(recv[-1] - ts[-1])
         cols = [
-            pa.array(self.ts[lo_row:hi_row], pa.int64()),
-            pa.array(np.repeat(np.array(self.r_recv[lo_run:hi_run], np.int64), counts), pa.int64()),
+            pa.array(np.repeat(ts, counts), pa.int64()),
+            pa.array(np.repeat(recv, counts), pa.int64()),
             _const_dict(self.source, n),
-            _dict_runs(self.r_mkt[lo_run:hi_run], counts),
-            _dict_runs(self.r_inst[lo_run:hi_run], counts),
-            _side_dict(self.side[lo_row:hi_row]),
-            pa.array(self.price[lo_row:hi_row], pa.float64()),
-            pa.array(self.size[lo_row:hi_row], pa.float64()),
-            _opt_int_runs(self.r_seq[lo_run:hi_run], counts),
-            pa.array(np.repeat(np.array(self.r_snap[lo_run:hi_run], bool), counts), pa.bool_()),
+            _dict_runs(list(mkt_), counts),
+            _dict_runs(list(inst_), counts),
+            _side_dict(list(side_), counts),
+            pa.array(pr, pa.float64()),
+            pa.array(sz, pa.float64()),
+            _opt_int_runs(list(seq_), counts),
+            pa.array(np.repeat(np.array(snap_, bool), counts), pa.bool_()),
         ]
         return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
 
     def take(self, on_bad=None) -> pa.Table | None:
-        if not self.r_n:
+        if not self.runs:
             return None
-        try:
-            t = self._build(0, len(self.r_n), 0, len(self.ts))
-        except Exception as e:  # one bad message must not cost the chunk: redo run by run
-            parts, row = [], 0
-            for i, k in enumerate(self.r_n):
-                try:
-                    parts.append(self._build(i, i + 1, row, row + k))
-                except Exception as e1:
-                    if on_bad:
-                        on_bad(f"l2 conversion failed: {e1!r}", self.r_inst[i])
-                row += k
-            t = pa.concat_tables(parts) if parts else None
-            if on_bad and t is None:
-                on_bad(f"l2 chunk conversion failed: {e!r}", None)
+        runs, price, size = self.runs, self.price, self.size
         self._reset()
-        return t
+        try:
+            return self._build(runs, price, size, on_bad)
+        except Exception:  # noqa: BLE001 - one bad message must not cost the chunk: redo run by run
+            parts, row = [], 0
+            for r in runs:
+                k = r[0]
+                try:
+                    t = self._build([r], price[row:row + k], size[row:row + k], on_bad)
+                    if t is not None:
+                        parts.append(t)
+                except Exception as e1:  # noqa: BLE001
+                    if on_bad is not None:
+                        on_bad(r, f"conversion failed: {e1!r}"[:200])
+                row += k
+            return pa.concat_tables(parts).unify_dictionaries() if parts else None
 
 
 class TradeCols:
@@ -313,6 +391,7 @@ class Counters:
     gaps: int = 0
     reconnects: int = 0
     errors: int = 0
+    ts_fallbacks: int = 0
     feed_lag_ns: int | None = None
     last_recv_ns: int | None = None
     skip_reasons: dict[str, int] = field(default_factory=dict)
@@ -340,7 +419,7 @@ class BaseNormalizer:
     source = "?"
 
     def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, log=None):
-        self.l2 = L2Cols(self.source)
+        self.l2 = L2Cols(self.source, max_skew_ns)
         self.trades = TradeCols(self.source)
         self.gaps = GapCols(self.source)
         self.c = Counters()
@@ -372,9 +451,12 @@ class BaseNormalizer:
         elif self._skip_logged == 21:
             self.log.warning("frame_skipped_suppressed", note="more skipped frames this minute; see counters")
 
-    def bad_conversion(self, reason: str, instrument: str | None) -> None:
-        self.c.skipped_rows += 1
-        self.log.warning("conversion_skipped", reason=reason, instrument=instrument)
+    def bad_run(self, run: tuple, reason: str) -> None:
+        """A message whose rows failed the bulk checks at conversion: counted as a skipped frame."""
+        self.c.skipped_frames += 1
+        key = "bad_rows"
+        self.c.skip_reasons[key] = self.c.skip_reasons.get(key, 0) + 1
+        self.log.warning("frame_skipped", reason=f"{key}: {reason}", instrument=run[6], recv_ns=run[1], seq=run[8])
 
     # -- gaps -----------------------------------------------------------------------------------
     def gap(self, market: str, instrument: str | None, start: int, end: int, kind: str, detail: str) -> None:
@@ -422,12 +504,16 @@ class BaseNormalizer:
 
     def take(self) -> dict[str, pa.Table]:
         out = {}
+        l2 = self.l2.take(self.bad_run)  # first: a bad run found here can add a gap row
+        self.c.ts_fallbacks = self.l2.ts_fallbacks
+        if self.l2.last_lag is not None:
+            self.c.feed_lag_ns = self.l2.last_lag
         g = self.gaps.take()
         if g is not None:
             out["gaps"] = g
-        t = self.l2.take(self.bad_conversion)
-        if t is not None and t.num_rows:
-            out["l2"] = t
+        if l2 is not None and l2.num_rows:
+            out["l2"] = l2
+            self.c.rows_l2 += l2.num_rows
         t = self.trades.take()
         if t is not None:
             out["trades"] = t
@@ -447,15 +533,22 @@ def anchor_table(source: str, books: dict[str, tuple[str, dict]], now_ns: int) -
     cols = L2Cols(source)
     for inst in sorted(books):
         market, book = books[inst]
-        if not book:
-            continue
-        keys = sorted(book)
-        cols.ts.extend([now_ns] * len(keys))
-        cols.side.extend(k[0] for k in keys)
-        cols.price.extend(k[1] for k in keys)
-        cols.size.extend(book[k] for k in keys)
-        cols.run(len(keys), now_ns, market, inst, None, True)
+        for side in ("bid", "ask"):
+            keys = sorted(p for s, p in book if s == side)
+            if keys:
+                cols.price.extend(keys)
+                cols.size.extend(book[(side, p)] for p in keys)
+                cols.run(len(keys), now_ns, now_ns, market, inst, side, None, True)
     return cols.take()
+
+
+def tune_gc() -> None:
+    """Long-lived allocation-heavy process: freeze start-up objects and collect young objects less often."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def make_normalizer(source: str, **kw) -> BaseNormalizer:

@@ -28,26 +28,26 @@ IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "le
 
 
 # ---- wire Structs (numeric strings decoded to float by the decoder: strict=False) -------------
-class L2Update(Struct):
+class L2Update(Struct, gc=False):
     side: str
     price_level: float
     new_quantity: float
     event_time: str = ""
 
 
-class L2Event(Struct):
+class L2Event(Struct, gc=False):
     type: str
     product_id: str
     updates: list[L2Update]
 
 
-class L2Msg(Struct, tag_field="channel", tag="l2_data"):
+class L2Msg(Struct, tag_field="channel", tag="l2_data", gc=False):
     sequence_num: int
     events: list[L2Event]
     timestamp: str = ""
 
 
-class Trade(Struct):
+class Trade(Struct, gc=False):
     product_id: str
     trade_id: str
     price: float
@@ -56,33 +56,33 @@ class Trade(Struct):
     time: str = ""
 
 
-class TradeEvent(Struct):
+class TradeEvent(Struct, gc=False):
     trades: list[Trade]
     type: str = "update"
 
 
-class TradesMsg(Struct, tag_field="channel", tag="market_trades"):
+class TradesMsg(Struct, tag_field="channel", tag="market_trades", gc=False):
     sequence_num: int
     events: list[TradeEvent]
     timestamp: str = ""
 
 
-class HeartbeatsMsg(Struct, tag_field="channel", tag="heartbeats"):
+class HeartbeatsMsg(Struct, tag_field="channel", tag="heartbeats", gc=False):
     sequence_num: int
     timestamp: str = ""
 
 
-class SubsEvent(Struct):
+class SubsEvent(Struct, gc=False):
     subscriptions: dict[str, list[str]] = {}
 
 
-class SubsMsg(Struct, tag_field="channel", tag="subscriptions"):
+class SubsMsg(Struct, tag_field="channel", tag="subscriptions", gc=False):
     sequence_num: int
     events: list[SubsEvent] = []
     timestamp: str = ""
 
 
-class Probe(Struct):
+class Probe(Struct, gc=False):
     """Lenient view used to classify a frame the typed decoder rejected."""
 
     channel: str | None = None
@@ -102,6 +102,8 @@ _g_side = attrgetter("side")
 _g_et = attrgetter("event_time")
 _TAKER = {"SELL": "buy", "BUY": "sell", "sell": "buy", "buy": "sell"}
 _L2_SIDES = frozenset({"bid", "offer", "ask"})
+_INF = float("inf")
+_NINF = float("-inf")
 
 
 def subscribe_messages(products: Iterable[str]) -> list[str]:
@@ -121,9 +123,11 @@ class _Bad(Exception):
 class CoinbaseNormalizer(BaseNormalizer):
     source = SOURCE
 
-    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, products: Iterable[str] = (), log=None):
+    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, products: Iterable[str] = (), log=None,
+                 keep_books: bool = True):
         super().__init__(max_skew_ns=max_skew_ns, log=log)
-        self.books: dict[str, dict[tuple[str, float], float]] = {}
+        self.keep_books = keep_books  # only needed to serve anchor_rows(); the Engine can anchor by itself
+        self.books: dict[str, tuple[dict[float, float], dict[float, float]]] = {}  # (bids, asks) by price
         self.valid: set[str] = set()  # products whose book is complete on the current connection
         self.known: set[str] = set(products)
         self.last_seq: int | None = None
@@ -156,9 +160,11 @@ class CoinbaseNormalizer(BaseNormalizer):
 
     def anchor_rows(self, market: str, now_ns: int):
         book = self.books.get(market)
-        if not book or market not in self.valid:
+        if not self.keep_books or not book or market not in self.valid:
             return None
-        return anchor_table(SOURCE, {market: (market, dict(book))}, now_ns)
+        b = {("bid", p): q for p, q in book[0].items()}
+        b.update({("ask", p): q for p, q in book[1].items()})
+        return anchor_table(SOURCE, {market: (market, b)}, now_ns)
 
     # ---- frames -----------------------------------------------------------------------------
     def feed(self, recv_ns: int, frame: str | bytes) -> None:
@@ -282,68 +288,86 @@ class CoinbaseNormalizer(BaseNormalizer):
     def _l2(self, recv_ns: int, msg: L2Msg) -> None:
         seq = msg.sequence_num
         env = msg.timestamp
-        prepared = []
-        for ev in msg.events:  # validate everything before touching any state
+        l2 = self.l2
+        for ev in msg.events:
             ups = ev.updates
             n = len(ups)
-            if ev.type not in ("snapshot", "update"):
-                raise _Bad(f"unknown l2 event type {ev.type!r}")
-            prices = list(map(_g_price, ups))
-            sizes = list(map(_g_size, ups))
-            sides = list(map(_g_side, ups))
-            if n:
-                tot = sum(prices) + sum(sizes)
-                if tot != tot or tot in (float("inf"), float("-inf")) or min(sizes) < 0.0 or min(prices) <= 0.0:
-                    raise _Bad("absurd price or size")
-                s0 = sides[0]
-                if sides.count(s0) != n:
-                    if not _L2_SIDES.issuperset(sides):
-                        raise _Bad("unknown side")
-                elif s0 not in _L2_SIDES:
-                    raise _Bad("unknown side")
-                ets = list(map(_g_et, ups))
-                e0 = ets[0]
-                if ets.count(e0) == n:
-                    t = self._ts(e0, recv_ns, env)
-                    ts = [t] * n
-                else:
-                    ts = [self._ts(e, recv_ns, env) for e in ets]
-            else:
-                ts = []
-            prepared.append((ev, prices, sizes, sides, ts))
-        l2 = self.l2
-        for ev, prices, sizes, sides, ts in prepared:
+            typ = ev.type
             pid = ev.product_id
-            n = len(prices)
-            if ev.type == "snapshot":
-                book = dict(zip(zip(sides, prices), sizes))
-                if 0.0 in sizes:
-                    book = {k: v for k, v in book.items() if v != 0.0}
-                self.books[pid] = book
-                self.valid.add(pid)
-                self.known.add(pid)
+            if typ == "snapshot":
                 snap = True
-            else:
+            elif typ == "update":
+                snap = False
                 if pid not in self.valid:
                     self.c.skipped_rows += n
                     continue
-                book = self.books[pid]
-                keys = list(zip(sides, prices))
-                book.update(zip(keys, sizes))
-                if 0.0 in sizes:
-                    for k, q in zip(keys, sizes):
-                        if q == 0.0:
-                            del book[k]
-                snap = False
+            else:
+                raise _Bad(f"unknown l2 event type {typ!r}")
             if not n:
                 continue
-            l2.ts += ts
+            prices = list(map(_g_price, ups))
+            sizes = list(map(_g_size, ups))
+            sides = list(map(_g_side, ups))
+            ets = list(map(_g_et, ups))
+            s0, e0 = sides[0], ets[0]
+            k = sides.count(s0)
+            if k == n and ets.count(e0) == n and s0 in _L2_SIDES:
+                segs = ((0, n, s0, e0),)
+            else:
+                segs = self._segments(sides, ets)
+            if snap:
+                self.valid.add(pid)
+                self.known.add(pid)
+            if self.keep_books:
+                self._book(pid, snap, prices, sizes, segs)
             l2.price += prices
             l2.size += sizes
-            l2.side += sides
-            l2.run(n, recv_ns, pid, pid, seq, snap)
-            self.c.rows_l2 += n
-            self.c.feed_lag_ns = recv_ns - ts[-1]
+            runs = l2.runs
+            for a, b, side, et in segs:
+                runs.append((b - a, recv_ns, None, et, env, pid, pid, side, seq, snap))
+            l2.rows += n
+
+    @staticmethod
+    def _segments(sides: list[str], ets: list[str]) -> list[tuple[int, int, str, str]]:
+        """(start, end, side, event_time) runs of consecutive updates sharing side and event time."""
+        segs = []
+        a = 0
+        n = len(sides)
+        for i in range(1, n + 1):
+            if i == n or sides[i] != sides[a] or ets[i] != ets[a]:
+                if sides[a] not in _L2_SIDES:
+                    raise _Bad(f"unknown side {sides[a]!r}")
+                segs.append((a, i, sides[a], ets[a]))
+                a = i
+        return segs
+
+    def _book(self, pid: str, snap: bool, prices, sizes, segs) -> None:
+        if snap:
+            bids: dict[float, float] = {}
+            asks: dict[float, float] = {}
+            self.books[pid] = (bids, asks)
+        else:
+            bids, asks = self.books[pid]
+        zero = 0.0 in sizes
+        for a, b, side, _ in segs:
+            book = bids if side == "bid" else asks
+            if a == 0 and b == len(prices):
+                book.update(zip(prices, sizes))
+            else:
+                book.update(zip(prices[a:b], sizes[a:b]))
+            if zero:
+                for p, q in zip(prices[a:b], sizes[a:b]):
+                    if q == 0.0:
+                        book.pop(p, None)
+
+    def bad_run(self, run: tuple, reason: str) -> None:
+        """Rows of one l2 message failed the bulk checks: the book of that product is no longer known."""
+        super().bad_run(run, reason)
+        pid, recv = run[6], run[1]
+        if pid in self.valid:
+            self.valid.discard(pid)
+            self.gap(pid, None, recv, recv, "sequence", f"unreadable l2_data frame: {reason}")
+            self.actions.append(Action("reconnect", reason=f"sequence: unreadable l2_data frame for {pid} ({reason})"))
 
     def _trades(self, recv_ns: int, msg: TradesMsg, frame) -> None:
         seq = msg.sequence_num

@@ -37,7 +37,7 @@ ONE = 10_000  # 1 dollar in price units (1e-4 dollars)
 
 
 # ---- wire Structs ---------------------------------------------------------------------------
-class SnapshotBody(Struct, kw_only=True):
+class SnapshotBody(Struct, kw_only=True, gc=False):
     market_ticker: str
     yes_dollars_fp: list[tuple[str, str]] | None = None
     no_dollars_fp: list[tuple[str, str]] | None = None
@@ -47,14 +47,14 @@ class SnapshotBody(Struct, kw_only=True):
     no: list[tuple[int, float]] | None = None
 
 
-class SnapshotMsg(Struct, kw_only=True, tag_field="type", tag="orderbook_snapshot"):
+class SnapshotMsg(Struct, kw_only=True, tag_field="type", tag="orderbook_snapshot", gc=False):
     sid: int
     msg: SnapshotBody
     seq: int | None = None
     id: int | None = None
 
 
-class DeltaBody(Struct, kw_only=True):
+class DeltaBody(Struct, kw_only=True, gc=False):
     market_ticker: str
     side: str
     price_dollars: str | None = None
@@ -65,13 +65,13 @@ class DeltaBody(Struct, kw_only=True):
     ts: str | None = None
 
 
-class DeltaMsg(Struct, kw_only=True, tag_field="type", tag="orderbook_delta"):
+class DeltaMsg(Struct, kw_only=True, tag_field="type", tag="orderbook_delta", gc=False):
     sid: int
     msg: DeltaBody
     seq: int | None = None
 
 
-class TradeBody(Struct, kw_only=True):
+class TradeBody(Struct, kw_only=True, gc=False):
     trade_id: str
     market_ticker: str
     taker_side: str
@@ -83,18 +83,18 @@ class TradeBody(Struct, kw_only=True):
     ts: int | None = None
 
 
-class TradeMsg(Struct, kw_only=True, tag_field="type", tag="trade"):
+class TradeMsg(Struct, kw_only=True, tag_field="type", tag="trade", gc=False):
     sid: int
     msg: TradeBody
     seq: int | None = None
 
 
-class SubBody(Struct, kw_only=True):
+class SubBody(Struct, kw_only=True, gc=False):
     channel: str
     sid: int
 
 
-class SubscribedMsg(Struct, kw_only=True, tag_field="type", tag="subscribed"):
+class SubscribedMsg(Struct, kw_only=True, tag_field="type", tag="subscribed", gc=False):
     msg: SubBody
     id: int | None = None
 
@@ -106,26 +106,26 @@ class OkMsg(Struct, kw_only=True, tag_field="type", tag="ok"):
     msg: Any = None
 
 
-class UnsubscribedMsg(Struct, kw_only=True, tag_field="type", tag="unsubscribed"):
+class UnsubscribedMsg(Struct, kw_only=True, tag_field="type", tag="unsubscribed", gc=False):
     id: int | None = None
     sid: int | None = None
     seq: int | None = None
 
 
-class ErrBody(Struct, kw_only=True):
+class ErrBody(Struct, kw_only=True, gc=False):
     code: int | None = None
     msg: str | None = None
     market_ticker: str | None = None
 
 
-class ErrorMsg(Struct, kw_only=True, tag_field="type", tag="error"):
+class ErrorMsg(Struct, kw_only=True, tag_field="type", tag="error", gc=False):
     id: int | None = None
     sid: int | None = None
     seq: int | None = None
     msg: ErrBody | None = None
 
 
-class Probe(Struct, kw_only=True):
+class Probe(Struct, kw_only=True, gc=False):
     type: str | None = None
     sid: int | None = None
     seq: int | None = None
@@ -139,6 +139,10 @@ _probe = msgspec.json.Decoder(Probe)
 
 class _Bad(Exception):
     pass
+
+
+_P4: dict[str, int] = {}  # validated price strings -> 1e-4 units (bounded cache)
+_Q2: dict[str, int] = {}  # change strings -> 1e-2 units
 
 
 def p4(s: str) -> int:
@@ -361,9 +365,14 @@ class KalshiNormalizer(BaseNormalizer):
             self.on_connect(recv_ns)
         cls = type(m)
         if cls is DeltaMsg:
-            if self._seq(recv_ns, m.sid, m.seq, frame, "orderbook_delta"):
-                self.last_frame_recv = recv_ns
-                self._delta(recv_ns, m, frame)
+            sid, seq = m.sid, m.seq
+            last = self.sid_seq.get(sid)
+            if last is not None and seq == last + 1:
+                self.sid_seq[sid] = seq
+            elif not self._seq(recv_ns, sid, seq, frame, "orderbook_delta"):
+                return
+            self.last_frame_recv = recv_ns
+            self._delta(recv_ns, m, frame)
         elif cls is TradeMsg:
             if self._seq(recv_ns, m.sid, m.seq, frame, "trade"):
                 self.last_frame_recv = recv_ns
@@ -431,49 +440,65 @@ class KalshiNormalizer(BaseNormalizer):
     def _ts_ok(self, t: int, recv_ns: int) -> bool:
         return -self.max_skew_ns < recv_ns - t < self.max_skew_ns
 
+    def _units(self, b: DeltaBody) -> tuple[int, int]:
+        """Slow path of a delta's price and change: parse, validate, cache the strings."""
+        if b.price_dollars is not None:
+            p = p4(b.price_dollars)
+        elif b.price is not None:
+            p = int(b.price) * 100
+        else:
+            raise _Bad("no price")
+        if not 0 < p < ONE:
+            raise _Bad(f"price out of range: {p}")
+        if b.delta_fp is not None:
+            d = q2(b.delta_fp)
+        elif b.delta is not None:
+            d = round(float(b.delta) * 100)
+        else:
+            raise _Bad("no delta")
+        if len(_P4) > 200_000:
+            _P4.clear()
+            _Q2.clear()
+        if b.price_dollars is not None:
+            _P4[b.price_dollars] = p
+        if b.delta_fp is not None:
+            _Q2[b.delta_fp] = d
+        return p, d
+
     def _delta(self, recv_ns: int, m: DeltaMsg, frame) -> None:
         b = m.msg
         t = b.market_ticker
         try:
-            if b.price_dollars is not None:
-                p = p4(b.price_dollars)
-            elif b.price is not None:
-                p = int(b.price) * 100
-            else:
-                raise _Bad("no price")
-            if b.delta_fp is not None:
-                d = q2(b.delta_fp)
-            elif b.delta is not None:
-                d = round(float(b.delta) * 100)
-            else:
-                raise _Bad("no delta")
-            if not 0 < p < ONE:
-                raise _Bad(f"price out of range: {p}")
+            p = _P4.get(b.price_dollars)
+            d = _Q2.get(b.delta_fp)
+            if p is None or d is None:
+                p, d = self._units(b)
             side = b.side
             if side == "yes":
-                pass
+                bid = True
             elif side == "no":
+                bid = False
                 if not self.use_yes_price:
                     p = ONE - p
             else:
                 raise _Bad(f"unknown side {side!r}")
-            if b.ts_ms is not None:
-                ts = b.ts_ms * 1_000_000
+            ts = b.ts_ms
+            if ts is not None:
+                ts *= 1_000_000
             elif b.ts:
                 ts = parse_ts(b.ts)
             else:
                 ts = recv_ns
-            if not self._ts_ok(ts, recv_ns):
+            if not -self.max_skew_ns < recv_ns - ts < self.max_skew_ns:
                 raise _Bad("timestamp far from receive time")
-        except (_Bad, ValueError, IndexError) as e:
+        except (_Bad, ValueError, IndexError, TypeError) as e:
             self.skip(frame, "bad_orderbook_delta", e)
             self._book_lost(m.sid, t if t in self.books else None, recv_ns, f"bad delta for {t}")
             return
-        self.sid_tickers.setdefault(m.sid, set()).add(t)
         if t not in self.valid:
             self.c.skipped_rows += 1
             return
-        book = self.books[t][0 if side == "yes" else 1]
+        book = self.books[t][0 if bid else 1]
         new = book.get(p, 0) + d
         if new <= 0:
             book.pop(p, None)
@@ -481,13 +506,13 @@ class KalshiNormalizer(BaseNormalizer):
         else:
             book[p] = new
         l2 = self.l2
-        l2.ts.append(ts)
-        l2.price.append(self._price(p))
+        f = self._pf.get(p)
+        if f is None:
+            f = self._price(p)
+        l2.price.append(f)
         l2.size.append(new / 100)
-        l2.side.append("bid" if side == "yes" else "ask")
-        l2.run(1, recv_ns, self._ser(t), t, m.seq, False)
-        self.c.rows_l2 += 1
-        self.c.feed_lag_ns = recv_ns - ts
+        l2.runs.append((1, recv_ns, ts, None, None, self._series[t], t, "bid" if bid else "ask", m.seq, False))
+        l2.rows += 1
 
     def _levels(self, fp, dollars, cents) -> list[tuple[int, int]]:
         if fp is not None:
@@ -523,27 +548,20 @@ class KalshiNormalizer(BaseNormalizer):
         l2 = self.l2
         pr = self._price
         n = 0
-        if bids or asks:
-            for side, book in (("bid", bids), ("ask", asks)):
-                for p in sorted(book):
-                    l2.price.append(pr(p))
-                    l2.size.append(book[p] / 100)
-                    l2.side.append(side)
-                    n += 1
-        elif old and (old[0] or old[1]):
-            # an empty snapshot still has to reset the book: size-0 snapshot rows for the old levels
-            for side, book in (("bid", old[0]), ("ask", old[1])):
-                for p in sorted(book):
-                    l2.price.append(pr(p))
-                    l2.size.append(0.0)
-                    l2.side.append(side)
-                    n += 1
-        if n:
-            l2.ts += [recv_ns] * n
-            l2.run(n, recv_ns, self._ser(t), t, m.seq, True)
-            self.c.rows_l2 += n
-        else:
-            self._ser(t)
+        ser = self._ser(t)
+        src = (("bid", bids), ("ask", asks)) if (bids or asks) else (("bid", old[0]), ("ask", old[1])) if old else ()
+        zero = not (bids or asks)  # an empty snapshot still resets the book: size-0 rows for the old levels
+        for side, book in src:
+            if not book:
+                continue
+            ps = sorted(book)
+            l2.price += map(pr, ps)
+            if zero:
+                l2.size += [0.0] * len(ps)
+            else:
+                l2.size += [book[p] / 100 for p in ps]
+            l2.run(len(ps), recv_ns, recv_ns, ser, t, side, m.seq, True)
+            n += len(ps)
 
     def _trade(self, recv_ns: int, m: TradeMsg, frame) -> None:
         b = m.msg
