@@ -11,7 +11,9 @@ Derivation is vectorized end to end (numpy, no Python code per row):
 4. the best bid (ask) after each event is the interval with the highest (lowest) price covering it:
    an offline range-max over the event axis, done with a bottom-up segment tree whose updates and
    push-down are whole-array numpy operations (O(n log n) work, ~log n vector passes);
-5. an event emits a quote when (bid_price, bid_size, ask_price, ask_size) differs from the previous
+5. a quote's `ts` is the event's effective ts (running max of `ts` per instrument in arrival order,
+   see `effective_ts`), so quotes are monotone per instrument;
+6. an event emits a quote when (bid_price, bid_size, ask_price, ask_size) differs from the previous
    event of the same instrument (the first event of an instrument always emits).
 
 Stored per (source, market, date) partition as table `quotes` (written after compaction by
@@ -87,6 +89,26 @@ def _is_sorted_keys(*keys) -> bool:
         if not undecided.any():
             return True
     return True
+
+
+def effective_ts(ts: np.ndarray, inst: np.ndarray) -> np.ndarray:
+    """Running max of `ts` per instrument over rows in arrival order.
+
+    Exchange timestamps can step back between messages (and Kalshi snapshots carry the receive
+    time), so the time at which a book state is known is the largest `ts` applied so far: this
+    keeps quotes monotone per instrument and makes "the book at t" the arrival-order prefix of rows
+    whose effective ts <= t — the same definition for quotes, book() and books().
+    """
+    if len(ts) == 0:
+        return ts
+    starts = np.flatnonzero(np.r_[True, inst[1:] != inst[:-1]])
+    if len(starts) == 1:
+        return np.maximum.accumulate(ts)
+    out = np.empty_like(ts)
+    bounds = np.r_[starts, len(ts)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        np.maximum.accumulate(ts[a:b], out=out[a:b])
+    return out
 
 
 def best_of_book(t: pa.Table, inst: np.ndarray | None = None) -> dict:
@@ -239,14 +261,15 @@ def derive(l2) -> pl.DataFrame:
 
         emit[1:] = (ev_inst[1:] != ev_inst[:-1]) | diff(bp) | diff(bs) | diff(ap) | diff(asz)
     rows = ends[emit]
-    base = t.take(pa.array(rows)).select(["ts", "recv_ts", "source", "market", "instrument", "seq"])
+    base = t.take(pa.array(rows)).select(["recv_ts", "source", "market", "instrument", "seq"])
+    eff = effective_ts(_np(t.column("ts")).astype(np.int64, copy=False), inst)
 
     def col(x, null):
         return pa.array(x[emit], mask=null[emit])
 
     out = pa.table(
         {
-            "ts": base.column("ts"), "recv_ts": base.column("recv_ts"), "source": base.column("source"),
+            "ts": pa.array(eff[rows]), "recv_ts": base.column("recv_ts"), "source": base.column("source"),
             "market": base.column("market"), "instrument": base.column("instrument"),
             "bid_price": col(bp, bnull), "bid_size": col(bs, bnull),
             "ask_price": col(ap, anull), "ask_size": col(asz, anull), "seq": base.column("seq"),
