@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.capture import CaptureWriter
-from engine.ingest import append_tables, engine_kwargs, seed_coinbase_trades
+from engine.ingest import append_tables, engine_anchors_itself, engine_kwargs, seed_coinbase_trades
 from engine.log import get_logger
-from engine.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer
+from engine.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer, tune_gc
 from engine.sources import coinbase as cb
 from engine.sources import kalshi as ks
 
@@ -80,7 +80,9 @@ class SourceRunner:
         skew = int(cfg.max_skew * NS) if cfg.max_skew else DEFAULT_MAX_SKEW_NS
         if source == "coinbase":
             self.products = list(cfg.products)
-            self.norm = make_normalizer(source, max_skew_ns=skew, products=self.products)
+            # Coinbase books are only needed to answer anchor_rows(); skipped when the Engine anchors
+            self.norm = make_normalizer(source, max_skew_ns=skew, products=self.products,
+                                        keep_books=not engine_anchors_itself())
             self.url = cfg.coinbase_url
             self.stall_s = cfg.coinbase_stall
         else:
@@ -144,6 +146,7 @@ class SourceRunner:
         self.submit_rows()
 
     def status(self) -> dict[str, Any]:
+        self.norm.c.last_recv_ns = self.norm.last_frame_recv
         c = self.norm.c.as_dict()
         c.update(
             source=self.source,
@@ -490,6 +493,7 @@ class Collector:
             log.error("nothing_to_collect", requested=self.cfg.source)
             return 1
         self.eng = Engine.open(home=self.home, **engine_kwargs(self.anchor_rows))
+        tune_gc()
         self.runners = [SourceRunner(s, self.eng, self.cfg, self.appender) for s in sources]
         for r in self.runners:
             if r.source == "coinbase":

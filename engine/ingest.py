@@ -14,7 +14,7 @@ from typing import Iterable
 
 from engine.capture import CaptureReader
 from engine.log import get_logger
-from engine.sources import CHUNK_ROWS, NS, BaseNormalizer, make_normalizer
+from engine.sources import CHUNK_ROWS, NS, BaseNormalizer, make_normalizer, tune_gc
 
 log = get_logger(component="ingest")
 
@@ -40,8 +40,17 @@ def apply_line(norm: BaseNormalizer, recv_ns: int, frame: str | None, meta: dict
             norm.on_disconnect(recv_ns, str(meta.get("reason", "")))
 
 
+def engine_anchors_itself() -> bool:
+    """True when the storage core computes book anchors from the rows (Engine(book_anchors=True))."""
+    import inspect
+
+    from engine.api import Engine
+
+    return "book_anchors" in inspect.signature(Engine.__init__).parameters
+
+
 def engine_kwargs(anchor_provider=None) -> dict:
-    """Book anchors: whichever mechanism the storage core offers."""
+    """Book anchors: whichever mechanism the storage core offers (its own, else our anchor_rows)."""
     import inspect
 
     from engine.api import Engine
@@ -92,6 +101,8 @@ def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progre
     kw = {}
     if max_skew_s is not None:
         kw["max_skew_ns"] = int(max_skew_s * NS)
+    if source == "coinbase":  # Coinbase books are only kept to serve anchors the engine cannot make
+        kw["keep_books"] = not engine_anchors_itself()
     norm = make_normalizer(source, **kw)
     if seed and source == "coinbase":
         seed_coinbase_trades(eng, norm)
@@ -120,6 +131,7 @@ def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progre
     rows += append_tables(eng, norm.take())
     if bar is not None:
         bar.close()
+    norm.c.last_recv_ns = norm.last_frame_recv
     eng.flush()
     stats = norm.c.as_dict()
     stats["rows_appended"] = rows
@@ -144,6 +156,7 @@ def cli(argv: list[str]) -> int:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     eng = Engine.open(home=a.home, **engine_kwargs())
+    tune_gc()
     try:
         st = ingest_files(eng, a.files, a.source, progress=not a.no_progress, max_skew_s=a.max_skew)
     finally:

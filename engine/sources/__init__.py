@@ -13,6 +13,7 @@ message as a "run" and expanded with numpy when the chunk is converted to Arrow.
 from __future__ import annotations
 
 import calendar
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -268,6 +269,8 @@ class L2Cols:
             return None
         runs, price, size = self.runs, self.price, self.size
         self._reset()
+        gc_was = gc.isenabled()
+        gc.disable()  # the conversion allocates many short-lived tuples and creates no cycles
         try:
             return self._build(runs, price, size, on_bad)
         except Exception:  # noqa: BLE001 - one bad message must not cost the chunk: redo run by run
@@ -283,6 +286,9 @@ class L2Cols:
                         on_bad(r, f"conversion failed: {e1!r}"[:200])
                 row += k
             return pa.concat_tables(parts).unify_dictionaries() if parts else None
+        finally:
+            if gc_was:
+                gc.enable()
 
 
 class TradeCols:
@@ -504,6 +510,7 @@ class BaseNormalizer:
 
     def take(self) -> dict[str, pa.Table]:
         out = {}
+        self.c.last_recv_ns = self.last_frame_recv
         l2 = self.l2.take(self.bad_run)  # first: a bad run found here can add a gap row
         self.c.ts_fallbacks = self.l2.ts_fallbacks
         if self.l2.last_lag is not None:
@@ -544,8 +551,6 @@ def anchor_table(source: str, books: dict[str, tuple[str, dict]], now_ns: int) -
 
 def tune_gc() -> None:
     """Long-lived allocation-heavy process: freeze start-up objects and collect young objects less often."""
-    import gc
-
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

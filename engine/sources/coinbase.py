@@ -171,7 +171,6 @@ class CoinbaseNormalizer(BaseNormalizer):
         c = self.c
         c.frames += 1
         c.bytes += len(frame)
-        c.last_recv_ns = recv_ns
         try:
             msg = _decoder.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -179,7 +178,10 @@ class CoinbaseNormalizer(BaseNormalizer):
             return
         if self.conn is None:
             self.on_connect(recv_ns)
-        if not self._sequence(recv_ns, msg.sequence_num, frame):
+        seq, last = msg.sequence_num, self.last_seq
+        if last is not None and seq == last + 1:
+            self.last_seq = seq
+        elif not self._sequence(recv_ns, seq, frame):
             return
         self.last_frame_recv = recv_ns
         cls = type(msg)
@@ -311,8 +313,13 @@ class CoinbaseNormalizer(BaseNormalizer):
             ets = list(map(_g_et, ups))
             s0, e0 = sides[0], ets[0]
             k = sides.count(s0)
-            if k == n and ets.count(e0) == n and s0 in _L2_SIDES:
-                segs = ((0, n, s0, e0),)
+            if ets.count(e0) == n and s0 in _L2_SIDES:
+                if k == n:
+                    segs = ((0, n, s0, e0),)
+                elif sides[k - 1] == s0 and sides[k] in _L2_SIDES and sides.count(sides[k]) == n - k:
+                    segs = ((0, k, s0, e0), (k, n, sides[k], e0))  # bids then offers (the usual shape)
+                else:
+                    segs = self._segments(sides, ets)
             else:
                 segs = self._segments(sides, ets)
             if snap:

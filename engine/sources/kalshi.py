@@ -355,7 +355,6 @@ class KalshiNormalizer(BaseNormalizer):
         c = self.c
         c.frames += 1
         c.bytes += len(frame)
-        c.last_recv_ns = recv_ns
         try:
             m = _decoder.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
