@@ -65,6 +65,23 @@ def file_metadata(e) -> dict:
     }
 
 
+def files_metadata(es: list) -> dict:
+    """Metadata summarising several raw files of one partition (sensor catch-up)."""
+    lo = [e.min_ts for e in es if e.min_ts is not None]
+    hi = [e.max_ts for e in es if e.max_ts is not None]
+    mn, mx = (min(lo), max(hi)) if lo and hi else (None, None)
+    return {
+        "dagster/row_count": dg.MetadataValue.int(sum(e.rows for e in es)),
+        "bytes": dg.MetadataValue.int(sum(e.bytes for e in es)),
+        "files": dg.MetadataValue.int(len(es)),
+        "key": dg.MetadataValue.text(f"{es[0].key} … {es[-1].key}" if len(es) > 1 else es[0].key),
+        "min_ts": ts_value(mn),
+        "max_ts": ts_value(mx),
+        "max_recv_ts": ts_value(max((e.max_recv_ts for e in es if e.max_recv_ts is not None), default=None)),
+        "span_hours": dg.MetadataValue.float((mx - mn) / 3.6e12 if mn is not None else 0.0),
+    }
+
+
 def stats_metadata(st: lake.PartStats, store_url: str | None = None) -> dict:
     md = {
         "dagster/row_count": dg.MetadataValue.int(st.rows),

@@ -145,10 +145,12 @@ def test_sensor_ticks(tmp_path):
         assert not r3.dynamic_partitions_requests and len(r3.asset_events) == 1
         assert not run_sensor(inst, res, r3.cursor).run_requests
 
-        # a lost cursor re-reads everything and asks for the same run keys (Dagster de-duplicates them)
+        # a lost cursor re-reads everything: the same run keys (Dagster de-duplicates them), and none
+        # for KXBTC, whose files the log shows uploaded
         again = run_sensor(inst, res, None)
-        want = {q.run_key for q in r1.run_requests if not q.run_key.startswith(f"upload|{D2}|")}
+        want = {q.run_key for q in r1.run_requests if q.run_key.startswith(f"upload|{D1}|{BTC}|")}
         assert {q.run_key for q in again.run_requests} == want | {r3.run_requests[0].run_key}
+        assert len(again.asset_events) == 8
 
         # compaction lines are not raw files
         eng.compact(date=D1, market="KXBTC")
@@ -172,6 +174,25 @@ def test_sensor_batches_a_backlog(tmp_path):
             if not r.run_requests:
                 break
         assert events == 7 and runs == {f"{D1}|{BTC}", f"{D1}|{KX}", f"{D2}|{BTC}"}
+
+
+def test_sensor_summarises_a_backlog(tmp_path, monkeypatch):
+    import engine_defs.sensors as sensors
+
+    eng = build_lake(tmp_path / "h")
+    eng.upload(market="BTC-USD", date=D1)
+    monkeypatch.setattr(sensors, "PER_FILE_EVENTS_MAX", 2)
+    with dg.instance_for_test() as inst:
+        with dg.build_sensor_context(instance=inst) as ctx:
+            r = sensors.evaluate(ctx, eng.layout.catalog_log)
+        got = {(ev.asset_key.to_user_string(), str(ev.partition)): ev for ev in r.asset_events}
+        assert len(got) == 5  # one per (table, date, market) instead of 7 files
+        ev = got[("raw_l2", f"{D1}|{BTC}")]
+        files = eng.catalog.files_in(("l2", "coinbase", "BTC-USD", D1))
+        assert md(ev, "files") == 2 and md(ev, "dagster/row_count") == sum(e.rows for e in files)
+        assert md(ev, "min_ts") == pytest.approx(min(e.min_ts for e in files) / 1e9)
+        # D1 BTC-USD is already uploaded: only the other partitions need upload runs
+        assert {str(q.partition_key) for q in r.run_requests} == {f"{D1}|{KX}", f"{D2}|{BTC}"}
 
 
 # ---- assets ----------------------------------------------------------------------------------------------
