@@ -18,7 +18,6 @@ import re
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 _UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "min": 60 * 10**9,
           "h": 3600 * 10**9, "d": 86_400 * 10**9, "w": 7 * 86_400 * 10**9}
@@ -55,9 +54,58 @@ def parse_duration(value, *, name: str = "duration") -> int | None:
     raise ValueError(f"{name}: cannot parse {value!r}; use e.g. '500ms', '30s', '1m', '1h', '1d' or int nanoseconds")
 
 
+_META: dict = {}
+
+
+def _metadata(path: str):
+    """Parquet footer of a lake file, cached by (path, size, mtime): lake files never change in place."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    md = _META.get(key)
+    if md is None:
+        if len(_META) > 4096:
+            _META.clear()
+        pf = pq.ParquetFile(path)
+        md = _META[key] = (pf.metadata, pf.schema_arrow.names)
+    return md
+
+
+def _row_groups(path: str, instrument, start, end) -> list[int]:
+    """Row groups whose statistics may hold rows of `instrument` with time in [start, end)."""
+    md, names = _metadata(path)
+    ii = names.index("instrument") if "instrument" in names else None
+    ti = names.index("ts") if "ts" in names else (names.index("start_ts") if "start_ts" in names else None)
+    out = []
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        ok = True
+        if instrument is not None and ii is not None:
+            st = rg.column(ii).statistics
+            if st is not None and st.has_min_max and not (st.min <= instrument <= st.max):
+                ok = False
+        if ok and ti is not None and (start is not None or end is not None):
+            st = rg.column(ti).statistics
+            if st is not None and st.has_min_max:
+                if (start is not None and st.max < start) or (end is not None and st.min >= end):
+                    ok = False
+        if ok:
+            out.append(i)
+    return out
+
+
 def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=None, clamp=None, columns=None,
                  filter_expr=None) -> pa.Table:
-    """Rows of the given catalogued files, in file order then stored order (no re-sorting)."""
+    """Rows of the given catalogued files, in file order then stored order (no re-sorting).
+
+    Row groups are pruned with the files' statistics (cached footers), so a narrow time window
+    of one instrument in a compacted day reads only the row groups that can hold it.
+    """
+    import pyarrow.parquet as pq
+
     from engine import schema
     from engine.query import Query
 
@@ -65,12 +113,28 @@ def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=N
     if not entries:
         t = sp.schema.empty_table()
         return t.select(columns) if columns else t
-    paths = [str(eng.local_path(e)) for e in entries]
-    expr = Query(eng)._filter_expr(table, instrument, start, end, clamp or {})
+    plain = None if instrument is None or "*" in instrument or "?" in instrument else instrument
+    expr = Query(eng)._filter_expr(table, plain, start, end, clamp or {})
     if filter_expr is not None:
         expr = filter_expr if expr is None else expr & filter_expr
-    ds = pads.dataset(paths, schema=sp.schema, format="parquet")
-    return ds.to_table(filter=expr, columns=columns)
+    need = list(sp.columns) if columns is None else list(dict.fromkeys(
+        list(columns) + [c for c in ("ts", "recv_ts", "instrument", "source", "snapshot", sp.time_col) if c in sp.columns]))
+    parts = []
+    for e in entries:
+        path = str(eng.local_path(e))
+        rgs = _row_groups(path, plain, start, end)
+        if not rgs:
+            continue
+        t = pq.ParquetFile(path).read_row_groups(rgs, columns=need)
+        t = t.replace_schema_metadata(None)
+        if expr is not None:
+            t = t.filter(expr)
+        parts.append(t)
+    if not parts:
+        t = sp.schema.empty_table()
+        return t.select(columns) if columns else t
+    t = pa.concat_tables(parts).unify_dictionaries() if len(parts) > 1 else parts[0]
+    return t.select(columns) if columns else t
 
 
 def to_polars(t) -> pl.DataFrame:

@@ -17,18 +17,18 @@ import bisect
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from engine import schema
 from engine.log import get_logger
 from engine.research import clamp_for, parse_duration, read_entries
-from engine.research.quotes import _codes, _np, arrival_order, effective_ts
+from engine.research.quotes import _codes, _is_sorted_keys, _np
 from engine.timeutil import iso, to_ns
 
 log = get_logger(component="books")
 
 COLS = ["ts", "recv_ts", "instrument", "side", "price", "size", "seq", "snapshot"]
-LOOKBACKS = (schema.NS_PER_HOUR, schema.NS_PER_DAY, None)
+LOOKBACKS = ("hour", schema.NS_PER_HOUR, schema.NS_PER_DAY, None)
+ANCHOR_SLACK_NS = 120 * 10**9
 TS_SLACK_NS = 60 * 10**9  # rows with ts up to this much after `at` are read to compute effective ts
 
 
@@ -46,38 +46,60 @@ def _read_window(eng, source, market, instrument, lo, hi, allow_unsealed) -> pa.
                         clamp=clamp_for(eng, "l2", ents, allow_unsealed), columns=COLS)
 
 
-def _begins(t: pa.Table) -> np.ndarray:
-    """Positions (in arrival order) where a snapshot message starts (single instrument)."""
+def _arrays(t: pa.Table) -> dict:
+    """Columns of one instrument's rows as numpy arrays, in arrival order (recv_ts, ts, seq; stable)."""
     n = t.num_rows
+    side_codes, side_names = _codes(t.column("side")) if n else (np.zeros(0, np.int64), [])
+    r = {
+        "ts": _np(t.column("ts")).astype(np.int64, copy=False),
+        "recv": _np(t.column("recv_ts")).astype(np.int64, copy=False),
+        "seq": _np(t.column("seq").fill_null(np.iinfo(np.int64).min)).astype(np.int64, copy=False),
+        "snap": _np(t.column("snapshot")).astype(bool, copy=False),
+        "ask": side_codes == (side_names.index("ask") if "ask" in side_names else -1),
+        "price": _np(t.column("price")).astype(np.float64, copy=False),
+        "size": _np(t.column("size")).astype(np.float64, copy=False),
+    }
+    if n > 1 and not _is_sorted_keys(r["recv"], r["ts"], r["seq"]):
+        order = np.lexsort((r["seq"], r["ts"], r["recv"]))  # lexsort is stable: ties keep stored order
+        r = {k: v[order] for k, v in r.items()}
+    r["eff"] = np.maximum.accumulate(r["ts"]) if n else r["ts"]
+    return r
+
+
+def _slice(r: dict, a: int, b: int | None = None) -> dict:
+    return {k: v[a:b] for k, v in r.items()}
+
+
+def _begins(r: dict) -> np.ndarray:
+    """Positions (arrival order) where a snapshot message starts (one instrument)."""
+    snap, recv, seq = r["snap"], r["recv"], r["seq"]
+    n = len(snap)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    recv = _np(t.column("recv_ts"))
-    seq = _np(t.column("seq").fill_null(np.iinfo(np.int64).min))
-    snap = _np(t.column("snapshot")).astype(bool)
     cont = np.zeros(n, dtype=bool)
     cont[1:] = snap[:-1] & (recv[1:] == recv[:-1]) & (seq[1:] == seq[:-1])
     return np.flatnonzero(snap & ~cont)
 
 
 def _prepared(eng, source, market, instrument, at, allow_unsealed, lookbacks=LOOKBACKS):
-    """(rows in arrival order with effective ts <= at, position of the replay start, snapshot ts)."""
+    """(rows from the nearest snapshot with effective ts <= at, in arrival order; that snapshot's ts)."""
     for lb in lookbacks:
-        lo = None if lb is None else at - lb
+        if lb == "hour":  # anchors start every hourly file: the current hour (plus slack) usually suffices
+            lo = at - at % schema.NS_PER_HOUR - ANCHOR_SLACK_NS
+        else:
+            lo = None if lb is None else at - lb
         t = _read_window(eng, source, market, instrument, lo, at + TS_SLACK_NS + 1, allow_unsealed)
         if t.num_rows == 0 and lb is not None:
             continue
-        t, inst = arrival_order(t)
-        eff = effective_ts(_np(t.column("ts")).astype(np.int64), inst)
-        cut = int(np.searchsorted(eff, at, side="right"))
-        t = t.slice(0, cut)
-        eff = eff[:cut]
-        b = _begins(t)
+        r = _arrays(t)
+        r = _slice(r, 0, int(np.searchsorted(r["eff"], at, side="right")))
+        b = _begins(r)
         if len(b):
             p = int(b[-1])
-            return t.slice(p), eff[p:], int(eff[p])
+            return _slice(r, p), int(r["eff"][p])
         if lb is None:
-            return t, eff, None
-    return None, None, None
+            return r, None
+    return None, None
 
 
 def _gaps(eng, source, market, instrument, lo, hi) -> pl.DataFrame:
@@ -95,16 +117,21 @@ def _gaps(eng, source, market, instrument, lo, hi) -> pl.DataFrame:
     return g.filter(pl.col("start_ts") < hi).sort("start_ts")
 
 
-def _levels(t: pa.Table, depth: int) -> tuple[list, list]:
-    """Top `depth` bids (price desc) and asks (price asc) after replaying `t` (from its snapshot)."""
-    if t.num_rows == 0:
-        return [], []
-    df = pl.from_arrow(t.select(["side", "price", "size"])).with_columns(pl.col("side").cast(pl.String))
-    last = df.group_by(["side", "price"], maintain_order=False).agg(pl.col("size").last())
-    last = last.filter(pl.col("size") > 0)
-    bids = last.filter(pl.col("side") == "bid").sort("price", descending=True).head(depth)
-    asks = last.filter(pl.col("side") == "ask").sort("price").head(depth)
-    return list(zip(bids["price"].to_list(), bids["size"].to_list())), list(zip(asks["price"].to_list(), asks["size"].to_list()))
+def _levels(r: dict, depth: int) -> tuple[list, list]:
+    """Top `depth` bids (price desc) and asks (price asc) after replaying `r` (from its snapshot)."""
+    out = []
+    for want_ask in (False, True):
+        m = r["ask"] == want_ask
+        px, sz = r["price"][m][::-1], r["size"][m][::-1]
+        u, first = np.unique(px, return_index=True)  # first in reversed order = last update of each level
+        q = sz[first]
+        live = q > 0
+        u, q = u[live], q[live]
+        if want_ask:
+            out.append(list(zip(u[:depth].tolist(), q[:depth].tolist())))
+        else:
+            out.append(list(zip(u[::-1][:depth].tolist(), q[::-1][:depth].tolist())))
+    return out[0], out[1]
 
 
 def _frame(instrument, at, bids, asks, depth, *, snapshot_ts, book_ts, valid=True) -> pl.DataFrame:
@@ -142,23 +169,23 @@ def book(eng, source: str, market: str, instrument: str, at, depth: int = 10, *,
     at = to_ns(at, name="at")
     if depth < 1:
         raise ValueError("depth must be >= 1")
-    t, eff, snap_ts = _prepared(eng, source, market, instrument, at, allow_unsealed)
-    if t is None or t.num_rows == 0:
+    r, snap_ts = _prepared(eng, source, market, instrument, at, allow_unsealed)
+    if r is None or len(r["ts"]) == 0:
         raise NoBookError(f"no l2 rows for {source}/{market}/{instrument} at or before {iso(at)}")
     if check_gaps:
         g = _gaps(eng, source, market, instrument, snap_ts, at)
         if g.height:
-            r = g.row(0, named=True)
+            gr = g.row(0, named=True)
             since = f"the snapshot at {iso(snap_ts)}" if snap_ts is not None else "the first stored row (no snapshot)"
             raise BookGapError(
-                f"book of {source}/{market}/{instrument} at {iso(at)} is unknown: a {r['kind']} gap "
-                f"{iso(r['start_ts'])} .. {iso(r['end_ts'])} ({r['detail']}) lies between {since} and {iso(at)}, "
+                f"book of {source}/{market}/{instrument} at {iso(at)} is unknown: a {gr['kind']} gap "
+                f"{iso(gr['start_ts'])} .. {iso(gr['end_ts'])} ({gr['detail']}) lies between {since} and {iso(at)}, "
                 f"with no snapshot after it; ask for a time after the next snapshot"
             )
-    bids, asks = _levels(t, depth)
+    bids, asks = _levels(r, depth)
     if bids and asks and bids[0][0] >= asks[0][0]:
         log.warning("crossed_book", instrument=instrument, at=iso(at), bid=bids[0][0], ask=asks[0][0])
-    return _frame(instrument, at, bids, asks, depth, snapshot_ts=snap_ts, book_ts=int(eff[-1]))
+    return _frame(instrument, at, bids, asks, depth, snapshot_ts=snap_ts, book_ts=int(r["eff"][-1]))
 
 
 def books(eng, source: str, market: str, instrument: str, start, end, every="1s", depth: int = 10, *,
@@ -176,23 +203,19 @@ def books(eng, source: str, market: str, instrument: str, start, end, every="1s"
     samples = np.arange(first, end, step, dtype=np.int64)
     if len(samples) == 0:
         return _frame(instrument, 0, [], [], depth, snapshot_ts=None, book_ts=None).with_columns(valid=pl.lit(True))
-    t0, _, _ = _prepared(eng, source, market, instrument, int(samples[0]), allow_unsealed)
-    # rows from that snapshot to the last sample, in arrival order
-    lo = None
-    if t0 is not None and t0.num_rows:
-        lo = int(pc.min(t0.column("ts")).as_py())
-    ents = eng.catalog.files("l2", source, market, lo, int(samples[-1]) + TS_SLACK_NS + 1)
-    t = read_entries(eng, "l2", ents, instrument=instrument, start=lo, end=int(samples[-1]) + TS_SLACK_NS + 1,
+    r0, _ = _prepared(eng, source, market, instrument, int(samples[0]), allow_unsealed)
+    lo = int(r0["ts"].min()) if r0 is not None and len(r0["ts"]) else None
+    hi = int(samples[-1]) + TS_SLACK_NS + 1
+    ents = eng.catalog.files("l2", source, market, lo, hi)
+    t = read_entries(eng, "l2", ents, instrument=instrument, start=lo, end=hi,
                      clamp=clamp_for(eng, "l2", ents, allow_unsealed), columns=COLS)
-    t, inst = arrival_order(t)
-    eff = effective_ts(_np(t.column("ts")).astype(np.int64), inst)
-    b = _begins(t)  # start the replay at the last snapshot known by the first sample
-    cand = b[eff[b] <= samples[0]] if len(b) else b
-    p = int(cand[-1]) if len(cand) else 0
-    t, eff = t.slice(p), eff[p:]
+    r = _arrays(t)
+    b = _begins(r)  # start the replay at the last snapshot known by the first sample
+    cand = b[r["eff"][b] <= samples[0]] if len(b) else b
+    r = _slice(r, int(cand[-1]) if len(cand) else 0)
     g = _gaps(eng, source, market, instrument, None, int(samples[-1]) + 1)
     gs, ge = g["start_ts"].to_numpy(), g["end_ts"].to_numpy()
-    frames = _replay_samples(t, eff, samples, depth, gs, ge)
+    frames = _replay_samples(r, samples, depth, gs, ge)
     out = pl.DataFrame(frames, schema={"ts": pl.Int64, "level": pl.Int32, "bid_price": pl.Float64,
                                        "bid_size": pl.Float64, "ask_price": pl.Float64, "ask_size": pl.Float64,
                                        "crossed": pl.Boolean, "snapshot_ts": pl.Int64, "book_ts": pl.Int64,
@@ -200,13 +223,13 @@ def books(eng, source: str, market: str, instrument: str, start, end, every="1s"
     return out.select(pl.lit(instrument).alias("instrument"), pl.all())
 
 
-def _replay_samples(t: pa.Table, eff: np.ndarray, samples: np.ndarray, depth: int, gs, ge) -> list[tuple]:
+def _replay_samples(r: dict, samples: np.ndarray, depth: int, gs, ge) -> list[tuple]:
     """Replay rows with plain dicts and sorted price lists; record the top `depth` at each sample."""
-    n = t.num_rows
-    side = [s == "ask" for s in t.column("side").cast(pa.string()).to_pylist()] if n else []
-    price = _np(t.column("price")).tolist() if n else []
-    size = _np(t.column("size")).tolist() if n else []
-    begins = set(_begins(t).tolist()) if n else set()
+    side = r["ask"].tolist()
+    price = r["price"].tolist()
+    size = r["size"].tolist()
+    eff = r["eff"]
+    begins = set(_begins(r).tolist())
     cut = np.searchsorted(eff, samples, side="right").tolist()  # rows applied before each sample
     levels = ({}, {})  # bid, ask: price -> size
     sorted_px = ([], [])  # ascending prices
