@@ -398,3 +398,43 @@ def test_trade_bad_values_skipped_individually():
     assert n.take()["trades"].num_rows == 1
     assert n.c.skipped_frames == 2
     assert math.isfinite(n.c.skipped_frames)
+
+
+def test_generated_capture_rows_track_reference_book_after_every_message():
+    """Mixed bid/offer orders within messages, repeated levels in one message: row order is kept."""
+    from engine.capture_gen import generate_coinbase
+
+    n = CoinbaseNormalizer()
+    ref: dict = {}
+    mine: dict = {}
+    checked = 0
+    for rec in generate_coinbase(seconds=8, rate=150, seed=3, depth=60):
+        if "meta" in rec:
+            n.on_connect(rec["recv_ns"], conn=rec["meta"].get("conn"))
+            continue
+        n.feed(rec["recv_ns"], rec["frame"])
+        d = json.loads(rec["frame"])
+        if d["channel"] != "l2_data":
+            continue
+        for ev in d["events"]:
+            if ev["type"] == "snapshot":
+                ref[ev["product_id"]] = {}
+            for u in ev["updates"]:
+                k = ("ask" if u["side"] == "offer" else "bid", float(u["price_level"]))
+                if float(u["new_quantity"]) == 0:
+                    ref[ev["product_id"]].pop(k, None)
+                else:
+                    ref[ev["product_id"]][k] = float(u["new_quantity"])
+        rows = n.take()["l2"].to_pylist()
+        if rows[0]["snapshot"]:
+            mine[rows[0]["instrument"]] = {}
+        for r in rows:
+            b = mine[r["instrument"]]
+            if r["size"] == 0:
+                b.pop((r["side"], r["price"]), None)
+            else:
+                b[(r["side"], r["price"])] = r["size"]
+        pid = d["events"][0]["product_id"]
+        assert mine[pid] == ref[pid], d["sequence_num"]
+        checked += 1
+    assert checked > 500

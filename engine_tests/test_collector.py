@@ -146,13 +146,10 @@ def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, 
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=4.0,
                                     faults=["drop@400", "close@1200", "stall@2000:2.5"]) as srv:
-        deadline = time.monotonic() + 30
         proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "1.2"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         try:
-            while not srv.done.is_set() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(0.5)
+            _wait_caught_up(home, srv)
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=30)
@@ -181,9 +178,42 @@ def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, 
     assert set(_canon_trades(tr)) <= set(_canon_trades(ref_tr))
 
 
-def _wait_status(home: Path, key: str, minimum: int, timeout: float = 20) -> dict:
+def _status(home: Path, source: str) -> dict:
+    try:
+        return json.loads((home / "status" / f"{source}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_caught_up(home: Path, srv, source: str = "coinbase", timeout: float = 40) -> None:
+    """Until the capture is exhausted and the collector has read everything the server sent.
+
+    Coinbase: proven by a `stale` reconnect after the end (the feed went silent for the collector,
+    so its socket buffer was drained). Kalshi (no JSON heartbeats): the frame count stays put.
+    """
     end = time.monotonic() + timeout
-    p = home / "status" / "coinbase.json"
+    while not srv.done.is_set() and time.monotonic() < end:
+        time.sleep(0.1)
+    time.sleep(0.4)
+    base = _status(home, source)
+    stable_since, last = time.monotonic(), base.get("frames")
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        st = _status(home, source)
+        if source == "coinbase":
+            if st.get("gaps", 0) > base.get("gaps", 0):
+                return
+        else:
+            if st.get("frames") != last:
+                stable_since, last = time.monotonic(), st.get("frames")
+            elif time.monotonic() - stable_since > 1.5:
+                return
+    raise AssertionError("collector did not catch up with the replay exchange")
+
+
+def _wait_status(home: Path, key: str, minimum: int, timeout: float = 20, source: str = "coinbase") -> dict:
+    end = time.monotonic() + timeout
+    p = home / "status" / f"{source}.json"
     while time.monotonic() < end:
         try:
             st = json.loads(p.read_text())
@@ -274,10 +304,7 @@ def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
                  "--no-use-yes-price"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         try:
-            end = time.monotonic() + 25
-            while not srv.done.is_set() and time.monotonic() < end and proc.poll() is None:
-                time.sleep(0.2)
-            time.sleep(0.5)
+            _wait_caught_up(home, srv, "kalshi")
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=30)

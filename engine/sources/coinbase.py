@@ -316,8 +316,10 @@ class CoinbaseNormalizer(BaseNormalizer):
             if ets.count(e0) == n and s0 in _L2_SIDES:
                 if k == n:
                     segs = ((0, n, s0, e0),)
-                elif sides[k - 1] == s0 and sides[k] in _L2_SIDES and sides.count(sides[k]) == n - k:
-                    segs = ((0, k, s0, e0), (k, n, sides[k], e0))  # bids then offers (the usual shape)
+                elif sides[k] != s0 and sides[k] in _L2_SIDES and sides[k:].count(sides[k]) == n - k:
+                    # exactly two groups, s0 then the other side (the usual shape): [k:] is all the
+                    # other side, so all k s0 are in [:k]
+                    segs = ((0, k, s0, e0), (k, n, sides[k], e0))
                 else:
                     segs = self._segments(sides, ets)
             else:
