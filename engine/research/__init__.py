@@ -97,6 +97,40 @@ def _row_groups(path: str, instrument, start, end) -> list[int]:
     return out
 
 
+def _sorted_slice(t: pa.Table, instrument: str, time_col: str, start, end) -> pa.Table | None:
+    """Lake files are sorted by (instrument, time): the rows of one instrument in [start, end) are
+    one contiguous slice, found with vector ops and binary search instead of a row filter.
+    Returns None when the rows turn out not to be laid out that way (then the caller filters)."""
+    import numpy as np
+
+    col = t.column("instrument")
+    parts = []
+    for ch in col.chunks:
+        if pa.types.is_dictionary(ch.type):
+            d = ch.dictionary.to_pylist()
+            if instrument not in d:
+                parts.append(np.zeros(len(ch), dtype=bool))
+                continue
+            code = d.index(instrument)
+            parts.append(ch.indices.fill_null(-1).to_numpy(zero_copy_only=False) == code)
+        else:
+            parts.append(ch.to_numpy(zero_copy_only=False) == instrument)
+    m = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+    hit = np.flatnonzero(m)
+    if len(hit) == 0:
+        return t.slice(0, 0)
+    a, b = int(hit[0]), int(hit[-1]) + 1
+    if b - a != len(hit):
+        return None
+    ts = t.column(time_col).slice(a, b - a)
+    ts = (ts.combine_chunks() if ts.num_chunks != 1 else ts.chunk(0)).to_numpy(zero_copy_only=False)
+    if len(ts) > 1 and np.any(ts[1:] < ts[:-1]):
+        return None
+    lo = int(np.searchsorted(ts, start, side="left")) if start is not None else 0
+    hi = int(np.searchsorted(ts, end, side="left")) if end is not None else len(ts)
+    return t.slice(a + lo, max(0, hi - lo))
+
+
 def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=None, clamp=None, columns=None,
                  filter_expr=None) -> pa.Table:
     """Rows of the given catalogued files, in file order then stored order (no re-sorting).
@@ -127,7 +161,14 @@ def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=N
             continue
         t = pq.ParquetFile(path).read_row_groups(rgs, columns=need)
         t = t.replace_schema_metadata(None)
-        if expr is not None:
+        fast = None
+        if plain is not None and filter_expr is not None:
+            fast = None
+        elif plain is not None and not (clamp and e.source in clamp and (e.max_recv_ts is None or e.max_recv_ts >= clamp[e.source])):
+            fast = _sorted_slice(t, plain, sp.time_col, start, end)
+        if fast is not None:
+            t = fast
+        elif expr is not None:
             t = t.filter(expr)
         parts.append(t)
     if not parts:

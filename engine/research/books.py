@@ -60,7 +60,9 @@ def _arrays(t: pa.Table) -> dict:
         "size": _np(t.column("size")).astype(np.float64, copy=False),
     }
     if n > 1 and not _is_sorted_keys(r["recv"], r["ts"], r["seq"]):
-        order = np.lexsort((r["seq"], r["ts"], r["recv"]))  # lexsort is stable: ties keep stored order
+        order = np.argsort(r["recv"], kind="stable")  # nearly sorted already: timsort is ~linear
+        if not _is_sorted_keys(r["recv"][order], r["ts"][order], r["seq"][order]):
+            order = np.lexsort((r["seq"], r["ts"], r["recv"]))  # lexsort is stable: ties keep stored order
         r = {k: v[order] for k, v in r.items()}
     r["eff"] = np.maximum.accumulate(r["ts"]) if n else r["ts"]
     return r
@@ -119,19 +121,11 @@ def _gaps(eng, source, market, instrument, lo, hi) -> pl.DataFrame:
 
 def _levels(r: dict, depth: int) -> tuple[list, list]:
     """Top `depth` bids (price desc) and asks (price asc) after replaying `r` (from its snapshot)."""
-    out = []
-    for want_ask in (False, True):
-        m = r["ask"] == want_ask
-        px, sz = r["price"][m][::-1], r["size"][m][::-1]
-        u, first = np.unique(px, return_index=True)  # first in reversed order = last update of each level
-        q = sz[first]
-        live = q > 0
-        u, q = u[live], q[live]
-        if want_ask:
-            out.append(list(zip(u[:depth].tolist(), q[:depth].tolist())))
-        else:
-            out.append(list(zip(u[::-1][:depth].tolist(), q[::-1][:depth].tolist())))
-    return out[0], out[1]
+    df = pl.DataFrame({"a": r["ask"], "p": r["price"], "s": r["size"]})
+    last = df.unique(subset=["a", "p"], keep="last", maintain_order=False).filter(pl.col("s") > 0)
+    bids = last.filter(~pl.col("a")).sort("p", descending=True).head(depth)
+    asks = last.filter(pl.col("a")).sort("p").head(depth)
+    return (list(zip(bids["p"].to_list(), bids["s"].to_list())), list(zip(asks["p"].to_list(), asks["s"].to_list())))
 
 
 def _frame(instrument, at, bids, asks, depth, *, snapshot_ts, book_ts, valid=True) -> pl.DataFrame:
