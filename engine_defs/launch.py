@@ -26,9 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout: float) -> bool:
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return True
@@ -95,7 +95,7 @@ def prepare_demo(demo_dir: Path, minutes: float) -> dict:
     from engine import capture_gen, kalshi_auth
 
     demo_dir.mkdir(parents=True, exist_ok=True)
-    start = str(time.time_ns())
+    start = str(time.time_ns() + 10 * 10**9)  # generation takes a few seconds: stamp when playback starts
     caps = {}
     for src in ("coinbase", "kalshi"):
         out = demo_dir / f"{src}-now.jsonl.zst"
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", default=None, help="lake home (default $ENGINE_HOME, ./lake, or ./.demo/lake with --demo)")
     ap.add_argument("--port", type=int, default=3000, help="Dagster UI port on 127.0.0.1")
     ap.add_argument("--no-dagster", action="store_true", help="collectors only")
-    ap.add_argument("--demo-minutes", type=float, default=20.0, help="length of the generated demo captures (looped)")
+    ap.add_argument("--demo-minutes", type=float, default=5.0, help="length of the generated demo captures (looped)")
     args = ap.parse_args(argv)
 
     demo_dir = ROOT / ".demo"
@@ -158,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     sup.start("collector", collect, env)
     if not args.no_dagster:
         ws = str(ROOT / "workspace.yaml")
+        # Create the SQLite storages once, before two processes race to create them.
+        subprocess.run([sys.executable, "-c", "from dagster import DagsterInstance; DagsterInstance.get()"],
+                       env=env, cwd=ROOT, check=True)
         sup.start("dagster-daemon", [_bin("dagster-daemon"), "run", "-w", ws], env)
-        sup.start("dagster-webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(args.port), "-w", ws], env)
-        if _wait_port(args.port, 120):
+        web = sup.start("dagster-webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(args.port), "-w", ws], env)
+        if _wait_port(args.port, 120, web):
             print(f"\nDagster UI: http://127.0.0.1:{args.port}  (assets, partitions date × market, checks, gaps)", flush=True)
         else:
             print("warning: the Dagster webserver did not come up within 120 s; see its log", flush=True)
