@@ -318,7 +318,9 @@ class SourceRunner:
             if self.source == "kalshi" and self.snapshot_requested:
                 # get_snapshot not answered: fall back to a fresh subscription (reconnect)
                 for sid, t0 in list(self.snapshot_requested.items()):
-                    if time.monotonic() - t0 > self.cfg.snapshot_timeout and not self._books_valid(sid):
+                    if self._books_valid(sid):
+                        del self.snapshot_requested[sid]
+                    elif time.monotonic() - t0 > self.cfg.snapshot_timeout:
                         self.close_reason = f"disconnect: get_snapshot on sid {sid} not answered, resubscribing"
                         await ws.close()
                         return

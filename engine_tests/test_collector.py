@@ -297,7 +297,8 @@ def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
                                   strikes=3, use_yes_price=False), capf)
     home, cap = tmp_path / "live", tmp_path / "cap"
     env = _env(KALSHI_API_KEY_ID="0f6a1c9e-test-key", KALSHI_PRIVATE_KEY_PATH=str(priv))
-    with ReplayServer.run_in_thread(source="kalshi", capture=str(capf), speed=40.0, kalshi_public_key=str(pub)) as srv:
+    with ReplayServer.run_in_thread(source="kalshi", capture=str(capf), speed=40.0, kalshi_public_key=str(pub),
+                                    faults=["seq_jump@600:3"]) as srv:
         proc = subprocess.Popen(
             _cmd(home, "--source", "kalshi", "--series", "KXBTC", "KXETH", "--kalshi-url", srv.ws_url,
                  "--kalshi-rest-url", srv.rest_url, "--discovery-interval", "0.2", "--capture-dir", str(cap),
@@ -315,6 +316,13 @@ def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
     assert st["skipped_frames"] == 0 and st["errors"] == 0
     l2, tr, gaps = _tables(home)
     assert set(l2["market"].cast(pl.Utf8)) == {"KXBTC", "KXETH"}
+    # the sequence jump: gap rows, then get_snapshot answers (snapshot rows right after the gap)
+    seq_gaps = gaps.filter(pl.col("kind").cast(pl.Utf8) == "sequence")
+    assert seq_gaps.height >= 1
+    g_end = seq_gaps["end_ts"].min()
+    resync = l2.filter(pl.col("snapshot") & (pl.col("recv_ts") >= g_end) & (pl.col("recv_ts") < g_end + 2 * 10**9))
+    assert resync.height > 0
+    assert "get_snapshot_sent" in err
     events = {i.rsplit("-", 1)[0] for i in l2["instrument"].cast(pl.Utf8).unique()}
     assert len(events) >= 4  # contracts rotated: several hourly events' contracts were collected
     assert tr.height > 0 and set(tr["side"].cast(pl.Utf8)) <= {"buy", "sell"}
