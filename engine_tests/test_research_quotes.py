@@ -452,3 +452,13 @@ def test_real_kalshi_capture_quotes_and_books(tmp_path):
         assert len(want) > 3
     finally:
         eng.close()
+
+
+def test_derive_in_instrument_chunks_is_identical(monkeypatch):
+    import engine.research.quotes as Q
+
+    rows, _ = gen_l2(3, gap_every=500)
+    t = l2_table(rows)
+    whole = got_quotes(Q.derive(t))
+    monkeypatch.setattr(Q, "CHUNK_ROWS", 100)
+    assert got_quotes(Q.derive(t)) == whole == ref_quotes(rows)

@@ -233,6 +233,7 @@ def test_windows_across_restart_invalid_after_fresh_snapshot_valid(tmp_path):
     t = m["ts"].to_numpy()
     want = ((t >= T0 + 30 * S) & (t < T0 + 100 * S)) | ((t >= T0 + 191 * S) & (t < T0 + 400 * S))
     assert m["valid"].to_list() == want.tolist()
+    assert eng.valid(trades, window="30s")["valid"].to_list() == want.tolist()  # the Engine one-liner
     # a window straddling the restart is invalid even though both of its ends hold data
     assert not m.filter((pl.col("ts") > T0 + 170 * S) & (pl.col("ts") < T0 + 190 * S))["valid"].any()
     # without the snapshot requirement only the gap matters

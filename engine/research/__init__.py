@@ -8,6 +8,8 @@ rows of one instrument are applied in arrival order — (`recv_ts`, `ts`, `seq`)
 order; a run of `snapshot` rows from one message (same `recv_ts` and `seq`) replaces the book;
 size 0 removes a level; a quote is emitted after each event (rows sharing instrument, `recv_ts`,
 `ts`, `seq`; a whole snapshot is one event) whose best bid/ask differs from the previous one.
+Time is the effective ts: the running max of `ts` in arrival order per instrument, so the book
+"at t" is the arrival-order prefix of rows with effective ts <= t (quotes, book and books agree).
 
 This module holds the small helpers the submodules share (durations, reading catalogued files).
 """

@@ -235,6 +235,9 @@ def _range_max(size: int, lo: np.ndarray, hi: np.ndarray, val: np.ndarray) -> np
     return cur
 
 
+CHUNK_ROWS = 8_000_000  # instruments are independent: bigger inputs are derived in instrument chunks
+
+
 def derive(l2) -> pl.DataFrame:
     """Quotes from l2 rows (a pyarrow Table or polars DataFrame of any subset of markets)."""
     t = l2.to_arrow() if isinstance(l2, pl.DataFrame) else l2
@@ -242,6 +245,22 @@ def derive(l2) -> pl.DataFrame:
     if t.num_rows == 0:
         return pl.from_arrow(schema.QUOTES_SCHEMA.empty_table())
     t, inst = arrival_order(t)
+    starts = np.flatnonzero(np.r_[True, inst[1:] != inst[:-1]])
+    bounds = [0]
+    for s0 in starts[1:].tolist():  # cut at instrument boundaries into chunks of <= CHUNK_ROWS (when possible)
+        if s0 - bounds[-1] >= CHUNK_ROWS:
+            bounds.append(s0)
+    bounds.append(t.num_rows)
+    parts = [_derive_sorted(t.slice(a, b - a), inst[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    out = pa.concat_tables(parts).unify_dictionaries() if len(parts) > 1 else parts[0]
+    from engine.writer import sort_table
+
+    out = sort_table("quotes", schema.validate("quotes", out))  # stored order: (instrument, ts, seq), stable
+    return pl.from_arrow(out)
+
+
+def _derive_sorted(t: pa.Table, inst: np.ndarray) -> pa.Table:
+    """Quotes of rows already in arrival order (whole instruments), in derivation order."""
     r = best_of_book(t, inst)
     ends = r["end"]
     bid_row, ask_row = r["bid_row"], r["ask_row"]
@@ -275,10 +294,7 @@ def derive(l2) -> pl.DataFrame:
             "ask_price": col(ap, anull), "ask_size": col(asz, anull), "seq": base.column("seq"),
         }
     )
-    from engine.writer import sort_table
-
-    out = sort_table("quotes", schema.validate("quotes", out))  # stored order: (instrument, ts, seq), stable
-    return pl.from_arrow(out)
+    return out
 
 
 # ---- stored partitions -----------------------------------------------------------------------

@@ -81,9 +81,19 @@ def _spans(starts: np.ndarray, gs: np.ndarray, ge: np.ndarray, w: int) -> list[t
     return [(a, b) for a, b in merged]
 
 
-def valid(eng, source: str, market: str, start=None, end=None, window="30s", *, instrument: str | None = None,
-          require_snapshot: bool = True, allow_unsealed: bool = False) -> pl.DataFrame:
-    """Spans [start_ts, end_ts) of window-end times t whose trailing `window` is valid (module doc)."""
+def valid(eng, source, market: str | None = None, start=None, end=None, window="30s", *,
+          instrument: str | None = None, require_snapshot: bool = True, allow_unsealed: bool = False,
+          on: str = "ts", col: str = "valid") -> pl.DataFrame:
+    """Spans [start_ts, end_ts) of window-end times t whose trailing `window` is valid (module doc).
+
+    Given a DataFrame instead of a source (`eng.valid(trades, window="30s")`), returns it with the
+    boolean column `col` from `mark_valid` — the one-liner for features.
+    """
+    if isinstance(source, pl.DataFrame):
+        return mark_valid(eng, source, window=window, on=on, require_snapshot=require_snapshot, col=col,
+                          allow_unsealed=allow_unsealed)
+    if market is None:
+        raise ValueError("valid: give source and market (or a DataFrame of rows to mark)")
     w = parse_duration(window, name="window")
     start, end = to_ns(start, name="start"), to_ns(end, name="end")
     g = _gaps(eng, source, market, end)
