@@ -94,8 +94,21 @@ def _skey(r):
     return SEQ_NULL if r["seq"] is None else r["seq"]
 
 
+_ARRIVAL: dict = {}
+
+
 def arrival(rows):
     """Rows in arrival order per instrument, with the effective ts (running max of ts)."""
+    hit = _ARRIVAL.get(id(rows))
+    if hit is not None and hit[0] is rows and hit[1] == len(rows):
+        return hit[2]
+    out = _arrival(rows)
+    _ARRIVAL.clear()
+    _ARRIVAL[id(rows)] = (rows, len(rows), out)
+    return out
+
+
+def _arrival(rows):
     idx = sorted(range(len(rows)), key=lambda i: (rows[i]["instrument"], rows[i]["recv_ts"], rows[i]["ts"], _skey(rows[i]), i))
     out, m = [], None
     for k, i in enumerate(idx):
