@@ -78,7 +78,7 @@ def _canon_trades(df: pl.DataFrame) -> list:
 @pytest.fixture(scope="module")
 def cb_capture(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("cap") / "coinbase.jsonl.zst"
-    write_capture(generate_coinbase(seconds=20, rate=150, seed=3, depth=100), p)
+    write_capture(generate_coinbase(seconds=12, rate=150, seed=3, depth=100), p)
     return p
 
 
@@ -116,7 +116,7 @@ def _final_books(l2: pl.DataFrame) -> dict:
 def test_live_equals_offline_malformed_frames_and_kalshi_skipped(cb_capture, cb_reference, tmp_path):
     home, cap = tmp_path / "live", tmp_path / "cap"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=0,
-                                    faults=["malformed@1500:1000"]) as srv:
+                                    faults=["malformed@900:1000"]) as srv:
         p = _run(home, "--source", "coinbase", "kalshi", "--coinbase-url", srv.ws_url, "--capture-dir", str(cap),
                  "--for", "3", "--coinbase-stall", "30")
         assert srv.stats()["malformed_sent"] == 1000
@@ -138,14 +138,22 @@ def test_live_equals_offline_malformed_frames_and_kalshi_skipped(cb_capture, cb_
     # every good row kept despite 1,000 malformed frames
     ref_l2, ref_tr, _ = cb_reference
     assert _canon_l2(l2, False) == _canon_l2(ref_l2, False)
-    assert _canon_trades(tr) == _canon_trades(ref_tr)
-    assert l2.height > 5000 and tr.height > 300
+    # trades: the exchange's trade snapshot holds the last 100 trades at subscribe time, so the
+    # oldest few of the capture's initial snapshot can fall out of that window; everything from
+    # the first trade we hold on is identical
+    live_t, ref_t = _canon_trades(tr), _canon_trades(ref_tr)
+    first = {}
+    for inst, tid, *_ in live_t:
+        first[inst] = min(first.get(inst, int(tid)), int(tid))
+    assert live_t == [r for r in ref_t if int(r[1]) >= first[r[0]]]
+    assert len(ref_t) - len(live_t) < 30
+    assert l2.height > 3000 and tr.height > 300
 
 
 def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, tmp_path):
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=4.0,
-                                    faults=["drop@400", "close@1200", "stall@2000:2.5"]) as srv:
+                                    faults=["drop@300", "close@800", "stall@1300:2.5"]) as srv:
         proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "1.2"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         try:
@@ -241,10 +249,11 @@ def test_flush_request_status_and_sigterm(cb_capture, tmp_path):
             assert _parquet_files(home) == []
             assert request_flush(home) == 1  # SIGUSR1 to the pid in {home}/status
             end = time.monotonic() + 10
-            while not _parquet_files(home) and time.monotonic() < end:
+            while len(_parquet_files(home)) < 6 and time.monotonic() < end:  # l2 + trades x 3 products
                 time.sleep(0.1)
+            time.sleep(0.3)
             n_flushed = len(_parquet_files(home))
-            assert n_flushed >= 3
+            assert n_flushed >= 6
             assert status_cli(["--home", str(home)]) == 0
             time.sleep(0.5)
         finally:

@@ -107,12 +107,14 @@ _NINF = float("-inf")
 
 
 def subscribe_messages(products: Iterable[str]) -> list[str]:
+    """level2 first (its snapshot is the book's starting point), then trades (their snapshot covers
+    the moments in between), then heartbeats (keeps the other channels open, liveness signal)."""
     p = list(products)
     enc = msgspec.json.encode
     return [
-        enc({"type": "subscribe", "channel": "heartbeats"}).decode(),
         enc({"type": "subscribe", "product_ids": p, "channel": "level2"}).decode(),
         enc({"type": "subscribe", "product_ids": p, "channel": "market_trades"}).decode(),
+        enc({"type": "subscribe", "channel": "heartbeats"}).decode(),
     ]
 
 
