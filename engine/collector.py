@@ -186,7 +186,16 @@ class SourceRunner:
             tasks.append(asyncio.create_task(self._discovery_loop(stop)))
         try:
             while not stop.is_set():
-                reason = await self._session(stop)
+                try:
+                    reason = await self._session(stop)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - keep the connection loop alive whatever happens
+                    self.log.exception("session_failed")
+                    reason = f"disconnect: session failed: {type(e).__name__}: {str(e)[:200]}"
+                    if self.ws is not None or self.norm.conn is not None:
+                        self.ws = None
+                        await self._on_close(reason)
                 if stop.is_set():
                     break
                 if self.connected_since is not None and time.monotonic() - self.connected_since > 10.0:
@@ -282,7 +291,11 @@ class SourceRunner:
                 with lock:
                     if cap is not None:
                         cap.frame(now, frame)
-                    norm.feed(now, frame)
+                    try:
+                        norm.feed(now, frame)
+                    except Exception as e:  # noqa: BLE001 - a normalizer bug must not stop collection
+                        norm.skip(frame, f"internal_error: {type(e).__name__}", e)
+                        self.log.exception("normalizer_error")
                 if norm.actions:
                     await self._act(ws, norm.pop_actions())
                 if l2.rows >= CHUNK_ROWS or norm.trades.rows >= CHUNK_ROWS:

@@ -118,7 +118,10 @@ def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progre
         rd = CaptureReader(f)
         done = 0
         for i, (recv_ns, frame, meta) in enumerate(rd):
-            apply_line(norm, recv_ns, frame, meta)
+            try:
+                apply_line(norm, recv_ns, frame, meta)
+            except Exception as e:  # noqa: BLE001 - a normalizer bug costs one line, not the ingest
+                norm.skip(frame if frame is not None else str(meta), f"internal_error: {type(e).__name__}", e)
             if i & 255 == 0:
                 if norm.rows_pending() >= CHUNK_ROWS:
                     rows += append_tables(eng, norm.take())
