@@ -31,6 +31,8 @@ BIN = Path(sys.executable).parent
 H = 3600 * 10**9
 MARKETS6 = [("coinbase", "BTC-USD"), ("coinbase", "ETH-USD"), ("coinbase", "SOL-USD"),
             ("kalshi", "KXBTC"), ("kalshi", "KXETH"), ("kalshi", "KXBTCD")]
+MARKETS12 = MARKETS6 + [("coinbase", "ADA-USD"), ("coinbase", "DOGE-USD"), ("coinbase", "XRP-USD"),
+                        ("kalshi", "KXINX"), ("kalshi", "KXNASDAQ100"), ("kalshi", "KXFED")]
 
 
 def _rss_mb(pids) -> float:
@@ -78,8 +80,8 @@ def _free_port() -> int:
 
 
 def fake_log(path: Path, n_files: int) -> int:
-    """A catalog log of `n_files` raw-file lines (6 markets × l2/trades × hourly files from the start date),
-    with an upload mark after every file, like a live lake's log."""
+    """A catalog log of `n_files` raw-file lines (12 markets × l2/trades × hourly files from the start date;
+    100k files ≈ 174 days), with an upload mark after every file but the newest day's, like a live lake's log."""
     from engine.catalog import FileEntry, Op, _enc
     from engine_defs.partitions import START_DATE
 
@@ -93,7 +95,7 @@ def fake_log(path: Path, n_files: int) -> int:
             date = (day0 + dt.timedelta(days=d)).isoformat()
             t0 = int(dt.datetime.combine(day0 + dt.timedelta(days=d), dt.time(), dt.timezone.utc).timestamp()) * 10**9
             for hour in range(24):
-                for s, m in MARKETS6:
+                for s, m in MARKETS12:
                     for table in ("l2", "trades"):
                         if n >= n_files:
                             break
@@ -103,7 +105,7 @@ def fake_log(path: Path, n_files: int) -> int:
                                       sha256="0" * 64, min_ts=lo, max_ts=lo + H - 1, min_recv_ts=lo,
                                       max_recv_ts=lo + H - 1, min_seq=0, max_seq=49_999, created_ns=lo + H)
                         buf.append(_enc.encode(Op(op="add", at=lo + H, file=e)) + b"\n")
-                        if d < n_files // (24 * 12) - 1:  # all but the newest day are uploaded already
+                        if d < n_files // (24 * 2 * len(MARKETS12)) - 1:  # all but the newest day are uploaded already
                             buf.append(_enc.encode(Op(op="remote", at=lo + H + 1, key=e.key)) + b"\n")
                         n += 1
             d += 1

@@ -1,5 +1,5 @@
-"""Project-local DAGSTER_HOME: SQLite storage, telemetry off, a small run queue, run monitoring and
-tick retention. `python -m engine_defs.instance [DIR]` creates it and prints its path.
+"""Project-local DAGSTER_HOME: SQLite storage, telemetry and the first-visit pop-up off, a small run
+queue, run monitoring and tick retention. `python -m engine_defs.instance [DIR]` creates it and prints its path.
 
     export DAGSTER_HOME=$(python -m engine_defs.instance)   # default: <repo>/.dagster_home
 """
@@ -16,6 +16,8 @@ DEFAULT_HOME = ROOT / ".dagster_home"
 DAGSTER_YAML = """\
 # Written by engine_defs/instance.py; rewritten when its settings change.
 telemetry:
+  enabled: false
+nux:
   enabled: false
 storage:
   sqlite:
