@@ -136,6 +136,9 @@ class Engine:
         with self._lock:
             for group in _split(t, sp.part_col):
                 self._add_rows(table, group, None, spool=True)
+            if table == "gaps":  # a hole: the carried book is stale until the exchange's fresh snapshot
+                for src, mkt in set(zip(t.column("source").to_pylist(), t.column("market").to_pylist())):
+                    self._books.pop(_bufkey("l2", src, mkt), None)
         return t.num_rows
 
     def _add_rows(self, table: str, t: pa.Table, batch_id: int | None, spool: bool) -> None:

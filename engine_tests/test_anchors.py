@@ -53,3 +53,19 @@ def test_each_file_rebuilds_the_book(tmp_path):
                 mine = [r for r in rows if r["instrument"] == inst]
                 assert mine[0]["snapshot"], f"{e.key}: {inst} does not start with an anchor"
     eng.close()
+
+
+def test_gap_drops_the_carried_book(tmp_path):
+    eng = Engine.open(tmp_path / "h", background=False, book_anchors=True)
+    start = to_ns("2026-11-02")
+    eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", start, 500, NS_PER_HOUR))
+    eng.flush()
+    eng.append("gaps", synth.gap_rows([{"source": "coinbase", "market": "BTC-USD", "instrument": None,
+                                        "start_ts": start + NS_PER_HOUR - 10**9, "end_ts": start + NS_PER_HOUR + 10**9,
+                                        "kind": "disconnect", "detail": "test"}]))
+    eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", start + NS_PER_HOUR, 500, NS_PER_HOUR, seed=3))
+    eng.flush()
+    second = max(eng.catalog.files("l2"), key=lambda e: e.key)
+    rows = pq.read_table(eng.local_path(second))
+    assert rows.num_rows == 500 and not any(rows.column("snapshot").to_pylist()), "stale pre-gap book was anchored"
+    eng.close()
