@@ -159,6 +159,13 @@ def _opt_int_runs(values: list[int | None], counts: np.ndarray) -> pa.Array:
 _NULL_TS = np.iinfo(np.int64).min
 
 
+def _floats(values: list) -> np.ndarray:
+    """Floats, or decimal strings kept raw from the wire (converted here in bulk by Arrow)."""
+    if values and type(values[0]) is str:
+        return pa.array(values, pa.string()).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    return np.array(values, np.float64)
+
+
 def _bulk_ts(strings: list[str | None]) -> np.ndarray:
     """RFC 3339 strings -> int64 ns (vectorized by Arrow); unparseable or None -> _NULL_TS."""
     try:
@@ -231,8 +238,8 @@ class L2Cols:
         n = int(counts.sum())
         if n != len(price) or n != len(size):
             raise ValueError("run/row count mismatch")
-        pr = np.array(price, np.float64)
-        sz = np.array(size, np.float64)
+        pr = _floats(price)
+        sz = _floats(size)
         ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
         if not ok.all():  # drop the runs holding absurd values, keep the rest
             run_of_row = np.repeat(np.arange(len(runs)), counts)

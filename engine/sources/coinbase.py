@@ -30,8 +30,8 @@ IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "le
 # ---- wire Structs (numeric strings decoded to float by the decoder: strict=False) -------------
 class L2Update(Struct, gc=False):
     side: str
-    price_level: float
-    new_quantity: float
+    price_level: str  # kept as the wire's decimal string, converted to float in bulk per chunk
+    new_quantity: str
     event_time: str = ""
 
 
@@ -330,7 +330,10 @@ class CoinbaseNormalizer(BaseNormalizer):
                 self.valid.add(pid)
                 self.known.add(pid)
             if self.keep_books:
-                self._book(pid, snap, prices, sizes, segs)
+                try:
+                    self._book(pid, snap, list(map(float, prices)), list(map(float, sizes)), segs)
+                except ValueError as e:
+                    raise _Bad(f"bad number: {e}") from None
             l2.price += prices
             l2.size += sizes
             runs = l2.runs
