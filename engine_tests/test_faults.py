@@ -636,10 +636,19 @@ def test_exchange_sends_duplicate_frames(tmp_path):
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)
     home = tmp_path / "live"
-    with _DupReplay.run_in_thread(source="coinbase", capture=str(dupcap), speed=0) as srv:
-        p = subprocess.run(_collect_cmd(home, srv.ws_url, "--for", "4"), capture_output=True, text=True,
-                           env=_env(), cwd=ROOT, timeout=60)
-        assert p.returncode == 0, p.stderr[-2000:]
+    # paced (5x), so that no trade frame races the client's market_trades subscription
+    with _DupReplay.run_in_thread(source="coinbase", capture=str(dupcap), speed=5.0) as srv:
+        proc = subprocess.Popen(_collect_cmd(home, srv.ws_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env=_env(), cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 40
+            while not srv.done.is_set() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.8)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
         dups_sent = srv.dups_sent
     assert dup_trade_frames > 10 and dups_sent > 50
     l2, tr, gaps = _tables(home)
