@@ -257,12 +257,13 @@ class L2Cols:
         recv = np.array(recv_, np.int64)
         ts = self._resolve_ts(recv, ts_, et_, env_)
         self.last_lag = int(recv[-1] - ts[-1])
+        mkt_arr = _dict_runs(list(mkt_), counts)
         cols = [
             pa.array(np.repeat(ts, counts), pa.int64()),
             pa.array(np.repeat(recv, counts), pa.int64()),
             _const_dict(self.source, n),
-            _dict_runs(list(mkt_), counts),
-            _dict_runs(list(inst_), counts),
+            mkt_arr,
+            mkt_arr if inst_ == mkt_ else _dict_runs(list(inst_), counts),  # Coinbase: instrument == market
             _side_dict(list(side_), counts),
             pa.array(pr, pa.float64()),
             pa.array(sz, pa.float64()),
