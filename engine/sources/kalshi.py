@@ -22,7 +22,7 @@ from typing import Any, Iterable, Union
 import msgspec
 from msgspec import Struct
 
-from engine.sources import DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, L2Cols, fixed_units, parse_ts
+from engine.sources import DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, fixed_units, parse_ts
 
 SOURCE = "kalshi"
 DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
@@ -278,8 +278,7 @@ class KalshiNormalizer(BaseNormalizer):
     def reset_connection(self, recv_ns: int, use_yes_price: bool | None = None, keep_sids: bool = False, **meta) -> None:
         if use_yes_price is not None:
             self.use_yes_price = bool(use_yes_price)
-        elif self.explicit_conns is False:
-            pass  # meta-less capture: keep the documented default (False) or what was last set
+        # else (meta-less capture): keep the documented default (False) or what was last set
         if not keep_sids:
             self.sid_channel = {}
         self.sid_seq = {}
