@@ -12,7 +12,6 @@ Traps handled here (see exchange-protocols.md §1.2):
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Iterable, Union
 
 import msgspec
@@ -96,10 +95,7 @@ class Probe(Struct, gc=False):
 _decoder = msgspec.json.Decoder(Union[L2Msg, TradesMsg, HeartbeatsMsg, SubsMsg], strict=False)
 _probe = msgspec.json.Decoder(Probe)
 
-_g_price = attrgetter("price_level")
-_g_size = attrgetter("new_quantity")
-_g_side = attrgetter("side")
-_g_et = attrgetter("event_time")
+_astuple = msgspec.structs.astuple  # L2Update -> (side, price_level, new_quantity, event_time)
 _TAKER = {"SELL": "buy", "BUY": "sell", "sell": "buy", "buy": "sell"}
 _L2_SIDES = frozenset({"bid", "offer", "ask"})
 _INF = float("inf")
@@ -309,10 +305,7 @@ class CoinbaseNormalizer(BaseNormalizer):
                 raise _Bad(f"unknown l2 event type {typ!r}")
             if not n:
                 continue
-            prices = list(map(_g_price, ups))
-            sizes = list(map(_g_size, ups))
-            sides = list(map(_g_side, ups))
-            ets = list(map(_g_et, ups))
+            sides, prices, sizes, ets = zip(*map(_astuple, ups))  # columns of the message, in C
             s0, e0 = sides[0], ets[0]
             k = sides.count(s0)
             if ets.count(e0) == n and s0 in _L2_SIDES:
