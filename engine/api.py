@@ -73,7 +73,8 @@ class Engine:
             try:
                 eng._writer()  # a crashed writer left a spool: recover it now
             except SpoolLockedError:
-                pass  # a live writer (the collector) owns it; this engine reads
+                # a live writer (the collector) owns it; this engine reads
+                log.info("spool_owned_by_live_writer", home=str(eng.home))
         return eng
 
     def _writer(self) -> Spool:
@@ -82,7 +83,15 @@ class Engine:
             with self._lock:
                 if self._spool is None:
                     self._spool = Spool(self.layout.spool)
-                    self._recover()
+                    try:
+                        self._recover()
+                    except BaseException:
+                        # release the lock: a later open (after the cause is fixed) must recover again
+                        self._spool.close(rotate=False)
+                        self._spool = None
+                        self._buffers.clear()
+                        raise
+                    self._sweep_staging()
                     if self._background:
                         self._bg = threading.Thread(target=self._background_loop, name="engine-flush", daemon=True)
                         self._bg.start()
@@ -105,6 +114,22 @@ class Engine:
             log.info("spool_recovered", rows=recovered, already_durable_rows=skipped)
         self._flush_all()
         sp.collect(self.catalog.spool_hw)
+
+    def _sweep_staging(self) -> None:
+        """Remove what a killed writer left in staging: temp files and files never catalogued.
+        Their rows are in the spool (just replayed) or were never acknowledged."""
+        self.catalog.refresh()
+        known = set(self.catalog.by_key) | set(self.catalog.retired)
+        removed = 0
+        for p in self.layout.staging.rglob("*"):
+            if not p.is_file():
+                continue
+            key = str(p.relative_to(self.layout.staging))
+            if (p.name.startswith(".") and ".tmp-" in p.name) or (p.suffix == ".parquet" and key not in known):
+                p.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.warning("staging_swept", files=removed, hint="left by a writer killed mid-flush")
 
     def close(self) -> None:
         if self._closed:

@@ -140,8 +140,13 @@ class Spool:
     def max_batch_id(self) -> int:
         return max((v for m in self._closed_segments.values() for v in m.values()), default=-1)
 
-    def close(self) -> None:
+    def close(self, rotate: bool = True) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.rotate()
+        if rotate:
+            self.rotate()
+        else:
+            for seg in self._current.values():
+                seg.fh.close()
+            self._current.clear()
         os.close(self._lockfd)
