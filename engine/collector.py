@@ -193,7 +193,7 @@ class SourceRunner:
                 except Exception as e:  # noqa: BLE001 - keep the connection loop alive whatever happens
                     self.log.exception("session_failed")
                     reason = f"disconnect: session failed: {type(e).__name__}: {str(e)[:200]}"
-                    if self.ws is not None or self.norm.conn is not None:
+                    if self.ws is not None:
                         self.ws = None
                         await self._on_close(reason)
                 if stop.is_set():
@@ -228,12 +228,19 @@ class SourceRunner:
                 self.url, max_size=MAX_FRAME, additional_headers=headers, open_timeout=10, ping_interval=ping,
                 ping_timeout=20, close_timeout=2, max_queue=4096,
             ) as ws:
-                await self._on_open(ws)
                 try:
+                    await self._on_open(ws)
                     reason = await self._read(ws, stop)
+                except ConnectionClosed as e:
+                    reason = f"disconnect: connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})"
                 finally:
-                    await self._on_close(reason if self.close_reason is None else self.close_reason)
-                    self.ws = None
+                    if self.close_reason is not None:
+                        reason = self.close_reason
+                    elif stop.is_set():
+                        reason = "shutdown"
+                    if self.ws is not None:
+                        self.ws = None
+                        await self._on_close(reason)
                 return reason
         except _Reconnect as e:
             return str(e)
