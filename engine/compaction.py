@@ -78,7 +78,9 @@ def compact(eng, date=None, table=None, market=None, source=None, grace_s: float
     return results
 
 
-def compact_partition(eng, part) -> CompactionResult | None:
+def compact_partition(eng, part, validate=None) -> CompactionResult | None:
+    """`validate(path, key)` (optional) inspects the merged file before anything is uploaded or
+    swapped; if it raises, the merged file is deleted and the catalog stays as it was."""
     table, source, market, date = part
     files = eng.catalog.files_in(part)
     if not files or (len(files) == 1 and files[0].compacted):
@@ -109,6 +111,12 @@ def compact_partition(eng, part) -> CompactionResult | None:
         key=key, table=table, source=source, market=market, date=date, rows=wf.rows, bytes=wf.bytes,
         sha256=wf.sha256, compacted=True, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
     )
+    if validate is not None:
+        try:
+            validate(path, key)
+        except BaseException:
+            path.unlink(missing_ok=True)  # never catalogued: nothing refers to it
+            raise
     eng.store.put_file(key, path, wf.sha256)  # verified; raises before anything is swapped
     entry.remote = True
     eng.catalog.swap(entry, sorted(keys))

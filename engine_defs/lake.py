@@ -308,25 +308,6 @@ class IntegrityError(RuntimeError):
         self.key = key
 
 
-class _GatedStore:
-    """Wraps the engine's store for one compaction: the merged file is checked before its upload."""
-
-    def __init__(self, inner, prefix: str, check):
-        self._inner, self._prefix, self._check = inner, prefix, check
-        self.report: Integrity | None = None
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def put_file(self, key: str, path: Path, sha256: str) -> None:
-        if self.report is None and key.startswith(self._prefix + "/0000"):
-            self.report = self._check(Path(path))
-            if not self.report.passed:
-                Path(path).unlink(missing_ok=True)  # never catalogued: nothing else refers to it
-                raise IntegrityError(self.report, key)
-        return self._inner.put_file(key, path, sha256)
-
-
 def compact_gated(eng, part: tuple[str, str, str, str]):
     """Compact one partition; the merged file must pass `integrity` before upload and catalog swap.
 
@@ -334,20 +315,19 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
     catalog unchanged) when the merged file is bad.
     """
     from engine.compaction import compact_partition
-    from engine.paths import partition_prefix
 
     table, source, market, date = part
     expected = sum(e.rows for e in eng.catalog.files_in(part))
-    gate = _GatedStore(eng.store, partition_prefix(*part),
-                       lambda p: integrity_of_file(table, p, expected_rows=expected, source=source, market=market,
-                                                   date=date))
-    real = eng.store
-    eng.store = gate
-    try:
-        res = compact_partition(eng, part)
-    finally:
-        eng.store = real
-    return res, gate.report
+    report: list[Integrity] = []
+
+    def gate(path: Path, key: str) -> None:
+        r = integrity_of_file(table, path, expected_rows=expected, source=source, market=market, date=date)
+        report.append(r)
+        if not r.passed:
+            raise IntegrityError(r, key)
+
+    res = compact_partition(eng, part, validate=gate)
+    return res, (report[0] if report else None)
 
 
 def fmt_ts(ns: int | None) -> str:

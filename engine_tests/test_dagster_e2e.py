@@ -149,7 +149,7 @@ def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
             ok = {r["tags"].get("dagster/partition") for r in rs if r["status"] == "SUCCESS"}
             return ok if ok >= {f"{D1}|coinbase:BTC-USD", f"{D1}|kalshi:KXBTC"} else None
 
-        wait_for(upload_runs_done, 90, "the sensor's upload runs to succeed", procs)
+        wait_for(upload_runs_done, 180, "the sensor's upload runs to succeed", procs)
         t_sensor = time.monotonic() - t0
         eng.catalog.refresh()
         assert all(e.remote for e in eng.catalog.entries())
@@ -185,7 +185,7 @@ def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
             assert not [r for r in rs if r["status"] in ("FAILURE", "CANCELED")], rs
             return len([r for r in rs if r["status"] == "SUCCESS"]) == 2
 
-        wait_for(compacted, 90, "the compaction backfill", procs)
+        wait_for(compacted, 180, "the compaction backfill", procs)
         eng.catalog.refresh()
         raw_tables = ("l2", "trades", "gaps")  # compaction may also derive `quotes` from l2
         assert {(e.table, e.market) for e in eng.catalog.entries() if e.compacted and e.table in raw_tables} == {
