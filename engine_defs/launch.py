@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     collect = [de, "collect", "--home", str(home)]
     if args.demo:
         env["ENGINE_FLUSH_AGE_S"] = env.get("ENGINE_FLUSH_AGE_S", "15")
+        env.setdefault("ENGINE_DAGSTER_SENSOR_INTERVAL", "5")
+        week_ago = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 7 * 86400))
+        env.setdefault("ENGINE_DAGSTER_START_DATE", week_ago)  # a readable partitions page
         print("generating demo captures ...", flush=True)
         d = prepare_demo(demo_dir, args.demo_minutes)
         cb_port, k_port = _free_port(), _free_port()
