@@ -16,45 +16,11 @@ This module holds the small helpers the submodules share (durations, reading cat
 
 from __future__ import annotations
 
-import re
 
 import polars as pl
 import pyarrow as pa
 
-_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "min": 60 * 10**9,
-          "h": 3600 * 10**9, "d": 86_400 * 10**9, "w": 7 * 86_400 * 10**9}
-_DUR = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|min|s|m|h|d|w)")
-
-
-def parse_duration(value, *, name: str = "duration") -> int | None:
-    """'30s', '1m' (minute), '1h30m', '250ms', a timedelta or int ns → int ns (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected a duration like '30s', got bool")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{name}: must be positive, got {value}")
-        return value
-    import datetime as dt
-
-    if isinstance(value, dt.timedelta):
-        ns = (value.days * 86_400 + value.seconds) * 10**9 + value.microseconds * 1000
-        if ns <= 0:
-            raise ValueError(f"{name}: must be positive, got {value}")
-        return ns
-    if isinstance(value, str):
-        s = value.strip().lower()
-        pos, total = 0, 0
-        for m in _DUR.finditer(s):
-            if m.start() != pos:
-                break
-            total += int(float(m.group(1)) * _UNITS[m.group(2)])
-            pos = m.end()
-        if pos == len(s) and total > 0:
-            return total
-    raise ValueError(f"{name}: cannot parse {value!r}; use e.g. '500ms', '30s', '1m', '1h', '1d' or int nanoseconds")
-
+from engine.timeutil import parse_duration  # noqa: F401  (re-exported for the toolkit)
 
 _META: dict = {}
 
