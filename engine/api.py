@@ -169,8 +169,7 @@ class Engine:
     def _add_rows(self, table: str, t: pa.Table, batch_id: int | None, spool: bool) -> None:
         """Add rows of one (source, market, hour) to their buffer, flushing the previous hour first."""
         sp = schema.spec(table)
-        source = t.column("source").chunk(0).dictionary[t.column("source").chunk(0).indices[0].as_py()].as_py()
-        market = t.column("market").chunk(0).dictionary[t.column("market").chunk(0).indices[0].as_py()].as_py()
+        source, market = _first(t.column("source")), _first(t.column("market"))
         check_key_part("source", source)
         check_key_part("market", market)
         mm = pc.min_max(t.column(sp.part_col))
@@ -392,6 +391,12 @@ class Engine:
         from engine.research.coverage import coverage
 
         return coverage(self, *args, **kw)
+
+
+def _first(col: pa.ChunkedArray) -> str:
+    """First value of a dictionary column (all rows of a split group share it)."""
+    chunk = next(c for c in col.chunks if len(c))
+    return chunk.dictionary[chunk.indices[0].as_py()].as_py()
 
 
 def _split(t: pa.Table, part_col: str):
