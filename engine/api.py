@@ -287,6 +287,26 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - the loop must survive; error logged
                 log.error("background_flush_failed", error=str(e))
 
+    def sealed_until(self, source: str) -> int:
+        """Receive time below which every row of `source` is in a catalogued file.
+
+        The catalog's watermark, or — when no writer holds this lake's spool and the spool is
+        empty (the collector stopped cleanly) — the present: nothing can still be pending."""
+        wm = self.catalog.watermark(source)
+        if self._spool is not None or any(self.layout.spool.glob("*.arrow")):
+            return wm
+        import fcntl
+
+        self.layout.spool.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.layout.spool / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return wm  # a live writer: trust its watermark
+        finally:
+            os.close(fd)  # closing releases the lock
+        return max(wm, now_ns() - APPEND_LAG_NS)
+
     def last_recv_ts(self, source: str) -> int | None:
         """Newest receive time catalogued or buffered for `source` (the start of a `restart` gap)."""
         vals = [b.max_recv_ts for b in self._buffers.values() if b.source == source and b.rows]

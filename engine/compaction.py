@@ -55,7 +55,7 @@ def closed_partitions(eng, date=None, table=None, source=None, market=None):
         if d >= today:
             continue
         day_end = to_ns(d) + schema.NS_PER_DAY
-        if schema.spec(t).part_col == "recv_ts" and eng.catalog.watermark(s) < day_end:
+        if schema.spec(t).part_col == "recv_ts" and eng.sealed_until(s) < day_end:
             continue
         files = eng.catalog.files_in(part)
         if len(files) == 1 and files[0].compacted:

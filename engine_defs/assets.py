@@ -204,7 +204,7 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
 
             if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
                 day_end = lake.day_bounds(date)[1]
-                wm = eng.catalog.watermark(source)
+                wm = eng.sealed_until(source)
                 why = ("the UTC day has not ended" if not lake.is_closed_day(date) else
                        f"the sealed watermark of {source} ({lake.fmt_ts(wm)}) is before the day's end "
                        f"({lake.fmt_ts(day_end)}): a collector may still hold rows of that day")

@@ -31,3 +31,19 @@ def test_reader_opens_while_writer_holds_spool(tmp_path):
         reader.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-02"), 5, 10**9))
     writer.close()
     assert Engine.open(tmp_path / "h", background=False).trades().height == 150
+
+
+def test_day_left_by_a_stopped_writer_is_sealed(tmp_path):
+    """A collector that stopped mid-day (clean or killed, then recovered) does not block compaction forever."""
+    from engine.compaction import closed_partitions
+
+    w = Engine.open(tmp_path / "h", background=False)
+    w.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-01T10:00"), 100, NS_PER_HOUR))
+    w.flush()
+    w.catalog.watermarks["coinbase"] = to_ns("2026-11-01T11:00")  # as if sealed only up to mid-day
+    reader = Engine.open(tmp_path / "h", background=False)
+    reader.catalog.watermarks["coinbase"] = to_ns("2026-11-01T11:00")
+    assert closed_partitions(reader) == []  # the writer still holds the spool: trust its watermark
+    w.close()
+    assert reader.sealed_until("coinbase") > to_ns("2026-11-02")
+    assert closed_partitions(reader) == [("trades", "coinbase", "BTC-USD", "2026-11-01")]
