@@ -15,8 +15,13 @@ STAMP="$VENV/.engine-installed"
 WANT="$(cat "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "installing pinned dependencies into $VENV (one-time)" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.lock"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT"
+  LOG="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check -r "$ROOT/requirements.lock" \
+         && "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps -e "$ROOT"; } > "$LOG" 2>&1; then
+    tail -30 "$LOG" >&2
+    echo "error: installing the pinned dependencies failed; full log: $LOG" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
