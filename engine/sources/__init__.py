@@ -16,6 +16,7 @@ import calendar
 import gc
 import math
 import time
+from array import array as _darray
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -127,9 +128,16 @@ def finite_sum_ok(xs: list[float]) -> bool:
 # Column builders
 
 
-def _dict_runs(values: list[str], counts: np.ndarray) -> pa.DictionaryArray:
+def _rep(a: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
+    """Expand per-run values to rows (counts None: every run is one row)."""
+    return a if counts is None else np.repeat(a, counts)
+
+
+def _dict_runs(values: list[str], counts: np.ndarray | None) -> pa.DictionaryArray:
     enc = pa.array(values, _DICT_T)
-    idx = np.repeat(enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), counts)
+    if counts is None and enc.null_count == 0:
+        return enc
+    idx = _rep(enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), counts)
     return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), enc.dictionary)
 
 
@@ -137,22 +145,22 @@ def _const_dict(value: str, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32), pa.int32()), pa.array([value], pa.string()))
 
 
-def _side_dict(values: list[str], counts: np.ndarray) -> pa.DictionaryArray:
+def _side_dict(values: list[str], counts: np.ndarray | None) -> pa.DictionaryArray:
     enc = pa.array(values, _DICT_T)
     raw = enc.dictionary.to_pylist()
     mapped = [SIDE_MAP[v] for v in raw]  # KeyError -> bulk conversion fails -> slow path
     uniq = sorted(set(mapped))
     remap = np.array([uniq.index(m) for m in mapped], np.int32)
     idx = remap[enc.indices.to_numpy(zero_copy_only=False)] if len(raw) else np.zeros(0, np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(np.repeat(idx, counts), pa.int32()), pa.array(uniq, pa.string()))
+    return pa.DictionaryArray.from_arrays(pa.array(_rep(idx, counts), pa.int32()), pa.array(uniq, pa.string()))
 
 
-def _opt_int_runs(values: list[int | None], counts: np.ndarray) -> pa.Array:
+def _opt_int_runs(values: list[int | None], counts: np.ndarray | None) -> pa.Array:
     arr = pa.array(values, pa.int64())
     if arr.null_count == 0:
-        return pa.array(np.repeat(arr.to_numpy(), counts), pa.int64())
-    mask = np.repeat(np.array([v is None for v in values], bool), counts)
-    filled = np.repeat(arr.fill_null(0).to_numpy(), counts)
+        return arr if counts is None else pa.array(np.repeat(arr.to_numpy(), counts), pa.int64())
+    mask = _rep(np.array([v is None for v in values], bool), counts)
+    filled = _rep(arr.fill_null(0).to_numpy(), counts)
     return pa.array(filled, pa.int64(), mask=mask)
 
 
@@ -160,10 +168,18 @@ _NULL_TS = np.iinfo(np.int64).min
 
 
 def _floats(values: list) -> np.ndarray:
-    """Floats, or decimal strings kept raw from the wire (converted here in bulk by Arrow)."""
+    """Floats, or decimal strings kept raw from the wire (converted here in bulk by Arrow).
+
+    A chunk mixing floats and raw strings raises (the caller then converts it run by run, each
+    run being all floats or all strings)."""
     if values and type(values[0]) is str:
         return pa.array(values, pa.string()).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    return np.array(values, np.float64)
+    try:
+        return np.frombuffer(_darray("d", values), np.float64)  # C loop; rejects strings
+    except TypeError:
+        if any(type(v) is str for v in values):
+            raise ValueError("raw decimal strings among parsed floats") from None
+        return np.array(values, np.float64)
 
 
 def _bulk_ts(strings: list[str | None]) -> np.ndarray:
@@ -257,10 +273,12 @@ class L2Cols:
         recv = np.array(recv_, np.int64)
         ts = self._resolve_ts(recv, ts_, et_, env_)
         self.last_lag = int(recv[-1] - ts[-1])
+        if n == len(runs) and (counts == 1).all():
+            counts = None  # one row per run (Kalshi deltas): nothing to expand
         mkt_arr = _dict_runs(list(mkt_), counts)
         cols = [
-            pa.array(np.repeat(ts, counts), pa.int64()),
-            pa.array(np.repeat(recv, counts), pa.int64()),
+            pa.array(_rep(ts, counts), pa.int64()),
+            pa.array(_rep(recv, counts), pa.int64()),
             _const_dict(self.source, n),
             mkt_arr,
             mkt_arr if inst_ == mkt_ else _dict_runs(list(inst_), counts),  # Coinbase: instrument == market
@@ -268,7 +286,7 @@ class L2Cols:
             pa.array(pr, pa.float64()),
             pa.array(sz, pa.float64()),
             _opt_int_runs(list(seq_), counts),
-            pa.array(np.repeat(np.array(snap_, bool), counts), pa.bool_()),
+            pa.array(_rep(np.array(snap_, bool), counts), pa.bool_()),
         ]
         return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Iterable, Union
 
 import msgspec
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 from msgspec import Struct
 
 from engine.sources import DEFAULT_MAX_SKEW_NS, Action, BaseNormalizer, anchor_table, parse_ts
@@ -29,8 +31,8 @@ IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "le
 # ---- wire Structs (numeric strings decoded to float by the decoder: strict=False) -------------
 class L2Update(Struct, gc=False):
     side: str
-    price_level: str  # kept as the wire's decimal string, converted to float in bulk per chunk
-    new_quantity: str
+    price_level: float  # decimal strings parsed by msgspec (correctly rounded, same values as Arrow's cast)
+    new_quantity: float
     event_time: str = ""
 
 
@@ -43,6 +45,28 @@ class L2Event(Struct, gc=False):
 class L2Msg(Struct, tag_field="channel", tag="l2_data", gc=False):
     sequence_num: int
     events: list[L2Event]
+    timestamp: str = ""
+
+
+# Fallback view of an l2_data frame whose numbers msgspec's float parser rejects (e.g. "+1", ".5",
+# "1e400"): the decimal strings are kept raw and converted exactly as Arrow's string -> float64 cast
+# does (what every l2 number went through before msgspec parsed them).
+class RawL2Update(Struct, gc=False):
+    side: str
+    price_level: str
+    new_quantity: str
+    event_time: str = ""
+
+
+class RawL2Event(Struct, gc=False):
+    type: str
+    product_id: str
+    updates: list[RawL2Update]
+
+
+class RawL2Msg(Struct, tag_field="channel", tag="l2_data", gc=False):
+    sequence_num: int
+    events: list[RawL2Event]
     timestamp: str = ""
 
 
@@ -93,6 +117,7 @@ class Probe(Struct, gc=False):
 
 
 _decoder = msgspec.json.Decoder(Union[L2Msg, TradesMsg, HeartbeatsMsg, SubsMsg], strict=False)
+_raw_decoder = msgspec.json.Decoder(Union[RawL2Msg, TradesMsg, HeartbeatsMsg, SubsMsg], strict=False)
 _probe = msgspec.json.Decoder(Probe)
 
 _astuple = msgspec.structs.astuple  # L2Update -> (side, price_level, new_quantity, event_time)
@@ -116,6 +141,18 @@ def subscribe_messages(products: Iterable[str]) -> list[str]:
 
 class _Bad(Exception):
     pass
+
+
+def _arrow_floats(prices: tuple[str, ...], sizes: tuple[str, ...]) -> tuple[list | tuple, list | tuple]:
+    """Raw decimal strings -> floats exactly as the chunk's Arrow cast converts them. When Arrow
+    cannot read one, the strings stay raw: the chunk conversion then fails in bulk and goes run by
+    run, so only this message's runs are dropped (and reported), as for any unreadable value."""
+    try:
+        cast = pa.compute.cast
+        return (cast(pa.array(prices, pa.string()), pa.float64()).to_pylist(),
+                cast(pa.array(sizes, pa.string()), pa.float64()).to_pylist())
+    except Exception:  # noqa: BLE001
+        return prices, sizes
 
 
 class CoinbaseNormalizer(BaseNormalizer):
@@ -171,7 +208,13 @@ class CoinbaseNormalizer(BaseNormalizer):
         c.bytes += len(frame)
         try:
             msg = _decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except msgspec.ValidationError:
+            try:  # numbers msgspec does not parse, or not a frame we know: exactly as before
+                msg = _raw_decoder.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                self._untyped(recv_ns, frame, e)
+                return
+        except msgspec.DecodeError as e:  # malformed JSON
             self._untyped(recv_ns, frame, e)
             return
         if self.conn is None:
@@ -183,9 +226,9 @@ class CoinbaseNormalizer(BaseNormalizer):
             return
         self.last_frame_recv = recv_ns
         cls = type(msg)
-        if cls is L2Msg:
+        if cls is L2Msg or cls is RawL2Msg:
             try:
-                self._l2(recv_ns, msg)
+                self._l2(recv_ns, msg, cls is RawL2Msg)
             except _Bad as e:
                 self._bad_l2(recv_ns, frame, msg, str(e))
         elif cls is TradesMsg:
@@ -285,7 +328,7 @@ class CoinbaseNormalizer(BaseNormalizer):
                 return t
         raise _Bad(f"timestamp far from receive time: {s!r}")
 
-    def _l2(self, recv_ns: int, msg: L2Msg) -> None:
+    def _l2(self, recv_ns: int, msg: L2Msg | RawL2Msg, raw: bool = False) -> None:
         seq = msg.sequence_num
         env = msg.timestamp
         l2 = self.l2
@@ -322,11 +365,15 @@ class CoinbaseNormalizer(BaseNormalizer):
             if snap:
                 self.valid.add(pid)
                 self.known.add(pid)
-            if self.keep_books:
-                try:
-                    self._book(pid, snap, list(map(float, prices)), list(map(float, sizes)), segs)
-                except ValueError as e:
-                    raise _Bad(f"bad number: {e}") from None
+            if raw:
+                if self.keep_books:
+                    try:
+                        self._book(pid, snap, list(map(float, prices)), list(map(float, sizes)), segs)
+                    except ValueError as e:
+                        raise _Bad(f"bad number: {e}") from None
+                prices, sizes = _arrow_floats(prices, sizes)
+            elif self.keep_books:
+                self._book(pid, snap, prices, sizes, segs)
             l2.price += prices
             l2.size += sizes
             runs = l2.runs
