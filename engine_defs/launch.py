@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     collect = [de, "collect", "--home", str(home)]
     if args.demo:
-        env["ENGINE_FLUSH_AGE_S"] = env.get("ENGINE_FLUSH_AGE_S", "15")
+        env["ENGINE_FLUSH_AGE_S"] = env.get("ENGINE_FLUSH_AGE_S", "30")
         env.setdefault("ENGINE_DAGSTER_SENSOR_INTERVAL", "5")
         week_ago = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 7 * 86400))
         env.setdefault("ENGINE_DAGSTER_START_DATE", week_ago)  # a readable partitions page
