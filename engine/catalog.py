@@ -244,23 +244,6 @@ class Catalog:
         if ts > self.watermarks.get(source, 0):
             self.append(Op(op="watermark", source=source, ts=ts))
 
-    def read_since(self, offset: int, max_bytes: int = 64 << 20) -> tuple[list[Op], int]:
-        """Complete log lines after byte `offset` (a sensor's cursor) and the offset after them."""
-        if not self.path.exists():
-            return [], offset
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            data = f.read(max_bytes)
-        end = data.rfind(b"\n") + 1
-        ops = []
-        for line in data[:end].splitlines():
-            if line.strip():
-                try:
-                    ops.append(_dec.decode(line))
-                except msgspec.DecodeError:
-                    log.warning("catalog_bad_line_skipped", offset=offset)
-        return ops, offset + end
-
     # ---- questions ---------------------------------------------------------------------
     def partitions(self, table=None, source=None, market=None, start=None, end=None) -> list[Partition]:
         self.refresh()
