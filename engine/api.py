@@ -74,7 +74,7 @@ class Engine:
                 eng._writer()  # a crashed writer left a spool: recover it now
             except SpoolLockedError:
                 # a live writer (the collector) owns it; this engine reads
-                log.info("spool_owned_by_live_writer", home=str(eng.home))
+                log.debug("spool_owned_by_live_writer", home=str(eng.home))
         return eng
 
     def _writer(self) -> Spool:
