@@ -8,7 +8,6 @@ incrementally, so several processes (collector, Dagster, notebooks) share one ca
 from __future__ import annotations
 
 import fcntl
-import fnmatch
 import os
 import threading
 from collections import defaultdict
@@ -19,6 +18,7 @@ import msgspec
 import polars as pl
 
 from engine.log import get_logger
+from engine.paths import is_pattern, match, pattern_regex
 from engine.timeutil import now_ns
 
 log = get_logger(component="catalog")
@@ -62,14 +62,6 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(Op)
 
 Partition = tuple[str, str, str, str]  # table, source, market, date
-
-
-def _match(value: str, pattern: str | None) -> bool:
-    if pattern is None:
-        return True
-    if "*" in pattern or "?" in pattern:
-        return fnmatch.fnmatchcase(value, pattern)
-    return value == pattern
 
 
 class _Agg:
@@ -252,7 +244,7 @@ class Catalog:
             t, s, m, _ = part
             if table is not None and t != table:
                 continue
-            if not (_match(s, source) and _match(m, market)):
+            if not (match(s, source) and match(m, market)):
                 continue
             if start is not None and agg.max_ts is not None and agg.max_ts < start:
                 continue
@@ -322,9 +314,8 @@ class Catalog:
         for col, pat in (("source", source), ("market", market)):
             if pat is None:
                 continue
-            if "*" in pat or "?" in pat:
-                rx = "^" + fnmatch.translate(pat).removeprefix("(?s:").removesuffix(")\\Z") + "$"
-                preds.append(pl.col(col).str.contains(rx))
+            if is_pattern(pat):
+                preds.append(pl.col(col).str.contains(pattern_regex(pat)))
             else:
                 preds.append(pl.col(col) == pat)
         if start is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import os
 import re
 from dataclasses import dataclass
@@ -12,6 +13,22 @@ _PART_RE = re.compile(
     r"^data/(?P<table>[a-z0-9_]+)/source=(?P<source>[^/]+)/market=(?P<market>[^/]+)/date=(?P<date>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)\.parquet$"
 )
 _SAFE = re.compile(r"^[A-Za-z0-9._\-]+$")
+
+
+def is_pattern(pattern: str | None) -> bool:
+    """Source, market and instrument filters are exact names or globs (`KX*`)."""
+    return pattern is not None and ("*" in pattern or "?" in pattern)
+
+
+def match(value: str, pattern: str | None) -> bool:
+    if pattern is None:
+        return True
+    return fnmatch.fnmatchcase(value, pattern) if is_pattern(pattern) else value == pattern
+
+
+def pattern_regex(pattern: str) -> str:
+    """The glob as an anchored regular expression (for Polars / Arrow string matching)."""
+    return "^" + fnmatch.translate(pattern).removeprefix("(?s:").removesuffix(")\\Z") + "$"
 
 
 def default_home() -> Path:

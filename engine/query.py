@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 
 import duckdb
 import polars as pl
@@ -11,6 +10,7 @@ import pyarrow.dataset as pads
 
 from engine import schema
 from engine.log import get_logger
+from engine.paths import is_pattern, match, pattern_regex
 from engine.timeutil import iso, to_ns
 from engine.writer import CorruptFileError
 
@@ -25,10 +25,6 @@ class QueryError(ValueError):
     pass
 
 
-def _is_pattern(p: str | None) -> bool:
-    return p is not None and ("*" in p or "?" in p)
-
-
 class Query:
     def __init__(self, engine):
         self.eng = engine
@@ -39,12 +35,12 @@ class Query:
         known = self.cat.markets(table)
         if not known:
             return
-        if source is not None and not _is_pattern(source) and source not in {s for s, _ in known}:
+        if source is not None and not is_pattern(source) and source not in {s for s, _ in known}:
             raise UnknownMarketError(
                 f"unknown source {source!r} for table {table}; sources: {', '.join(sorted({s for s, _ in known}))}"
             )
-        if market is not None and not _is_pattern(market):
-            ms = sorted({m for s, m in known if source is None or fnmatch.fnmatchcase(s, source)})
+        if market is not None and not is_pattern(market):
+            ms = sorted({m for s, m in known if source is None or match(s, source)})
             if market not in ms:
                 raise UnknownMarketError(f"unknown market {market!r} for table {table}; markets: {', '.join(ms)}")
 
@@ -80,7 +76,7 @@ class Query:
         if end is not None:
             and_(f(sp.time_col) < end)
         if instrument is not None:
-            if _is_pattern(instrument):
+            if is_pattern(instrument):
                 pass  # applied after read (pattern on a dictionary column)
             else:
                 and_(f("instrument") == instrument)
@@ -115,14 +111,13 @@ class Query:
                                  {} if inside else clamp)
         try:
             ds = pads.dataset(paths, schema=sp.schema, format="parquet")
-            t = ds.to_table(filter=expr, columns=None if _is_pattern(instrument) else columns)
+            t = ds.to_table(filter=expr, columns=None if is_pattern(instrument) else columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise self._name_corrupt(files, paths, e) from None
-        if _is_pattern(instrument):
+        if is_pattern(instrument):
             import pyarrow.compute as pc
 
-            rx = "^" + fnmatch.translate(instrument).removeprefix("(?s:").removesuffix(")\\Z") + "$"
-            t = t.filter(pc.match_substring_regex(t.column("instrument").cast(pa.string()), rx))
+            t = t.filter(pc.match_substring_regex(t.column("instrument").cast(pa.string()), pattern_regex(instrument)))
             if columns:
                 t = t.select(columns)
         return t

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from engine.log import get_logger
+from engine.paths import match
 from engine.store import StoreError
 
 log = get_logger(component="upload")
@@ -18,7 +19,7 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None) 
     todo = [
         e for e in eng.catalog.entries()
         if not e.remote and (table is None or e.table == table) and (date is None or e.date == date)
-        and _match(e.source, source) and _match(e.market, market)
+        and match(e.source, source) and match(e.market, market)
     ]
     todo.sort(key=lambda e: e.key)
     t0 = time.perf_counter()
@@ -52,8 +53,3 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None) 
         log.info("uploaded", key=e.key, bytes=e.bytes, store=eng.store.url)
     return {"uploaded": done, "failed": failed, "bytes": nbytes, "seconds": time.perf_counter() - t0, "errors": errors}
 
-
-def _match(value: str, pattern: str | None) -> bool:
-    from engine.catalog import _match as m
-
-    return m(value, pattern)

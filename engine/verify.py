@@ -11,7 +11,7 @@ from engine import schema
 from engine.catalog import FileEntry, Op, _enc
 from engine.fsio import atomic_write_bytes, sha256_file
 from engine.log import get_logger
-from engine.paths import parse_key
+from engine.paths import match, parse_key
 from engine.writer import read_parquet, table_stats
 
 log = get_logger(component="verify")
@@ -27,9 +27,7 @@ def verify(eng, table=None, source=None, market=None, progress=None) -> list[Pro
     """Re-read every live file; report any whose checksum, row count or schema disagrees with the catalog."""
     problems: list[Problem] = []
     entries = [e for e in eng.catalog.entries() if table is None or e.table == table]
-    from engine.catalog import _match
-
-    entries = sorted((e for e in entries if _match(e.source, source) and _match(e.market, market)), key=lambda e: e.key)
+    entries = sorted((e for e in entries if match(e.source, source) and match(e.market, market)), key=lambda e: e.key)
     for i, e in enumerate(entries):
         try:
             path = eng.local_path(e)

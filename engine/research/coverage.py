@@ -11,7 +11,6 @@ draws a market x hour heat map (1 = fully covered) with the gaps marked as red b
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import os
 import sys
 
@@ -19,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from engine import schema
+from engine.paths import match
 from engine.timeutil import iso, to_ns
 
 H = schema.NS_PER_HOUR
@@ -64,10 +64,6 @@ def _per_hour(iv, hours: np.ndarray) -> np.ndarray:
     return np.clip(np.minimum(b, h0 + H) - np.maximum(a, h0), 0, None).sum(axis=1).astype(np.float64)
 
 
-def _match(v, pat):
-    return pat is None or (fnmatch.fnmatchcase(v, pat) if ("*" in pat or "?" in pat) else v == pat)
-
-
 def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: float = 60.0) -> pl.DataFrame:
     """One row per (source, market, hour) in [start, end): covered fraction, collected and gap seconds,
     number of gaps touching the hour. `hour` is the hour's start in int ns (UTC)."""
@@ -76,7 +72,7 @@ def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: flo
     for e in eng.catalog.entries():
         if e.table not in ("l2", "trades") or e.min_recv_ts is None:
             continue
-        if not (_match(e.source, source) and _match(e.market, market)):
+        if not (match(e.source, source) and match(e.market, market)):
             continue
         extents.setdefault((e.source, e.market), []).append((e.min_recv_ts, e.max_recv_ts + 1))
     if not extents:

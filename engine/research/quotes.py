@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from engine import schema
 from engine.log import get_logger
+from engine.paths import is_pattern, pattern_regex
 from engine.research import clamp_for, read_entries
 from engine.timeutil import to_ns
 
@@ -355,12 +356,9 @@ def derive_partition(eng, source: str, market: str, date: str):
 
 # ---- query -------------------------------------------------------------------------------------
 def filter_instrument(t: pa.Table, instrument) -> pa.Table:
-    if instrument is None or not ("*" in instrument or "?" in instrument):
+    if not is_pattern(instrument):
         return t
-    import fnmatch
-
-    rx = "^" + fnmatch.translate(instrument).removeprefix("(?s:").removesuffix(")\\Z") + "$"
-    return t.filter(pc.match_substring_regex(t.column("instrument").cast(pa.string()), rx))
+    return t.filter(pc.match_substring_regex(t.column("instrument").cast(pa.string()), pattern_regex(instrument)))
 
 
 def quotes(eng, source=None, market=None, instrument=None, start=None, end=None, *, allow_unsealed: bool = False,
