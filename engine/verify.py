@@ -68,8 +68,11 @@ def rebuild_from_store(eng) -> int:
         if kp.table not in schema.TABLES:
             continue
         path = eng.cache.root / "rebuild" / key
-        eng.store.get_file(key, path) if not eng.store.is_local else None
-        src = eng.store.path(key) if eng.store.is_local else path
+        if eng.store.is_local:
+            src = eng.store.path(key)
+        else:
+            eng.store.get_file(key, path)
+            src = path
         t = read_parquet(src, key)
         replaced.update(json.loads((t.schema.metadata or {}).get(b"engine.replaces", b"[]")))
         e = FileEntry(
