@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -13,6 +14,7 @@ import pyarrow.compute as pc
 
 from engine import schema
 from engine.buffer import Buffer
+from engine.fsio import tmp_path_for
 from engine.catalog import Catalog, FileEntry
 from engine.log import get_logger
 from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_key, parse_key
@@ -62,6 +64,8 @@ class Engine:
         self._stop = threading.Event()
         self._closed = False
         self._books: dict[str, pa.Table] = {}  # l2 bufkey → book at the end of the last file (anchor)
+        # one thread seals buffer chunks (Parquet row groups or zstd IPC) while appends go on
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-encode")
         self.flush_count = 0
         self._seen_max: dict[str, int] = {}
 
@@ -140,6 +144,7 @@ class Engine:
         if self._spool is not None:
             self.flush()
             self._spool.close()
+        self._encoder.shutdown(wait=True)
         self._closed = True
 
     def __enter__(self):
@@ -181,8 +186,7 @@ class Engine:
             self._flush_key(key)
             buf = None
         if buf is None or buf.hour != hour:
-            buf = Buffer(table, source, market, hour, sp.schema)
-            self._buffers[key] = buf
+            buf = self._new_buffer(key, table, source, market, hour)
         if batch_id is None:
             batch_id = self._next_batch
             self._next_batch += 1
@@ -213,25 +217,18 @@ class Engine:
         if not buf.rows:
             del self._buffers[key]
             return 0
-        t = buf.to_table()
-        book = None
-        if buf.table == "l2" and self.book_anchors:
-            t, book = self._with_anchor(key, t)
         date = date_of_ns(buf.hour * NS_PER_HOUR)
-        part = (buf.table, buf.source, buf.market, date)
-        self.catalog.refresh()  # another process (compaction) may have written to this partition
-        existing = [parse_key(k).name for k in self.catalog.parts.get(part, {})]
-        existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
-                     if (e.table, e.source, e.market, e.date) == part]
-        seq = 1 + max((int(n) for n in existing if n.isdigit()), default=0)
-        fkey = file_key(buf.table, buf.source, buf.market, date, seq)
-        path = self.layout.staged(fkey)
-        while path.exists():  # a file left by a crash between write and catalog: never overwrite
-            seq += 1
-            fkey = file_key(buf.table, buf.source, buf.market, date, seq)
-            path = self.layout.staged(fkey)
+        path, fkey = self._free_path(buf.table, buf.source, buf.market, date)
         t0 = time.perf_counter()
-        wf = write_parquet(buf.table, t, path)
+        try:
+            wf = buf.finish(path)
+        except Exception as e:  # noqa: BLE001 - e.g. disk full: rebuild from the spool, write once more
+            log.error("flush_failed_rebuilding_from_spool", key=fkey, error=str(e), table=buf.table,
+                      source=buf.source, market=buf.market)
+            buf.discard()
+            buf = self._rebuild_from_spool(key, buf)
+            wf = buf.finish(path)  # a second failure propagates; the rebuilt buffer stays for a retry
+        book = buf.book if buf.table == "l2" and self.book_anchors else None
         entry = FileEntry(
             key=fkey, table=buf.table, source=buf.source, market=buf.market, date=date, rows=wf.rows,
             bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
@@ -248,15 +245,43 @@ class Engine:
         self._advance_watermark(buf.source, buf.max_recv_ts)
         return 1
 
-    def _with_anchor(self, key: str, t: pa.Table) -> tuple[pa.Table, pa.Table]:
-        """Prefix the file with the book as it stood at the end of the previous file (book anchor);
-        also return the book at the end of this file, to carry once the file is catalogued."""
-        from engine.anchors import anchor_rows, end_book
+    def _new_buffer(self, key: str, table: str, source: str, market: str, hour: int) -> Buffer:
+        """A buffer for one hour; l2 files open with the carried book (design: Book anchors)."""
+        anchors = table == "l2" and self.book_anchors
+        first = self.layout.staged(file_key(table, source, market, date_of_ns(hour * NS_PER_HOUR), 0))
+        buf = Buffer(table, source, market, hour, self._encoder, stream_tmp=tmp_path_for(first),
+                     anchor=self._books.get(key) if anchors else None, track_book=anchors)
+        self._buffers[key] = buf
+        return buf
 
-        prev = self._books.get(key)
-        if prev is not None and prev.num_rows:
-            t = pa.concat_tables([anchor_rows(prev, t), t]).unify_dictionaries()
-        return t, end_book(t)
+    def _free_path(self, table: str, source: str, market: str, date: str) -> tuple[Path, str]:
+        """The next file name of a partition: never one catalogued, retired or left on disk."""
+        part = (table, source, market, date)
+        self.catalog.refresh()  # another process (compaction) may have written to this partition
+        existing = [parse_key(k).name for k in self.catalog.parts.get(part, {})]
+        existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
+                     if (e.table, e.source, e.market, e.date) == part]
+        seq = 1 + max((int(n) for n in existing if n.isdigit()), default=0)
+        while True:
+            fkey = file_key(table, source, market, date, seq)
+            path = self.layout.staged(fkey)
+            if not path.exists():  # a file left by a crash between write and catalog: never overwrite
+                return path, fkey
+            seq += 1
+
+    def _rebuild_from_spool(self, key: str, failed: Buffer) -> Buffer:
+        """The failed buffer's rows again, read back from the spool, kept for a sorted write."""
+        buf = Buffer(failed.table, failed.source, failed.market, failed.hour, self._encoder,
+                     anchor=self._books.get(key) if failed._track_book else None, track_book=failed._track_book)
+        self._buffers[key] = buf
+        for bid, t in self._spool.batches(key, failed.first_batch, failed.last_batch):
+            mm = pc.min_max(t.column(schema.spec(failed.table).part_col))
+            buf.add(t, bid, mm["min"].as_py(), mm["max"].as_py())
+        if buf.rows != failed.rows:
+            self._buffers[key] = failed  # never flush a partial buffer: that would mark the rest durable
+            raise RuntimeError(f"spool holds {buf.rows} of the {failed.rows} buffered rows of {key}; "
+                               "they stay in the spool and are written at the next start")
+        return buf
 
     def _advance_watermark(self, source: str, flushed_max: int | None) -> None:
         """Sealed watermark: below the oldest buffered row of the source, else past everything seen."""

@@ -21,6 +21,17 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def commit(tmp: Path, path: Path) -> None:
+    """Make a fully written temporary file durable under its final name."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path to write; on success it is fsynced and renamed onto `path`."""
@@ -28,13 +39,7 @@ def atomic_path(path: Path):
     tmp = tmp_path_for(path)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        commit(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

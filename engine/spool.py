@@ -120,22 +120,22 @@ class Spool:
         normal rule deletes them once their rows are durable.
         """
         for path in self.segment_paths():
-            table = path.name.split(".")[1]
             maxids: dict[str, int] = {}
-            try:
-                with open(path, "rb") as f:
-                    reader = pa.ipc.open_stream(f)
-                    while True:
-                        try:
-                            batch, meta = reader.read_next_batch_with_custom_metadata()
-                        except StopIteration:
-                            break
-                        key, bid = meta[b"bufkey"].decode(), int(meta[b"batch"])
-                        maxids[key] = max(maxids.get(key, -1), bid)
-                        yield table, key, bid, pa.Table.from_batches([batch])
-            except (pa.ArrowInvalid, OSError) as e:
-                log.warning("spool_torn_segment", segment=path.name, error=str(e))
+            for table, key, bid, t in _read_segment(path):
+                maxids[key] = max(maxids.get(key, -1), bid)
+                yield table, key, bid, t
             self._closed_segments[path] = maxids
+
+    def batches(self, bufkey: str, first: int, last: int) -> Iterator[tuple[int, pa.Table]]:
+        """Batches of one buffer with ids in [first, last], read back (a flush failed after the
+        buffer handed its rows to the encoder; the spool still has them)."""
+        with self._lock:
+            for seg in self._current.values():
+                seg.fh.flush()
+        for path in self.segment_paths():
+            for _, key, bid, t in _read_segment(path):
+                if key == bufkey and first <= bid <= last:
+                    yield bid, t
 
     def max_batch_id(self) -> int:
         return max((v for m in self._closed_segments.values() for v in m.values()), default=-1)
@@ -150,3 +150,19 @@ class Spool:
                 seg.fh.close()
             self._current.clear()
         os.close(self._lockfd)
+
+
+def _read_segment(path: Path) -> Iterator[tuple[str, str, int, pa.Table]]:
+    """(table, bufkey, batch_id, rows) of every readable batch of one segment; a torn tail ends it."""
+    table = path.name.split(".")[1]
+    try:
+        with open(path, "rb") as f:
+            reader = pa.ipc.open_stream(f)
+            while True:
+                try:
+                    batch, meta = reader.read_next_batch_with_custom_metadata()
+                except StopIteration:
+                    break
+                yield table, meta[b"bufkey"].decode(), int(meta[b"batch"]), pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, OSError) as e:
+        log.warning("spool_torn_segment", segment=path.name, error=str(e))

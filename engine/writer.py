@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import schema
+from engine import fsio, schema
 from engine.fsio import atomic_path, sha256_file
 
 ROW_GROUP_ROWS = 128 * 1024  # small enough for time-range pruning and fast point-in-time reads
@@ -57,39 +58,43 @@ def _sort_columns(table: str, t: pa.Table) -> list[np.ndarray]:
         if pa.types.is_dictionary(col.type):
             out.append(_dict_rank(col).to_numpy(zero_copy_only=False))
         else:
-            arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-            out.append(arr.fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False))
+            out.append(key_array(col))
     return out
 
 
-def _keys_sorted(keys: list[np.ndarray]) -> bool:
+def key_array(col: pa.ChunkedArray) -> np.ndarray:
+    """A numeric sort key as numpy, nulls first."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return arr.fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
+
+
+def keys_sorted(keys: list[np.ndarray]) -> bool:
     """Lexicographic non-decreasing check, vectorized (the common case: a feed in time order)."""
-    ok = np.ones(len(keys[0]) - 1, dtype=bool)
+    if not keys or len(keys[0]) < 2:
+        return True
     eq = np.ones(len(keys[0]) - 1, dtype=bool)
     less = np.zeros(len(keys[0]) - 1, dtype=bool)
     for k in keys:
         a, b = k[:-1], k[1:]
         less |= eq & (a < b)
         eq &= a == b
-    ok = less | eq
-    return bool(ok.all())
+    return bool((less | eq).all())
 
 
 def sort_table(table: str, t: pa.Table) -> pa.Table:
     if t.num_rows <= 1:
         return t
     keys = _sort_columns(table, t)
-    if _keys_sorted(keys):
+    if keys_sorted(keys):
         return t
-    import polars as pl
-
-    df = pl.DataFrame({f"k{i}": k for i, k in enumerate(keys)}).with_row_index("i")
-    idx = df.sort([f"k{i}" for i in range(len(keys))], maintain_order=True)["i"].to_arrow()
-    return t.take(idx)
+    idx = pa.array(np.lexsort(keys[::-1]))  # stable: ties keep arrival order
+    with ThreadPoolExecutor(max_workers=2) as ex:  # take releases the GIL; one column per task
+        cols = list(ex.map(lambda c: c.take(idx), t.columns))
+    return pa.Table.from_arrays(cols, schema=t.schema)
 
 
 def is_sorted(table: str, t: pa.Table) -> bool:
-    return t.num_rows <= 1 or _keys_sorted(_sort_columns(table, t))
+    return t.num_rows <= 1 or keys_sorted(_sort_columns(table, t))
 
 
 @dataclass
@@ -124,6 +129,59 @@ def write_parquet(table: str, t: pa.Table, path: Path, *, sort: bool = True, ext
     with atomic_path(path) as tmp:
         pq.write_table(t, tmp, **_parquet_options(table))
     return WrittenFile(path, t.num_rows, os.path.getsize(path), sha256_file(path), table_stats(table, t))
+
+
+def _merge_stats(a: dict, b: dict) -> dict:
+    if not a:
+        return b
+    return {k: (min if k.startswith("min_") else max)(a[k], b[k]) for k in a}
+
+
+class StreamWriter:
+    """A Parquet file written row group by row group while rows are still arriving.
+
+    Used for buffers whose rows arrive already in file order (one instrument, time order): each
+    sealed chunk is encoded once, in the background, into the file it will end up in, so a flush
+    only finishes the footer. The file lives under a temporary name until `finish` renames it.
+    """
+
+    def __init__(self, table: str, tmp: Path):
+        self.table, self.tmp = table, tmp
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        opts = _parquet_options(table)
+        opts.pop("row_group_size")
+        self.schema = schema.spec(table).schema.with_metadata(schema.file_metadata(table))
+        self._w = pq.ParquetWriter(tmp, self.schema, **opts)
+        self.rows = 0
+        self.stats: dict = {}
+
+    def write(self, t: pa.Table) -> None:
+        self._w.write_table(t.replace_schema_metadata(self.schema.metadata), row_group_size=ROW_GROUP_ROWS)
+        self.rows += t.num_rows
+        self.stats = _merge_stats(self.stats, table_stats(self.table, t))
+
+    def bytes_written(self) -> int:
+        return self.tmp.stat().st_size if self.tmp.exists() else 0
+
+    def read_back(self) -> pa.Table:
+        """Close and read what was written (the buffer fell out of order and must be sorted)."""
+        self._w.close()
+        t = pq.read_table(self.tmp)
+        self.tmp.unlink(missing_ok=True)
+        return t
+
+    def finish(self, path: Path) -> WrittenFile:
+        """Close, fsync and rename onto `path`."""
+        self._w.close()
+        fsio.commit(self.tmp, path)
+        return WrittenFile(path, self.rows, os.path.getsize(path), sha256_file(path), self.stats)
+
+    def discard(self) -> None:
+        try:
+            self._w.close()
+        except Exception:  # noqa: BLE001 - the file is dropped anyway
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def read_parquet(path: Path, key: str, columns=None, filters=None) -> pa.Table:

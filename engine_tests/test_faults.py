@@ -71,10 +71,9 @@ CHILD = textwrap.dedent(r"""
             return r
         return wrapped
 
-    import engine.writer, engine.catalog, engine.store, engine.api
-    if point == "parquet_write":          # inside write_parquet: temp file written, not yet renamed
-        import pyarrow.parquet as pq
-        pq.write_table = killer(pq.write_table, "after")
+    import engine.fsio, engine.writer, engine.catalog, engine.store, engine.api
+    if point == "parquet_write":          # a data file written under its temporary name, not yet renamed
+        engine.fsio.commit = killer(engine.fsio.commit, "before")
     elif point == "catalog_add":          # file renamed into place, catalog line not yet written
         engine.catalog.Catalog.add_file = killer(engine.catalog.Catalog.add_file, "before")
     elif point == "catalog_line":         # half of the catalog line written, then killed

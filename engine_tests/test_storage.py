@@ -355,3 +355,65 @@ def test_rebuild_from_store(tmp_path):
     cols = ["table", "source", "market", "date", "rows", "files", "min_ts", "max_ts"]
     assert after.catalog.summary().select(cols).equals(before.select(cols))
     assert canon(after.read("trades"), "trades").equals(expected(batches, "trades"))
+
+
+# ------------------------------------------------------------------------------------------ streamed files
+
+def _rows_of(eng: Engine, table: str = "l2") -> pl.DataFrame:
+    return canon(pl.concat([pl.from_arrow(pq.read_table(eng.local_path(e))) for e in eng.catalog.files(table)]), table)
+
+
+def test_in_order_feed_is_streamed_and_late_rows_fall_back_to_a_sort(tmp_path):
+    """Rows in file order are encoded as they arrive (full row groups, no re-sort); a late batch
+    after several streamed row groups switches the buffer to a sorted write: same rows, sorted."""
+    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9)
+    hour = START + 5 * NS_PER_HOUR
+    t = synth.l2_rows("coinbase", "BTC-USD", hour, 400_000, NS_PER_HOUR - 10**9)
+    for off in range(0, t.num_rows, 30_000):
+        eng.append("l2", t.slice(off, 30_000))
+    eng.flush()
+    (e,) = eng.catalog.files("l2")
+    md = pq.ParquetFile(eng.local_path(e)).metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [131072, 131072, 131072, 6784]
+    assert _rows_of(eng).equals(canon(pl.from_arrow(t), "l2"))
+    check_files(eng)
+
+    # next hour: 300k rows in order (two streamed row groups), then a batch from earlier in the hour
+    nxt = synth.l2_rows("coinbase", "BTC-USD", hour + NS_PER_HOUR, 300_000, NS_PER_HOUR - 10**9, seed=1,
+                        seq_start=10**6)
+    late = synth.l2_rows("coinbase", "BTC-USD", hour + NS_PER_HOUR, 5_000, 10**9, seed=2, seq_start=0)
+    for off in range(0, nxt.num_rows, 50_000):
+        eng.append("l2", nxt.slice(off, 50_000))
+    buf = next(iter(eng._buffers.values()))
+    assert buf.ordered and len(buf._futures) == 2, "two in-order row groups should be with the encoder"
+    for f in buf._futures:
+        f.result()
+    assert buf.stream is not None and buf.stream.rows == 2 * 131072
+    eng.append("l2", late)
+    assert not buf.ordered
+    eng.flush()
+    assert _rows_of(eng).equals(canon(pl.from_arrow(pa.concat_tables([t, nxt, late])), "l2"))
+    check_files(eng)
+    assert not [p for p in eng.layout.staging.rglob(".*")], "temporary stream files left behind"
+    eng.close()
+
+
+def test_failed_stream_is_rebuilt_from_the_spool(tmp_path):
+    """The stream file cannot be written (here: a directory is in its way): the flush reads the
+    buffer's rows back from the write-ahead spool and writes them sorted. Nothing is lost."""
+    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9)
+    t = synth.l2_rows("coinbase", "BTC-USD", START, 300_000, NS_PER_HOUR - 10**9)
+    eng.append("l2", t.slice(0, 1000))
+    buf = next(iter(eng._buffers.values()))
+    buf._stream_tmp.mkdir(parents=True)  # the encoder's ParquetWriter will fail to open it
+    for off in range(1000, t.num_rows, 50_000):
+        eng.append("l2", t.slice(off, 50_000))
+    assert buf._error is not None
+    assert eng.flush() == 1
+    assert _rows_of(eng).equals(canon(pl.from_arrow(t), "l2"))
+    check_files(eng)
+    buf._stream_tmp.rmdir()
+    eng.close()
+    eng = Engine.open(tmp_path / "h", background=False)
+    assert eng.catalog.files("l2")[0].rows == t.num_rows and not list(eng.layout.spool.glob("*.arrow"))
+    eng.close()
