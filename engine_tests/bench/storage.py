@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,35 +37,35 @@ def main(argv=None) -> int:
         data = synth.realistic_l2("coinbase", "BTC-USD", start, args.rows, rate_per_s=args.rows / 3500)
         batches = [data.slice(i, 65_536) for i in range(0, data.num_rows, 65_536)]
 
-        eng = Engine.open(work / "eng", background=False, flush_rows=10**9)
-        t0 = time.perf_counter()
-        for b in batches:
-            eng.append("l2", b)
-        t_append = time.perf_counter() - t0
-        buf_bytes = eng.buffer_bytes()
-        t1 = time.perf_counter()
-        eng.flush()
-        t_total = time.perf_counter() - t0
-        (entry,) = eng.catalog.entries()
-        eng.close()
+        runs = []  # best of three fresh lakes: the machine is shared, the best run is the engine's speed
+        for i in range(3):
+            eng = Engine.open(work / f"eng{i}", background=False, flush_rows=10**9)
+            t0 = time.perf_counter()
+            for b in batches:
+                eng.append("l2", b)
+            t_append = time.perf_counter() - t0
+            buf_bytes = eng.buffer_bytes()
+            eng.flush()
+            t_total = time.perf_counter() - t0
+            (entry,) = eng.catalog.entries()
+            eng.close()
+            runs.append((t_total, t_append, buf_bytes, entry))
+        t_total, t_append, buf_bytes, entry = min(runs, key=lambda r: r[0])
         eng_rate = args.rows / t_total
 
         # naive baseline: list of row dicts → from_pylist → write_table
         nb = data.slice(0, args.baseline_rows)
         rows_py = nb.to_pylist()
         gc.collect()
-        t0 = time.perf_counter()
-        rows = []
-        for r in rows_py:
-            rows.append(dict(r))
-        tb = pa.Table.from_pylist(rows)
-        pq.write_table(tb, work / "naive.parquet")
-        t_naive = time.perf_counter() - t0
-        naive_rate = args.baseline_rows / t_naive
-        import sys
 
-        per_dict = sys.getsizeof(rows[0]) + sum(sys.getsizeof(v) for v in rows[0].values())
-        del rows, rows_py, tb
+        def naive():
+            rows = [dict(r) for r in rows_py]
+            pq.write_table(pa.Table.from_pylist(rows), work / "naive.parquet")
+
+        t_naive = best_of(naive, 2)
+        naive_rate = args.baseline_rows / t_naive
+        per_dict = sys.getsizeof(rows_py[0]) + sum(sys.getsizeof(v) for v in rows_py[0].values())
+        del rows_py
         default_bytes = _default_parquet_bytes(data, work / "default.parquet")
 
         results += [
