@@ -455,9 +455,11 @@ def _split(t: pa.Table, part_col: str):
     if one_key:
         yield t
         return
-    key_tbl = pa.table({"s": src.cast(pa.string()), "m": mkt.cast(pa.string()), "h": hours})
-    groups = key_tbl.group_by(["s", "m", "h"], use_threads=False).aggregate([])
-    order = sorted(zip(groups.column("h").to_pylist(), groups.column("s").to_pylist(), groups.column("m").to_pylist()))
-    for h, s, m in order:
-        mask = pc.and_(pc.and_(pc.equal(key_tbl.column("s"), s), pc.equal(key_tbl.column("m"), m)), pc.equal(hours, h))
-        yield t.filter(mask)
+    keys = pl.from_arrow(pa.table({"s": src.cast(pa.string()), "m": mkt.cast(pa.string()), "h": hours}))
+    order = keys.with_row_index("i").sort(["h", "s", "m"], maintain_order=True)  # stable: arrival order kept
+    t = t.take(order["i"].to_arrow())  # one pass, then each group is a zero-copy slice
+    sizes = order.group_by(["h", "s", "m"], maintain_order=True).len()["len"].to_list()
+    off = 0
+    for n in sizes:
+        yield t.slice(off, n)
+        off += n
