@@ -182,12 +182,15 @@ def _floats(values: list) -> np.ndarray:
         return np.array(values, np.float64)
 
 
-def _bulk_ts(strings: list[str | None]) -> np.ndarray:
+def _bulk_ts(strings: list[str | None] | pa.Array) -> np.ndarray:
     """RFC 3339 strings -> int64 ns (vectorized by Arrow); unparseable or None -> _NULL_TS."""
     try:
-        arr = pa.array(strings, pa.string()).cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64())
+        arr = strings if isinstance(strings, pa.Array) else pa.array(strings, pa.string())
+        arr = arr.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64())
         return np.array(arr.fill_null(_NULL_TS).to_numpy(zero_copy_only=False), np.int64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # one bad string: parse one by one
+        if isinstance(strings, pa.Array):
+            strings = strings.to_pylist()
         out = np.empty(len(strings), np.int64)
         for i, v in enumerate(strings):
             try:
@@ -195,6 +198,22 @@ def _bulk_ts(strings: list[str | None]) -> np.ndarray:
             except (ValueError, IndexError, TypeError):
                 out[i] = _NULL_TS
         return out
+
+
+def settle_ts(ts: np.ndarray, recv: np.ndarray, envelope, max_skew_ns: int) -> int:
+    """Exchange times that are unparseable (_NULL_TS) or `max_skew_ns` or more from the receive time
+    fall back to the envelope time, then to the receive time. `ts` is fixed in place; `envelope(bad)`
+    gives the envelope times (ns, _NULL_TS when absent) for a row mask, only called when a row is bad.
+    Returns the number of rows that fell back."""
+    bad = (ts == _NULL_TS) | (np.abs(recv - ts) >= max_skew_ns)
+    if not bad.any():
+        return 0
+    env = envelope(bad)
+    env_ok = bad & (env != _NULL_TS) & (np.abs(recv - env) < max_skew_ns)
+    ts[env_ok] = env[env_ok]
+    rest = bad & ~env_ok
+    ts[rest] = recv[rest]
+    return int(bad.sum())
 
 
 class L2Cols:
@@ -238,14 +257,8 @@ class L2Cols:
         given = np.array([t if t is not None else _NULL_TS for t in ts_], np.int64)
         has = given != _NULL_TS
         ts[has] = given[has]
-        bad = (ts == _NULL_TS) | (np.abs(recv - ts) >= self.max_skew_ns)
-        if bad.any():
-            env = _bulk_ts([v if b else None for v, b in zip(env_, bad)])
-            env_ok = bad & (env != _NULL_TS) & (np.abs(recv - env) < self.max_skew_ns)
-            ts[env_ok] = env[env_ok]
-            rest = bad & ~env_ok
-            ts[rest] = recv[rest]
-            self.ts_fallbacks += int(bad.sum())
+        self.ts_fallbacks += settle_ts(
+            ts, recv, lambda bad: _bulk_ts([v if b else None for v, b in zip(env_, bad)]), self.max_skew_ns)
         return ts
 
     def _build(self, runs: list[tuple], price: list[float], size: list[float], on_bad=None) -> pa.Table | None:

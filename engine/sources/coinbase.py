@@ -12,14 +12,29 @@ Traps handled here (see exchange-protocols.md §1.2):
 
 from __future__ import annotations
 
+import gc
 from typing import Iterable, Union
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401
 from msgspec import Struct
 
-from engine.sources import DEFAULT_MAX_SKEW_NS, Action, BaseNormalizer, anchor_table, parse_ts
+from engine.schema import L2_SCHEMA
+from engine.sources import (
+    _DICT_T,
+    DEFAULT_MAX_SKEW_NS,
+    Action,
+    BaseNormalizer,
+    _bulk_ts,
+    _const_dict,
+    _dict_runs,
+    _floats,
+    anchor_table,
+    parse_ts,
+    settle_ts,
+)
 
 SOURCE = "coinbase"
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
@@ -29,28 +44,47 @@ IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "le
 
 
 # ---- wire Structs (numeric strings decoded to float by the decoder: strict=False) -------------
-class L2Update(Struct, gc=False):
-    side: str
+# Fields in wire order (msgspec matches keys fastest that way).
+class L2Update(Struct, tag_field="side", kw_only=True, gc=False):
+    """One level change. The class is the side (a union tagged by "side"): decoding rejects an
+    unknown side and allocates no side string, and the side of a row is its type."""
+
+    event_time: str = ""
     price_level: float  # decimal strings parsed by msgspec (correctly rounded, same values as Arrow's cast)
     new_quantity: float
-    event_time: str = ""
+
+
+class Bid(L2Update, tag="bid"):
+    pass
+
+
+class Offer(L2Update, tag="offer"):
+    pass
+
+
+class Ask(L2Update, tag="ask"):
+    pass
+
+
+_SIDE_CLS: dict[str, type[L2Update]] = {"bid": Bid, "offer": Offer, "ask": Ask}
 
 
 class L2Event(Struct, gc=False):
     type: str
     product_id: str
-    updates: list[L2Update]
+    updates: list[Union[Bid, Offer, Ask]]
 
 
-class L2Msg(Struct, tag_field="channel", tag="l2_data", gc=False):
+class L2Msg(Struct, tag_field="channel", tag="l2_data", kw_only=True, gc=False):
+    timestamp: str = ""
     sequence_num: int
     events: list[L2Event]
-    timestamp: str = ""
 
 
-# Fallback view of an l2_data frame whose numbers msgspec's float parser rejects (e.g. "+1", ".5",
-# "1e400"): the decimal strings are kept raw and converted exactly as Arrow's string -> float64 cast
-# does (what every l2 number went through before msgspec parsed them).
+# Fallback view of an l2_data frame the typed decoder rejects: an unknown side (reported for this
+# frame's products only), or numbers msgspec's float parser rejects (e.g. "+1", ".5", "1e400"): the
+# decimal strings are kept raw and converted exactly as Arrow's string -> float64 cast does (what
+# every l2 number went through before msgspec parsed them).
 class RawL2Update(Struct, gc=False):
     side: str
     price_level: str
@@ -120,11 +154,8 @@ _decoder = msgspec.json.Decoder(Union[L2Msg, TradesMsg, HeartbeatsMsg, SubsMsg],
 _raw_decoder = msgspec.json.Decoder(Union[RawL2Msg, TradesMsg, HeartbeatsMsg, SubsMsg], strict=False)
 _probe = msgspec.json.Decoder(Probe)
 
-_astuple = msgspec.structs.astuple  # L2Update -> (side, price_level, new_quantity, event_time)
 _TAKER = {"SELL": "buy", "BUY": "sell", "sell": "buy", "buy": "sell"}
-_L2_SIDES = frozenset({"bid", "offer", "ask"})
-_INF = float("inf")
-_NINF = float("-inf")
+_SIDES = pa.array(["bid", "ask"], pa.string())  # side dictionary: index 0 = Bid, 1 = Offer or Ask
 
 
 def subscribe_messages(products: Iterable[str]) -> list[str]:
@@ -155,12 +186,113 @@ def _arrow_floats(prices: tuple[str, ...], sizes: tuple[str, ...]) -> tuple[list
         return prices, sizes
 
 
+class L2Chunk:
+    """Coinbase l2 rows awaiting conversion, kept as the decoded update Structs.
+
+    Per message only the Structs are appended and one run tuple per event
+    `(n, recv_ns, seq, envelope_time, product_id, snapshot)`; columns (price, size, side = the
+    Struct's type, event time) are read out and checked in bulk once per chunk, so no Python code
+    runs per row. Event times are parsed once per distinct string; one that is unparseable or further
+    than `max_skew_ns` from the receive time falls back to the envelope time, then to the receive
+    time (counted in `ts_fallbacks`). An event holding a NaN/inf price or size, a negative size or a
+    non-positive price is dropped and reported through `on_bad`; when the bulk conversion fails, the
+    chunk is converted event by event so only the bad event is lost.
+    """
+
+    __slots__ = ("ups", "runs", "rows", "max_skew_ns", "ts_fallbacks", "last_lag")
+
+    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS):
+        self.max_skew_ns = max_skew_ns
+        self.ts_fallbacks = 0
+        self.last_lag: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ups: list[L2Update] = []
+        self.runs: list[tuple[int, int, int, str, str, bool]] = []
+        self.rows = 0
+
+    @staticmethod
+    def as_l2_run(r: tuple) -> tuple:
+        """An event's run in the layout of `L2Cols` runs, for `BaseNormalizer.bad_run`."""
+        n, recv, seq, env, pid, snap = r
+        return (n, recv, None, None, env, pid, pid, None, seq, snap)
+
+    def _build(self, ups: list[L2Update], runs: list[tuple], on_bad) -> pa.Table | None:
+        n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
+        counts = np.array(n_, np.int64)
+        n = len(ups)
+        if int(counts.sum()) != n:
+            raise ValueError("run/row count mismatch")
+        pr = _floats([u.price_level for u in ups])
+        sz = _floats([u.new_quantity for u in ups])
+        ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
+        if not ok.all():  # drop the events holding absurd values, keep the rest
+            ev_of_row = np.repeat(np.arange(len(runs)), counts)
+            bad_ev = np.unique(ev_of_row[~ok])
+            if on_bad is not None:
+                for i in bad_ev.tolist():
+                    on_bad(self.as_l2_run(runs[i]), "absurd price or size")
+            keep_ev = np.ones(len(runs), bool)
+            keep_ev[bad_ev] = False
+            runs = [r for r, k in zip(runs, keep_ev.tolist()) if k]
+            ups = [u for u, k in zip(ups, keep_ev[ev_of_row].tolist()) if k]
+            return self._build(ups, runs, on_bad) if runs else None
+        recv = np.repeat(np.array(recv_, np.int64), counts)
+        et = pa.array([u.event_time for u in ups], _DICT_T)  # one parse per distinct event time
+        ts = _bulk_ts(et.dictionary)[et.indices.to_numpy(zero_copy_only=False)]
+        self.ts_fallbacks += settle_ts(ts, recv, lambda bad: np.repeat(_bulk_ts(list(env_)), counts), self.max_skew_ns)
+        self.last_lag = int(recv[-1] - ts[-1])
+        ask = np.array([type(u) is not Bid for u in ups], np.int32)
+        mkt = _dict_runs(list(pid_), counts)
+        cols = [
+            pa.array(ts, pa.int64()),
+            pa.array(recv, pa.int64()),
+            _const_dict(SOURCE, n),
+            mkt,
+            mkt,  # instrument == market on Coinbase
+            pa.DictionaryArray.from_arrays(pa.array(ask, pa.int32()), _SIDES),
+            pa.array(pr, pa.float64()),
+            pa.array(sz, pa.float64()),
+            pa.array(np.repeat(np.array(seq_, np.int64), counts), pa.int64()),
+            pa.array(np.repeat(np.array(snap_, bool), counts), pa.bool_()),
+        ]
+        return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
+
+    def take(self, on_bad=None) -> pa.Table | None:
+        if not self.runs:
+            return None
+        ups, runs = self.ups, self.runs
+        self._reset()
+        gc_was = gc.isenabled()
+        gc.disable()  # the conversion allocates many short-lived objects and creates no cycles
+        try:
+            return self._build(ups, runs, on_bad)
+        except Exception:  # noqa: BLE001 - one bad message must not cost the chunk: redo event by event
+            parts, row = [], 0
+            for r in runs:
+                k = r[0]
+                try:
+                    t = self._build(ups[row:row + k], [r], on_bad)
+                    if t is not None:
+                        parts.append(t)
+                except Exception as e1:  # noqa: BLE001
+                    if on_bad is not None:
+                        on_bad(self.as_l2_run(r), f"conversion failed: {e1!r}"[:200])
+                row += k
+            return pa.concat_tables(parts).unify_dictionaries() if parts else None
+        finally:
+            if gc_was:
+                gc.enable()
+
+
 class CoinbaseNormalizer(BaseNormalizer):
     source = SOURCE
 
     def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, products: Iterable[str] = (), log=None,
                  keep_books: bool = True):
         super().__init__(max_skew_ns=max_skew_ns, log=log)
+        self.l2 = L2Chunk(max_skew_ns)
         self.keep_books = keep_books  # only needed to serve anchor_rows(); the Engine can anchor by itself
         self.books: dict[str, tuple[dict[float, float], dict[float, float]]] = {}  # (bids, asks) by price
         self.valid: set[str] = set()  # products whose book is complete on the current connection
@@ -228,7 +360,7 @@ class CoinbaseNormalizer(BaseNormalizer):
         cls = type(msg)
         if cls is L2Msg or cls is RawL2Msg:
             try:
-                self._l2(recv_ns, msg, cls is RawL2Msg)
+                self._l2(recv_ns, msg)
             except _Bad as e:
                 self._bad_l2(recv_ns, frame, msg, str(e))
         elif cls is TradesMsg:
@@ -328,7 +460,7 @@ class CoinbaseNormalizer(BaseNormalizer):
                 return t
         raise _Bad(f"timestamp far from receive time: {s!r}")
 
-    def _l2(self, recv_ns: int, msg: L2Msg | RawL2Msg, raw: bool = False) -> None:
+    def _l2(self, recv_ns: int, msg: L2Msg | RawL2Msg) -> None:
         seq = msg.sequence_num
         env = msg.timestamp
         l2 = self.l2
@@ -348,71 +480,53 @@ class CoinbaseNormalizer(BaseNormalizer):
                 raise _Bad(f"unknown l2 event type {typ!r}")
             if not n:
                 continue
-            sides, prices, sizes, ets = zip(*map(_astuple, ups))  # columns of the message, in C
-            s0, e0 = sides[0], ets[0]
-            k = sides.count(s0)
-            if ets.count(e0) == n and s0 in _L2_SIDES:
-                if k == n:
-                    segs = ((0, n, s0, e0),)
-                elif sides[k] != s0 and sides[k] in _L2_SIDES and sides[k:].count(sides[k]) == n - k:
-                    # exactly two groups, s0 then the other side (the usual shape): [k:] is all the
-                    # other side, so all k s0 are in [:k]
-                    segs = ((0, k, s0, e0), (k, n, sides[k], e0))
-                else:
-                    segs = self._segments(sides, ets)
-            else:
-                segs = self._segments(sides, ets)
+            raw = type(ev) is RawL2Event
+            if raw:
+                ups = self._typed(ups)
             if snap:
                 self.valid.add(pid)
                 self.known.add(pid)
-            if raw:
-                if self.keep_books:
-                    try:
-                        self._book(pid, snap, list(map(float, prices)), list(map(float, sizes)), segs)
-                    except ValueError as e:
-                        raise _Bad(f"bad number: {e}") from None
-                prices, sizes = _arrow_floats(prices, sizes)
-            elif self.keep_books:
-                self._book(pid, snap, prices, sizes, segs)
-            l2.price += prices
-            l2.size += sizes
-            runs = l2.runs
-            for a, b, side, et in segs:
-                runs.append((b - a, recv_ns, None, et, env, pid, pid, side, seq, snap))
+            if self.keep_books:
+                self._book(pid, snap, self._typed(ev.updates, as_python=True) if raw else ups)
+            l2.ups += ups
+            l2.runs.append((n, recv_ns, seq, env, pid, snap))
             l2.rows += n
 
     @staticmethod
-    def _segments(sides: list[str], ets: list[str]) -> list[tuple[int, int, str, str]]:
-        """(start, end, side, event_time) runs of consecutive updates sharing side and event time."""
-        segs = []
-        a = 0
-        n = len(sides)
-        for i in range(1, n + 1):
-            if i == n or sides[i] != sides[a] or ets[i] != ets[a]:
-                if sides[a] not in _L2_SIDES:
-                    raise _Bad(f"unknown side {sides[a]!r}")
-                segs.append((a, i, sides[a], ets[a]))
-                a = i
-        return segs
+    def _typed(raw: list[RawL2Update], as_python: bool = False) -> list[L2Update]:
+        """Updates of the raw fallback view as typed Structs; an unknown side is a bad frame. Numbers
+        as Arrow's cast reads them (kept raw when Arrow cannot, so the chunk's conversion reports
+        this message), or with `as_python` as Python reads them (for the book: unreadable is a bad frame)."""
+        try:
+            cls = [_SIDE_CLS[u.side] for u in raw]
+        except KeyError as e:
+            raise _Bad(f"unknown side {e.args[0]!r}") from None
+        prices: list | tuple
+        sizes: list | tuple
+        if as_python:
+            try:
+                prices = [float(u.price_level) for u in raw]
+                sizes = [float(u.new_quantity) for u in raw]
+            except ValueError as e:
+                raise _Bad(f"bad number: {e}") from None
+        else:
+            prices, sizes = _arrow_floats(tuple(u.price_level for u in raw), tuple(u.new_quantity for u in raw))
+        return [c(event_time=u.event_time, price_level=p, new_quantity=q) for c, u, p, q in zip(cls, raw, prices, sizes)]
 
-    def _book(self, pid: str, snap: bool, prices, sizes, segs) -> None:
+    def _book(self, pid: str, snap: bool, ups: list[L2Update]) -> None:
+        """Applies the updates in order (a snapshot replaces the book)."""
         if snap:
             bids: dict[float, float] = {}
             asks: dict[float, float] = {}
             self.books[pid] = (bids, asks)
         else:
             bids, asks = self.books[pid]
-        zero = 0.0 in sizes
-        for a, b, side, _ in segs:
-            book = bids if side == "bid" else asks
-            if a == 0 and b == len(prices):
-                book.update(zip(prices, sizes))
+        for u in ups:
+            book = bids if type(u) is Bid else asks
+            if u.new_quantity == 0.0:
+                book.pop(u.price_level, None)
             else:
-                book.update(zip(prices[a:b], sizes[a:b]))
-            if zero:
-                for p, q in zip(prices[a:b], sizes[a:b]):
-                    if q == 0.0:
-                        book.pop(p, None)
+                book[u.price_level] = u.new_quantity
 
     def bad_run(self, run: tuple, reason: str) -> None:
         """Rows of one l2 message failed the bulk checks: the book of that product is no longer known."""
