@@ -12,13 +12,12 @@ Traps handled here (see exchange-protocols.md §1.2):
 
 from __future__ import annotations
 
-import gc
-from typing import Iterable, Union
+from typing import ClassVar, Iterable, Union
 
 import msgspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401
+import pyarrow.compute as pc
 from msgspec import Struct
 
 from engine.schema import L2_SCHEMA
@@ -69,16 +68,25 @@ class Ask(L2Update, tag="ask"):
 _SIDE_CLS: dict[str, type[L2Update]] = {"bid": Bid, "offer": Offer, "ask": Ask}
 
 
-class L2Event(Struct, gc=False):
-    type: str
+class L2Event(Struct, tag_field="type", gc=False):
+    """One product's updates; the class is the event type (no string per event, unknown types rejected)."""
+
     product_id: str
     updates: list[Union[Bid, Offer, Ask]]
+
+
+class UpdateEvent(L2Event, tag="update"):
+    type: ClassVar[str] = "update"
+
+
+class SnapshotEvent(L2Event, tag="snapshot"):
+    type: ClassVar[str] = "snapshot"
 
 
 class L2Msg(Struct, tag_field="channel", tag="l2_data", kw_only=True, gc=False):
     timestamp: str = ""
     sequence_num: int
-    events: list[L2Event]
+    events: list[Union[UpdateEvent, SnapshotEvent]]
 
 
 # Fallback view of an l2_data frame the typed decoder rejects: an unknown side (reported for this
@@ -179,7 +187,7 @@ def _arrow_floats(prices: tuple[str, ...], sizes: tuple[str, ...]) -> tuple[list
     cannot read one, the strings stay raw: the chunk conversion then fails in bulk and goes run by
     run, so only this message's runs are dropped (and reported), as for any unreadable value."""
     try:
-        cast = pa.compute.cast
+        cast = pc.cast
         return (cast(pa.array(prices, pa.string()), pa.float64()).to_pylist(),
                 cast(pa.array(sizes, pa.string()), pa.float64()).to_pylist())
     except Exception:  # noqa: BLE001
@@ -187,30 +195,40 @@ def _arrow_floats(prices: tuple[str, ...], sizes: tuple[str, ...]) -> tuple[list
 
 
 class L2Chunk:
-    """Coinbase l2 rows awaiting conversion, kept as the decoded update Structs.
+    """Coinbase l2 rows awaiting conversion.
 
-    Per message only the Structs are appended and one run tuple per event
-    `(n, recv_ns, seq, envelope_time, product_id, snapshot)`; columns (price, size, side = the
-    Struct's type, event time) are read out and checked in bulk once per chunk, so no Python code
-    runs per row. Event times are parsed once per distinct string; one that is unparseable or further
-    than `max_skew_ns` from the receive time falls back to the envelope time, then to the receive
-    time (counted in `ts_fallbacks`). An event holding a NaN/inf price or size, a negative size or a
-    non-positive price is dropped and reported through `on_bad`; when the bulk conversion fails, the
-    chunk is converted event by event so only the bad event is lost.
+    Per message only the decoded update Structs and one run tuple per event
+    `(n, recv_ns, seq, envelope_time, product_id, snapshot)` are appended. Every `sub_rows` rows,
+    while the Structs are still in the CPU cache, their columns (price, size, side = the Struct's
+    type, event time) are read out in bulk, so no Python code runs per row, and the Structs are
+    released (numbers Arrow could not read, from the raw fallback, become NaN). `take` checks the
+    values and builds one Arrow table: event times are parsed once per distinct string; one that is
+    unparseable or further than `max_skew_ns` from the receive time falls back to the envelope time,
+    then to the receive time (counted in `ts_fallbacks`). An event holding a NaN/inf price or size,
+    a negative size or a non-positive price is dropped and reported through `on_bad`, in message order.
     """
 
-    __slots__ = ("ups", "runs", "rows", "max_skew_ns", "ts_fallbacks", "last_lag")
+    __slots__ = ("ups", "runs", "rows", "flush_at", "sub_rows", "done", "unreadable", "price", "size", "ask", "et",
+                 "max_skew_ns", "ts_fallbacks", "last_lag")
 
-    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS):
+    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, sub_rows: int = 4096):
         self.max_skew_ns = max_skew_ns
+        self.sub_rows = sub_rows
         self.ts_fallbacks = 0
         self.last_lag: int | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self.ups: list[L2Update] = []
-        self.runs: list[tuple[int, int, int, str, str, bool]] = []
-        self.rows = 0
+        self.ups: list[L2Update] = []  # Structs not read out yet
+        self.runs: list[tuple[int, int, int, str, str, bool]] = []  # their events
+        self.done: list[tuple[int, int, int, str, str, bool]] = []  # events read out
+        self.unreadable: dict[int, str] = {}  # index in `done` -> why its numbers could not be read
+        self.price: list[np.ndarray] = []
+        self.size: list[np.ndarray] = []
+        self.ask = bytearray()  # 1 = ask, 0 = bid
+        self.et: list[pa.Array] = []
+        self.rows = 0  # rows pending in this chunk
+        self.flush_at = self.sub_rows  # read the Structs out when `rows` reaches this
 
     @staticmethod
     def as_l2_run(r: tuple) -> tuple:
@@ -218,32 +236,71 @@ class L2Chunk:
         n, recv, seq, env, pid, snap = r
         return (n, recv, None, None, env, pid, pid, None, seq, snap)
 
-    def _build(self, ups: list[L2Update], runs: list[tuple], on_bad) -> pa.Table | None:
+    def flush(self) -> None:
+        """Reads the pending Structs out into columns and releases them."""
+        ups, runs = self.ups, self.runs
+        if not runs:
+            return
+        self.ups, self.runs = [], []
+        self.flush_at = self.rows + self.sub_rows
+        try:
+            pr = _floats([u.price_level for u in ups])
+            sz = _floats([u.new_quantity for u in ups])
+        except Exception:  # noqa: BLE001 - a raw number Arrow cannot read: NaN rows, reported at take in order
+            prs, szs, row = [], [], 0
+            for i, r in enumerate(runs, len(self.done)):
+                ev = ups[row:row + r[0]]
+                row += r[0]
+                try:
+                    p, q = _floats([u.price_level for u in ev]), _floats([u.new_quantity for u in ev])
+                except Exception as e:  # noqa: BLE001
+                    p = q = np.full(r[0], np.nan)
+                    self.unreadable[i] = f"conversion failed: {e!r}"[:200]
+                prs.append(p)
+                szs.append(q)
+            pr, sz = np.concatenate(prs), np.concatenate(szs)
+        self.price.append(pr)
+        self.size.append(sz)
+        self.ask += bytes([type(u) is not Bid for u in ups])
+        self.et.append(pa.array([u.event_time for u in ups], pa.string()))
+        self.done += runs
+
+    def take(self, on_bad=None) -> pa.Table | None:
+        """All rows of the chunk as one table; `on_bad(run, reason)` hears of every dropped event."""
+        self.flush()
+        runs = self.done
+        if not runs:
+            self._reset()
+            return None
+        pr, sz = np.concatenate(self.price), np.concatenate(self.size)
+        ask = np.frombuffer(self.ask, np.uint8).astype(np.int32)
+        et = pa.chunked_array(self.et, pa.string())
+        unreadable = self.unreadable
+        self._reset()
         n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
         counts = np.array(n_, np.int64)
-        n = len(ups)
-        if int(counts.sum()) != n:
-            raise ValueError("run/row count mismatch")
-        pr = _floats([u.price_level for u in ups])
-        sz = _floats([u.new_quantity for u in ups])
         ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
         if not ok.all():  # drop the events holding absurd values, keep the rest
             ev_of_row = np.repeat(np.arange(len(runs)), counts)
             bad_ev = np.unique(ev_of_row[~ok])
             if on_bad is not None:
                 for i in bad_ev.tolist():
-                    on_bad(self.as_l2_run(runs[i]), "absurd price or size")
+                    on_bad(self.as_l2_run(runs[i]), unreadable.get(i, "absurd price or size"))
             keep_ev = np.ones(len(runs), bool)
             keep_ev[bad_ev] = False
+            keep_row = keep_ev[ev_of_row]
             runs = [r for r, k in zip(runs, keep_ev.tolist()) if k]
-            ups = [u for u, k in zip(ups, keep_ev[ev_of_row].tolist()) if k]
-            return self._build(ups, runs, on_bad) if runs else None
+            if not runs:
+                return None
+            pr, sz, ask, et = pr[keep_row], sz[keep_row], ask[keep_row], et.filter(pa.array(keep_row))
+            n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
+            counts = np.array(n_, np.int64)
+        n = len(pr)
         recv = np.repeat(np.array(recv_, np.int64), counts)
-        et = pa.array([u.event_time for u in ups], _DICT_T)  # one parse per distinct event time
+        et = pc.dictionary_encode(et.combine_chunks())  # one parse per distinct event time
         ts = _bulk_ts(et.dictionary)[et.indices.to_numpy(zero_copy_only=False)]
         self.ts_fallbacks += settle_ts(ts, recv, lambda bad: np.repeat(_bulk_ts(list(env_)), counts), self.max_skew_ns)
         self.last_lag = int(recv[-1] - ts[-1])
-        ask = np.array([type(u) is not Bid for u in ups], np.int32)
         mkt = _dict_runs(list(pid_), counts)
         cols = [
             pa.array(ts, pa.int64()),
@@ -258,32 +315,6 @@ class L2Chunk:
             pa.array(np.repeat(np.array(snap_, bool), counts), pa.bool_()),
         ]
         return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
-
-    def take(self, on_bad=None) -> pa.Table | None:
-        if not self.runs:
-            return None
-        ups, runs = self.ups, self.runs
-        self._reset()
-        gc_was = gc.isenabled()
-        gc.disable()  # the conversion allocates many short-lived objects and creates no cycles
-        try:
-            return self._build(ups, runs, on_bad)
-        except Exception:  # noqa: BLE001 - one bad message must not cost the chunk: redo event by event
-            parts, row = [], 0
-            for r in runs:
-                k = r[0]
-                try:
-                    t = self._build(ups[row:row + k], [r], on_bad)
-                    if t is not None:
-                        parts.append(t)
-                except Exception as e1:  # noqa: BLE001
-                    if on_bad is not None:
-                        on_bad(self.as_l2_run(r), f"conversion failed: {e1!r}"[:200])
-                row += k
-            return pa.concat_tables(parts).unify_dictionaries() if parts else None
-        finally:
-            if gc_was:
-                gc.enable()
 
 
 class CoinbaseNormalizer(BaseNormalizer):
@@ -358,6 +389,20 @@ class CoinbaseNormalizer(BaseNormalizer):
             return
         self.last_frame_recv = recv_ns
         cls = type(msg)
+        if cls is L2Msg and not self.keep_books and len(msg.events) == 1:
+            # the steady state, exactly as _l2 handles it: one update event of a valid book
+            ev = msg.events[0]
+            ups = ev.updates
+            pid = ev.product_id
+            if ups and type(ev) is UpdateEvent and pid in self.valid:
+                l2 = self.l2
+                l2.ups += ups
+                n = len(ups)
+                l2.runs.append((n, recv_ns, seq, msg.timestamp, pid, False))
+                l2.rows += n
+                if l2.rows >= l2.flush_at:
+                    l2.flush()
+                return
         if cls is L2Msg or cls is RawL2Msg:
             try:
                 self._l2(recv_ns, msg)
@@ -491,6 +536,8 @@ class CoinbaseNormalizer(BaseNormalizer):
             l2.ups += ups
             l2.runs.append((n, recv_ns, seq, env, pid, snap))
             l2.rows += n
+        if l2.rows >= l2.flush_at:
+            l2.flush()
 
     @staticmethod
     def _typed(raw: list[RawL2Update], as_python: bool = False) -> list[L2Update]:
