@@ -17,12 +17,17 @@ from __future__ import annotations
 import json
 import urllib.parse
 import urllib.request
+from itertools import repeat
+from operator import not_
 from typing import Any, Iterable, Union
 
 import msgspec
+import numpy as np
+import pyarrow as pa
 from msgspec import Struct
 
-from engine.sources import DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, fixed_units, parse_ts
+from engine.schema import L2_SCHEMA
+from engine.sources import _DICT_T, DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, _const_dict, fixed_units, parse_ts
 
 SOURCE = "kalshi"
 DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
@@ -34,6 +39,7 @@ IGNORED_TYPES = frozenset(
     {"ticker", "ticker_v2", "market_lifecycle_v2", "event_lifecycle", "event_fee_update", "multivariate_lookup", "fill", "market_position"}
 )
 ONE = 10_000  # 1 dollar in price units (1e-4 dollars)
+_SIDES = pa.array(["bid", "ask"], pa.string())  # side dictionary: index 0 = bid (YES), 1 = ask (NO)
 
 
 # ---- wire Structs ---------------------------------------------------------------------------
@@ -141,8 +147,8 @@ class _Bad(Exception):
     pass
 
 
-_P4: dict[str, int] = {}  # validated price strings -> 1e-4 units (bounded cache)
-_Q2: dict[str, int] = {}  # change strings -> 1e-2 units
+_Q2: dict[str, int] = {}  # change strings -> 1e-2 units (bounded cache)
+_NO_LEVELS: dict[str, tuple[int, bool, float]] = {}  # an unknown side: never cached, parsed (and rejected)
 
 
 def p4(s: str) -> int:
@@ -237,6 +243,78 @@ def open_tickers(markets: list[dict], series: str, now_s: float | None = None) -
     return keep
 
 
+class L2Rows:
+    """Kalshi l2 rows awaiting conversion: one tuple per row
+    `(recv_ns, ts_ns, ticker, bid, seq, price, size, snapshot)`.
+
+    Every `sub_rows` rows, while the tuples are still in the CPU cache, they are turned into columns
+    and released; `take` joins the columns into one Arrow table. Every value is already exact and
+    checked (integer units converted once, timestamps checked at decode), so there is nothing to
+    check in bulk; the market (series) is derived once per distinct ticker.
+    """
+
+    __slots__ = ("rows_", "rows", "flush_at", "sub_rows", "parts", "ts_fallbacks", "last_lag")
+
+    def __init__(self, sub_rows: int = 4096) -> None:
+        self.sub_rows = sub_rows
+        self.ts_fallbacks = 0
+        self.last_lag: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows_: list[tuple[int, int, str, bool, int | None, float, float, bool]] = []  # not yet columns
+        self.parts: list[tuple] = []  # columns of the rows turned over so far
+        self.rows = 0  # rows pending in this chunk
+        self.flush_at = self.sub_rows  # turn the tuples into columns when `rows` reaches this
+
+    def flush(self) -> None:
+        """Turns the pending row tuples into columns."""
+        if not self.rows_:
+            return
+        recv, ts, tk, bid, seq, price, size, snap = zip(*self.rows_)
+        self.rows_ = []
+        self.flush_at = self.rows + self.sub_rows
+        self.parts.append((
+            np.array(recv, np.int64),
+            np.array(ts, np.int64),
+            pa.array(tk, _DICT_T),
+            np.frombuffer(bytes(map(not_, bid)), np.uint8),  # 1 = ask
+            pa.array(seq, pa.int64()),
+            np.array(price, np.float64),
+            np.array(size, np.float64),
+            np.array(snap, bool),
+        ))
+
+    def take(self, on_bad=None) -> pa.Table | None:
+        self.flush()
+        parts = self.parts
+        self._reset()
+        if not parts:
+            return None
+        recv, ts, tk, ask, seq, price, size, snap = zip(*parts)
+        recv, ts, ask, price, size, snap = map(np.concatenate, (recv, ts, ask, price, size, snap))
+        self.last_lag = int(recv[-1] - ts[-1])
+        inst = pa.chunked_array(tk).unify_dictionaries().combine_chunks()
+        series = [series_of(t) for t in inst.dictionary.to_pylist()]
+        uniq = sorted(set(series))
+        remap = np.array([uniq.index(x) for x in series], np.int32)
+        market = pa.DictionaryArray.from_arrays(pa.array(remap[inst.indices.to_numpy(zero_copy_only=False)], pa.int32()),
+                                                pa.array(uniq, pa.string()))
+        cols = [
+            pa.array(ts, pa.int64()),
+            pa.array(recv, pa.int64()),
+            _const_dict(SOURCE, len(recv)),
+            market,
+            inst,
+            pa.DictionaryArray.from_arrays(pa.array(ask.astype(np.int32), pa.int32()), _SIDES),
+            pa.array(price, pa.float64()),
+            pa.array(size, pa.float64()),
+            pa.chunked_array(seq, pa.int64()).combine_chunks(),
+            pa.array(snap, pa.bool_()),
+        ]
+        return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
+
+
 class KalshiNormalizer(BaseNormalizer):
     source = SOURCE
 
@@ -252,6 +330,8 @@ class KalshiNormalizer(BaseNormalizer):
         self.valid: set[str] = set()
         self._series: dict[str, str] = {}
         self._pf: dict[int, float] = {}
+        self.l2 = L2Rows()
+        self._levels_by_side: dict[str, dict[str, tuple[int, bool, float]]] = {"yes": {}, "no": {}}
 
     def markets(self) -> Iterable[str]:
         return self.known
@@ -279,6 +359,7 @@ class KalshiNormalizer(BaseNormalizer):
         if use_yes_price is not None:
             self.use_yes_price = bool(use_yes_price)
         # else (meta-less capture): keep the documented default (False) or what was last set
+        self._levels_by_side = {"yes": {}, "no": {}}  # the NO price scale may have changed
         if not keep_sids:
             self.sid_channel = {}
         self.sid_seq = {}
@@ -370,7 +451,45 @@ class KalshiNormalizer(BaseNormalizer):
             elif not self._seq(recv_ns, sid, seq, frame, "orderbook_delta"):
                 return
             self.last_frame_recv = recv_ns
-            self._delta(recv_ns, m, frame)
+            # the delta itself, inline (the hot path): cached price level, signed change, timestamp
+            b = m.msg
+            t = b.market_ticker
+            try:
+                lv = self._levels_by_side.get(b.side, _NO_LEVELS).get(b.price_dollars)
+                if lv is None:
+                    lv = self._level(b)
+                d = _Q2.get(b.delta_fp)
+                if d is None:
+                    d = self._change(b)
+                ts = b.ts_ms
+                if ts is not None:
+                    ts *= 1_000_000
+                elif b.ts:
+                    ts = parse_ts(b.ts)
+                else:
+                    ts = recv_ns
+                if not -self.max_skew_ns < recv_ns - ts < self.max_skew_ns:
+                    raise _Bad("timestamp far from receive time")
+            except (_Bad, ValueError, IndexError, TypeError) as e:
+                self.skip(frame, "bad_orderbook_delta", e)
+                self._book_lost(sid, t if t in self.books else None, recv_ns, f"bad delta for {t}")
+                return
+            if t not in self.valid:
+                self.c.skipped_rows += 1
+                return
+            p, bid, price = lv
+            book = self.books[t][0 if bid else 1]
+            new = book.get(p, 0) + d
+            if new <= 0:
+                book.pop(p, None)
+                new = 0
+            else:
+                book[p] = new
+            l2 = self.l2
+            l2.rows_.append((recv_ns, ts, t, bid, seq, price, new / 100, False))
+            l2.rows += 1
+            if l2.rows >= l2.flush_at:
+                l2.flush()
         elif cls is TradeMsg:
             if self._seq(recv_ns, m.sid, m.seq, frame, "trade"):
                 self.last_frame_recv = recv_ns
@@ -438,8 +557,16 @@ class KalshiNormalizer(BaseNormalizer):
     def _ts_ok(self, t: int, recv_ns: int) -> bool:
         return -self.max_skew_ns < recv_ns - t < self.max_skew_ns
 
-    def _units(self, b: DeltaBody) -> tuple[int, int]:
-        """Slow path of a delta's price and change: parse, validate, cache the strings."""
+    def _level(self, b: DeltaBody) -> tuple[int, bool, float]:
+        """Slow path of a delta's price level: (book key in 1e-4 dollars on the bid/ask scale, is bid,
+        price as float), parsed and checked, then cached by price string and side."""
+        side = b.side
+        if side == "yes":
+            bid = True
+        elif side == "no":
+            bid = False
+        else:
+            raise _Bad(f"unknown side {side!r}")
         if b.price_dollars is not None:
             p = p4(b.price_dollars)
         elif b.price is not None:
@@ -448,69 +575,28 @@ class KalshiNormalizer(BaseNormalizer):
             raise _Bad("no price")
         if not 0 < p < ONE:
             raise _Bad(f"price out of range: {p}")
+        if not bid and not self.use_yes_price:
+            p = ONE - p  # a NO bid at x is a YES ask at 1 - x
+        lv = (p, bid, self._price(p))
+        if b.price_dollars is not None:
+            cache = self._levels_by_side[side]
+            if len(cache) > 200_000:
+                cache.clear()
+            cache[b.price_dollars] = lv
+        return lv
+
+    @staticmethod
+    def _change(b: DeltaBody) -> int:
+        """Slow path of a delta's signed change in 1e-2 contracts: parsed, then cached by string."""
         if b.delta_fp is not None:
             d = q2(b.delta_fp)
-        elif b.delta is not None:
-            d = round(float(b.delta) * 100)
-        else:
-            raise _Bad("no delta")
-        if len(_P4) > 200_000:
-            _P4.clear()
-            _Q2.clear()
-        if b.price_dollars is not None:
-            _P4[b.price_dollars] = p
-        if b.delta_fp is not None:
+            if len(_Q2) > 200_000:
+                _Q2.clear()
             _Q2[b.delta_fp] = d
-        return p, d
-
-    def _delta(self, recv_ns: int, m: DeltaMsg, frame) -> None:
-        b = m.msg
-        t = b.market_ticker
-        try:
-            p = _P4.get(b.price_dollars)
-            d = _Q2.get(b.delta_fp)
-            if p is None or d is None:
-                p, d = self._units(b)
-            side = b.side
-            if side == "yes":
-                bid = True
-            elif side == "no":
-                bid = False
-                if not self.use_yes_price:
-                    p = ONE - p
-            else:
-                raise _Bad(f"unknown side {side!r}")
-            ts = b.ts_ms
-            if ts is not None:
-                ts *= 1_000_000
-            elif b.ts:
-                ts = parse_ts(b.ts)
-            else:
-                ts = recv_ns
-            if not -self.max_skew_ns < recv_ns - ts < self.max_skew_ns:
-                raise _Bad("timestamp far from receive time")
-        except (_Bad, ValueError, IndexError, TypeError) as e:
-            self.skip(frame, "bad_orderbook_delta", e)
-            self._book_lost(m.sid, t if t in self.books else None, recv_ns, f"bad delta for {t}")
-            return
-        if t not in self.valid:
-            self.c.skipped_rows += 1
-            return
-        book = self.books[t][0 if bid else 1]
-        new = book.get(p, 0) + d
-        if new <= 0:
-            book.pop(p, None)
-            new = 0
-        else:
-            book[p] = new
-        l2 = self.l2
-        f = self._pf.get(p)
-        if f is None:
-            f = self._price(p)
-        l2.price.append(f)
-        l2.size.append(new / 100)
-        l2.runs.append((1, recv_ns, ts, None, None, self._series[t], t, "bid" if bid else "ask", m.seq, False))
-        l2.rows += 1
+            return d
+        if b.delta is not None:
+            return round(float(b.delta) * 100)
+        raise _Bad("no delta")
 
     def _levels(self, fp, dollars, cents) -> list[tuple[int, int]]:
         if fp is not None:
@@ -543,23 +629,20 @@ class KalshiNormalizer(BaseNormalizer):
         self.books[t] = (bids, asks)
         self.valid.add(t)
         self.sid_tickers.setdefault(m.sid, set()).add(t)
-        l2 = self.l2
-        pr = self._price
-        n = 0
-        ser = self._ser(t)
-        src = (("bid", bids), ("ask", asks)) if (bids or asks) else (("bid", old[0]), ("ask", old[1])) if old else ()
+        self._ser(t)  # the series is known from now on
+        src = ((True, bids), (False, asks)) if (bids or asks) else ((True, old[0]), (False, old[1])) if old else ()
         zero = not (bids or asks)  # an empty snapshot still resets the book: size-0 rows for the old levels
-        for side, book in src:
+        l2 = self.l2
+        for bid, book in src:
             if not book:
                 continue
             ps = sorted(book)
-            l2.price += map(pr, ps)
-            if zero:
-                l2.size += [0.0] * len(ps)
-            else:
-                l2.size += [book[p] / 100 for p in ps]
-            l2.run(len(ps), recv_ns, recv_ns, ser, t, side, m.seq, True)
-            n += len(ps)
+            sizes = repeat(0.0) if zero else [book[p] / 100 for p in ps]
+            l2.rows_ += zip(repeat(recv_ns), repeat(recv_ns), repeat(t), repeat(bid), repeat(m.seq), map(self._price, ps),
+                            sizes, repeat(True))
+            l2.rows += len(ps)
+        if l2.rows >= l2.flush_at:
+            l2.flush()
 
     def _trade(self, recv_ns: int, m: TradeMsg, frame) -> None:
         b = m.msg
