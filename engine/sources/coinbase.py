@@ -89,8 +89,8 @@ class L2Msg(Struct, tag_field="channel", tag="l2_data", kw_only=True, gc=False):
     events: list[Union[UpdateEvent, SnapshotEvent]]
 
 
-# Fallback view of an l2_data frame the typed decoder rejects: an unknown side (reported for this
-# frame's products only), or numbers msgspec's float parser rejects (e.g. "+1", ".5", "1e400"): the
+# Fallback view of an l2_data frame the typed decoder rejects: an unknown side or event type (reported
+# for this frame's products only), or numbers msgspec's float parser rejects (e.g. "+1", ".5", "1e400"): the
 # decimal strings are kept raw and converted exactly as Arrow's string -> float64 cast does (what
 # every l2 number went through before msgspec parsed them).
 class RawL2Update(Struct, gc=False):
@@ -183,9 +183,9 @@ class _Bad(Exception):
 
 
 def _arrow_floats(prices: tuple[str, ...], sizes: tuple[str, ...]) -> tuple[list | tuple, list | tuple]:
-    """Raw decimal strings -> floats exactly as the chunk's Arrow cast converts them. When Arrow
-    cannot read one, the strings stay raw: the chunk conversion then fails in bulk and goes run by
-    run, so only this message's runs are dropped (and reported), as for any unreadable value."""
+    """Raw decimal strings -> floats exactly as Arrow's cast converts them. When Arrow cannot read
+    one, the strings stay raw: the chunk's read-out then gives this event NaN rows, so it is dropped
+    and reported at conversion like any absurd value."""
     try:
         cast = pc.cast
         return (cast(pa.array(prices, pa.string()), pa.float64()).to_pylist(),
