@@ -17,7 +17,7 @@ import gc
 import math
 import time
 from array import array as _darray
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 import numpy as np
@@ -423,7 +423,7 @@ class GapCols:
 # Counters and the normalizer base
 
 
-@dataclass
+@dataclass(slots=True)  # slots: `frames` and `bytes` are bumped on every frame
 class Counters:
     frames: int = 0
     bytes: int = 0
@@ -442,7 +442,7 @@ class Counters:
     skip_reasons: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["skip_reasons"] = dict(self.skip_reasons)
         return d
 
