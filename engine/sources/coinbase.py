@@ -12,6 +12,7 @@ Traps handled here (see exchange-protocols.md §1.2):
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar, Iterable, Union
 
 import msgspec
@@ -43,36 +44,33 @@ IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "le
 
 
 # ---- wire Structs (numeric strings decoded to float by the decoder: strict=False) -------------
-# Fields in wire order (msgspec matches keys fastest that way).
-class L2Update(Struct, tag_field="side", kw_only=True, gc=False):
-    """One level change. The class is the side (a union tagged by "side"): decoding rejects an
-    unknown side and allocates no side string, and the side of a row is its type."""
+class Side(enum.Enum):
+    """A level's side as sent: decoded to these members (no string per row; an unknown side is rejected)."""
 
+    BID = "bid"
+    OFFER = "offer"
+    ASK = "ask"
+
+
+_BID = Side.BID
+
+
+# Fields in wire order (msgspec matches keys fastest that way).
+class L2Update(Struct, kw_only=True, gc=False):
+    """One level change. One class for every side, so reading a field out of a list of them stays a
+    specialized (monomorphic) attribute load."""
+
+    side: Side
     event_time: str = ""
     price_level: float  # decimal strings parsed by msgspec (correctly rounded, same values as Arrow's cast)
     new_quantity: float
-
-
-class Bid(L2Update, tag="bid"):
-    pass
-
-
-class Offer(L2Update, tag="offer"):
-    pass
-
-
-class Ask(L2Update, tag="ask"):
-    pass
-
-
-_SIDE_CLS: dict[str, type[L2Update]] = {"bid": Bid, "offer": Offer, "ask": Ask}
 
 
 class L2Event(Struct, tag_field="type", gc=False):
     """One product's updates; the class is the event type (no string per event, unknown types rejected)."""
 
     product_id: str
-    updates: list[Union[Bid, Offer, Ask]]
+    updates: list[L2Update]
 
 
 class UpdateEvent(L2Event, tag="update"):
@@ -163,7 +161,8 @@ _raw_decoder = msgspec.json.Decoder(Union[RawL2Msg, TradesMsg, HeartbeatsMsg, Su
 _probe = msgspec.json.Decoder(Probe)
 
 _TAKER = {"SELL": "buy", "BUY": "sell", "sell": "buy", "buy": "sell"}
-_SIDES = pa.array(["bid", "ask"], pa.string())  # side dictionary: index 0 = Bid, 1 = Offer or Ask
+_SIDES = pa.array(["bid", "ask"], pa.string())  # side dictionary: index 0 = bid, 1 = offer or ask
+_SIDE_NAMES = frozenset(x.value for x in Side)
 
 
 def subscribe_messages(products: Iterable[str]) -> list[str]:
@@ -261,7 +260,7 @@ class L2Chunk:
             pr, sz = np.concatenate(prs), np.concatenate(szs)
         self.price.append(pr)
         self.size.append(sz)
-        self.ask += bytes([type(u) is not Bid for u in ups])
+        self.ask += bytes([u.side is not _BID for u in ups])
         self.et.append(pa.array([u.event_time for u in ups], pa.string()))
         self.done += runs
 
@@ -545,9 +544,9 @@ class CoinbaseNormalizer(BaseNormalizer):
         as Arrow's cast reads them (kept raw when Arrow cannot, so the chunk's conversion reports
         this message), or with `as_python` as Python reads them (for the book: unreadable is a bad frame)."""
         try:
-            cls = [_SIDE_CLS[u.side] for u in raw]
-        except KeyError as e:
-            raise _Bad(f"unknown side {e.args[0]!r}") from None
+            sides = [Side(u.side) for u in raw]
+        except ValueError:
+            raise _Bad(f"unknown side {next(u.side for u in raw if u.side not in _SIDE_NAMES)!r}") from None
         prices: list | tuple
         sizes: list | tuple
         if as_python:
@@ -558,7 +557,8 @@ class CoinbaseNormalizer(BaseNormalizer):
                 raise _Bad(f"bad number: {e}") from None
         else:
             prices, sizes = _arrow_floats(tuple(u.price_level for u in raw), tuple(u.new_quantity for u in raw))
-        return [c(event_time=u.event_time, price_level=p, new_quantity=q) for c, u, p, q in zip(cls, raw, prices, sizes)]
+        return [L2Update(side=sd, event_time=u.event_time, price_level=p, new_quantity=q)
+                for sd, u, p, q in zip(sides, raw, prices, sizes)]
 
     def _book(self, pid: str, snap: bool, ups: list[L2Update]) -> None:
         """Applies the updates in order (a snapshot replaces the book)."""
@@ -569,7 +569,7 @@ class CoinbaseNormalizer(BaseNormalizer):
         else:
             bids, asks = self.books[pid]
         for u in ups:
-            book = bids if type(u) is Bid else asks
+            book = bids if u.side is _BID else asks
             if u.new_quantity == 0.0:
                 book.pop(u.price_level, None)
             else:
