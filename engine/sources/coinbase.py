@@ -162,7 +162,7 @@ _probe = msgspec.json.Decoder(Probe)
 
 _TAKER = {"SELL": "buy", "BUY": "sell", "sell": "buy", "buy": "sell"}
 _SIDES = pa.array(["bid", "ask"], pa.string())  # side dictionary: index 0 = bid, 1 = offer or ask
-_SIDE_NAMES = frozenset(x.value for x in Side)
+_SIDE_OF = {x.value: x for x in Side}
 
 
 def subscribe_messages(products: Iterable[str]) -> list[str]:
@@ -544,9 +544,9 @@ class CoinbaseNormalizer(BaseNormalizer):
         as Arrow's cast reads them (kept raw when Arrow cannot, so the chunk's conversion reports
         this message), or with `as_python` as Python reads them (for the book: unreadable is a bad frame)."""
         try:
-            sides = [Side(u.side) for u in raw]
-        except ValueError:
-            raise _Bad(f"unknown side {next(u.side for u in raw if u.side not in _SIDE_NAMES)!r}") from None
+            sides = [_SIDE_OF[u.side] for u in raw]
+        except KeyError as e:
+            raise _Bad(f"unknown side {e.args[0]!r}") from None
         prices: list | tuple
         sizes: list | tuple
         if as_python:
