@@ -32,6 +32,7 @@ def test_short_soak(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ten minutes of soak plus capture generation, upload and compaction
 def test_long_soak(tmp_path):
     r = run_soak(minutes=10, markets=6, rate_x=50, workdir=tmp_path, flush_age_s=60, maint_every_s=10,
                  compact_every_s=120)
