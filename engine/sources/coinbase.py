@@ -40,6 +40,9 @@ SOURCE = "coinbase"
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
 DEFAULT_URL = "wss://advanced-trade-ws.coinbase.com"
 # channels that are valid on this feed but not collected: counted as ignored, never as bad input
+# trade ids remembered per product for dedupe beyond the floor: a (re)connect snapshot repeats at
+# most the last few dozen trades, so 10k-20k recent ids (not hundreds of thousands) is ample memory
+TRADE_ID_WINDOW = 10_000
 IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "level2_batch", "user", "futures_balance_summary"})
 
 
@@ -610,8 +613,8 @@ class CoinbaseNormalizer(BaseNormalizer):
                 self.c.dup_trades += 1
                 continue
             seen.add(tid)
-            if len(seen) > 200_000:
-                keep = sorted(seen)[-100_000:]
+            if len(seen) > 2 * TRADE_ID_WINDOW:
+                keep = sorted(seen)[-TRADE_ID_WINDOW:]
                 self.trade_floor[p] = max(self.trade_floor.get(p, -1), keep[0] - 1)
                 self.trade_seen[p] = set(keep)
             self.known.add(p)
