@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 
 from engine import schema
 from engine.buffer import Buffer
-from engine.fsio import tmp_path_for
 from engine.catalog import Catalog, FileEntry
+from engine.fsio import tmp_path_for
 from engine.log import get_logger
 from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_key, parse_key
 from engine.schema import NS_PER_HOUR
@@ -228,15 +228,14 @@ class Engine:
             buf.discard()
             buf = self._rebuild_from_spool(key, buf)
             wf = buf.finish(path)  # a second failure propagates; the rebuilt buffer stays for a retry
-        book = buf.book if buf.table == "l2" and self.book_anchors else None
         entry = FileEntry(
             key=fkey, table=buf.table, source=buf.source, market=buf.market, date=date, rows=wf.rows,
             bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
         )
         self.catalog.add_file(entry, spool_key=key, spool_upto=buf.last_batch)
         del self._buffers[key]
-        if book is not None:
-            self._books[key] = book
+        if buf.book is not None:  # only l2 buffers of an anchoring engine track their book
+            self._books[key] = buf.book
         self.flush_count += 1
         log.info("file_written", key=fkey, rows=wf.rows, bytes=wf.bytes, seconds=round(time.perf_counter() - t0, 3),
                  table=buf.table, source=buf.source, market=buf.market)
@@ -245,11 +244,12 @@ class Engine:
         self._advance_watermark(buf.source, buf.max_recv_ts)
         return 1
 
-    def _new_buffer(self, key: str, table: str, source: str, market: str, hour: int) -> Buffer:
-        """A buffer for one hour; l2 files open with the carried book (design: Book anchors)."""
+    def _new_buffer(self, key: str, table: str, source: str, market: str, hour: int, stream: bool = True) -> Buffer:
+        """A buffer for one hour; l2 files open with the carried book (design: Book anchors).
+        `stream=False`: never written as rows arrive (a rebuild after a failed stream)."""
         anchors = table == "l2" and self.book_anchors
         first = self.layout.staged(file_key(table, source, market, date_of_ns(hour * NS_PER_HOUR), 0))
-        buf = Buffer(table, source, market, hour, self._encoder, stream_tmp=tmp_path_for(first),
+        buf = Buffer(table, source, market, hour, self._encoder, stream_tmp=tmp_path_for(first) if stream else None,
                      anchor=self._books.get(key) if anchors else None, track_book=anchors)
         self._buffers[key] = buf
         return buf
@@ -271,9 +271,7 @@ class Engine:
 
     def _rebuild_from_spool(self, key: str, failed: Buffer) -> Buffer:
         """The failed buffer's rows again, read back from the spool, kept for a sorted write."""
-        buf = Buffer(failed.table, failed.source, failed.market, failed.hour, self._encoder,
-                     anchor=self._books.get(key) if failed._track_book else None, track_book=failed._track_book)
-        self._buffers[key] = buf
+        buf = self._new_buffer(key, failed.table, failed.source, failed.market, failed.hour, stream=False)
         for bid, t in self._spool.batches(key, failed.first_batch, failed.last_batch):
             mm = pc.min_max(t.column(schema.spec(failed.table).part_col))
             buf.add(t, bid, mm["min"].as_py(), mm["max"].as_py())

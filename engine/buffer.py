@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema
+from engine.anchors import anchor_rows, end_book
 from engine.writer import ROW_GROUP_ROWS, StreamWriter, WrittenFile, key_array, keys_sorted, write_parquet
 
 SEAL_ROWS = 65_536  # chunk size once out of order (IPC blobs)
@@ -54,15 +55,12 @@ class Buffer:
         self.stream: StreamWriter | None = None
         self.book: pa.Table | None = None
         self.encoded_bytes = 0
-        self._futures: list[Future] = []
-        self._blobs: list[Future] = []
+        self._futures: list[Future] = []  # results: None for streamed chunks, zstd IPC blobs otherwise
         self._error: BaseException | None = None
 
     # ---- append (caller's thread) ----------------------------------------------------------
     def add(self, t: pa.Table, batch_id: int, min_recv: int, max_recv: int) -> None:
         if self._anchor is not None:
-            from engine.anchors import anchor_rows
-
             a = anchor_rows(self._anchor, t) if self._anchor.num_rows else None
             self._anchor = None
             if a is not None and a.num_rows:
@@ -118,8 +116,6 @@ class Buffer:
         fut = self._encoder.submit(self._encode, parts, self.ordered)
         fut.in_bytes = sum(t.nbytes for t in parts)  # memory held until encoded
         self._futures.append(fut)
-        if not self.ordered:
-            self._blobs.append(fut)
 
     # ---- encoder thread --------------------------------------------------------------------
     def _encode(self, parts: list[pa.Table], to_stream: bool) -> pa.Buffer | None:
@@ -146,8 +142,6 @@ class Buffer:
             raise
 
     def _fold_book(self, t: pa.Table) -> None:
-        from engine.anchors import anchor_rows, end_book
-
         if self.book is not None and self.book.num_rows:
             t = pa.concat_tables([anchor_rows(self.book, t), t]).unify_dictionaries()
         self.book = end_book(t)
@@ -156,13 +150,12 @@ class Buffer:
     def finish(self, path: Path) -> WrittenFile:
         """Write every buffered row as the file at `path`; raises the encoder's error, if any."""
         self._seal()
-        for f in self._futures:
-            f.result()
+        blobs = [b for b in (f.result() for f in self._futures) if b is not None]
         if self.ordered and self.stream is not None:
             return self.stream.finish(path)
         parts = [self.stream.read_back()] if self.stream is not None else []
         with ThreadPoolExecutor(max_workers=2) as ex:  # decompression releases the GIL
-            parts += ex.map(lambda f: pa.ipc.open_stream(f.result(), options=_READ_OPTS).read_all(), self._blobs)
+            parts += ex.map(lambda b: pa.ipc.open_stream(b, options=_READ_OPTS).read_all(), blobs)
         t = pa.concat_tables(parts).unify_dictionaries() if parts else self.schema.empty_table()
         return write_parquet(self.table, t, path)
 
