@@ -216,6 +216,19 @@ def settle_ts(ts: np.ndarray, recv: np.ndarray, envelope, max_skew_ns: int) -> i
     return int(bad.sum())
 
 
+def absurd_runs(pr: np.ndarray, sz: np.ndarray, counts: np.ndarray):
+    """Runs (of `counts` rows each) holding a NaN/inf price or size, a negative size or a
+    non-positive price: (their indices, run mask to keep, row mask to keep), or None if there are none."""
+    ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
+    if ok.all():
+        return None
+    run_of_row = np.repeat(np.arange(len(counts)), counts)
+    bad = np.unique(run_of_row[~ok])
+    keep_run = np.ones(len(counts), bool)
+    keep_run[bad] = False
+    return bad.tolist(), keep_run, keep_run[run_of_row]
+
+
 class L2Cols:
     """Columnar accumulator for l2 rows of one source.
 
@@ -269,16 +282,12 @@ class L2Cols:
             raise ValueError("run/row count mismatch")
         pr = _floats(price)
         sz = _floats(size)
-        ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
-        if not ok.all():  # drop the runs holding absurd values, keep the rest
-            run_of_row = np.repeat(np.arange(len(runs)), counts)
-            bad_runs = np.unique(run_of_row[~ok])
+        absurd = absurd_runs(pr, sz, counts)
+        if absurd is not None:  # drop the runs holding absurd values, keep the rest
+            bad_runs, keep_run, keep_row = absurd
             if on_bad is not None:
-                for i in bad_runs.tolist():
+                for i in bad_runs:
                     on_bad(runs[i], "absurd price or size")
-            keep_run = np.ones(len(runs), bool)
-            keep_run[bad_runs] = False
-            keep_row = keep_run[run_of_row]
             runs = [r for r, k in zip(runs, keep_run.tolist()) if k]
             if not runs:
                 return None

@@ -31,6 +31,7 @@ from engine.sources import (
     _const_dict,
     _dict_runs,
     _floats,
+    absurd_runs,
     anchor_table,
     parse_ts,
     settle_ts,
@@ -39,10 +40,10 @@ from engine.sources import (
 SOURCE = "coinbase"
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
 DEFAULT_URL = "wss://advanced-trade-ws.coinbase.com"
-# channels that are valid on this feed but not collected: counted as ignored, never as bad input
 # trade ids remembered per product for dedupe beyond the floor: a (re)connect snapshot repeats at
 # most the last few dozen trades, so 10k-20k recent ids (not hundreds of thousands) is ample memory
 TRADE_ID_WINDOW = 10_000
+# channels that are valid on this feed but not collected: counted as ignored, never as bad input
 IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "level2_batch", "user", "futures_balance_summary"})
 
 
@@ -281,16 +282,12 @@ class L2Chunk:
         self._reset()
         n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
         counts = np.array(n_, np.int64)
-        ok = np.isfinite(pr) & np.isfinite(sz) & (pr > 0.0) & (sz >= 0.0)
-        if not ok.all():  # drop the events holding absurd values, keep the rest
-            ev_of_row = np.repeat(np.arange(len(runs)), counts)
-            bad_ev = np.unique(ev_of_row[~ok])
+        absurd = absurd_runs(pr, sz, counts)
+        if absurd is not None:  # drop the events holding absurd values, keep the rest
+            bad_ev, keep_ev, keep_row = absurd
             if on_bad is not None:
-                for i in bad_ev.tolist():
+                for i in bad_ev:
                     on_bad(self.as_l2_run(runs[i]), unreadable.get(i, "absurd price or size"))
-            keep_ev = np.ones(len(runs), bool)
-            keep_ev[bad_ev] = False
-            keep_row = keep_ev[ev_of_row]
             runs = [r for r, k in zip(runs, keep_ev.tolist()) if k]
             if not runs:
                 return None
