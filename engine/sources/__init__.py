@@ -15,8 +15,8 @@ from __future__ import annotations
 import calendar
 import gc
 import math
+import struct
 import time
-from array import array as _darray
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
@@ -175,11 +175,23 @@ def _floats(values: list) -> np.ndarray:
     if values and type(values[0]) is str:
         return pa.array(values, pa.string()).cast(pa.float64()).to_numpy(zero_copy_only=False)
     try:
-        return np.frombuffer(_darray("d", values), np.float64)  # C loop; rejects strings
-    except TypeError:
+        return _packed(values, "d", np.float64)
+    except struct.error:
         if any(type(v) is str for v in values):
             raise ValueError("raw decimal strings among parsed floats") from None
         return np.array(values, np.float64)
+
+
+def _packed(values, code: str, dtype) -> np.ndarray:
+    """A sequence of Python numbers -> numpy array. `struct.pack` reads them in one C loop, about
+    half the time of `array.array` and `np.array` on lists of floats; raises struct.error on anything
+    that is not a number of that kind."""
+    return np.frombuffer(struct.pack(f"{len(values)}{code}", *values), dtype)
+
+
+def _ints(values) -> np.ndarray:
+    """Python ints -> int64 array (np.fromiter: faster than np.array for ints of any size)."""
+    return np.fromiter(values, np.int64, len(values))
 
 
 def _bulk_ts(strings: list[str | None] | pa.Array) -> np.ndarray:

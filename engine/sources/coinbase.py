@@ -31,6 +31,7 @@ from engine.sources import (
     _const_dict,
     _dict_runs,
     _floats,
+    _ints,
     absurd_runs,
     anchor_table,
     parse_ts,
@@ -211,7 +212,7 @@ class L2Chunk:
     a negative size or a non-positive price is dropped and reported through `on_bad`, in message order.
     """
 
-    __slots__ = ("ups", "runs", "rows", "flush_at", "sub_rows", "done", "unreadable", "price", "size", "ask", "et",
+    __slots__ = ("ups", "runs", "rows", "flush_at", "sub_rows", "done", "unreadable", "price", "size", "ask", "et", "et_n",
                  "max_skew_ns", "ts_fallbacks", "last_lag")
 
     def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, sub_rows: int = 4096):
@@ -229,7 +230,8 @@ class L2Chunk:
         self.price: list[np.ndarray] = []
         self.size: list[np.ndarray] = []
         self.ask = bytearray()  # 1 = ask, 0 = bid
-        self.et: list[pa.Array] = []
+        self.et: list[str] = []  # event times, one per stretch of rows carrying the same one
+        self.et_n: list[np.ndarray] = []  # the stretches' lengths
         self.rows = 0  # rows pending in this chunk
         self.flush_at = self.sub_rows  # read the Structs out when `rows` reaches this
 
@@ -265,7 +267,11 @@ class L2Chunk:
         self.price.append(pr)
         self.size.append(sz)
         self.ask += bytes([u.side is not _BID for u in ups])
-        self.et.append(pa.array([u.event_time for u in ups], pa.string()))
+        # the updates of a message (and often of many) share one event time: keep one per stretch
+        et = np.array([u.event_time for u in ups], object)
+        starts = np.flatnonzero(et[1:] != et[:-1]) + 1
+        self.et += et[0:1].tolist() + et[starts].tolist()
+        self.et_n.append(np.diff(starts, prepend=0, append=len(et)))
         self.done += runs
 
     def take(self, on_bad=None) -> pa.Table | None:
@@ -277,11 +283,11 @@ class L2Chunk:
             return None
         pr, sz = np.concatenate(self.price), np.concatenate(self.size)
         ask = np.frombuffer(self.ask, np.uint8).astype(np.int32)
-        et = pa.chunked_array(self.et, pa.string())
+        ts = np.repeat(_bulk_ts(self.et), np.concatenate(self.et_n))  # one parse per stretch
         unreadable = self.unreadable
         self._reset()
         n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
-        counts = np.array(n_, np.int64)
+        counts = _ints(n_)
         absurd = absurd_runs(pr, sz, counts)
         if absurd is not None:  # drop the events holding absurd values, keep the rest
             bad_ev, keep_ev, keep_row = absurd
@@ -291,13 +297,11 @@ class L2Chunk:
             runs = [r for r, k in zip(runs, keep_ev.tolist()) if k]
             if not runs:
                 return None
-            pr, sz, ask, et = pr[keep_row], sz[keep_row], ask[keep_row], et.filter(pa.array(keep_row))
+            pr, sz, ask, ts = pr[keep_row], sz[keep_row], ask[keep_row], ts[keep_row]
             n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
-            counts = np.array(n_, np.int64)
+            counts = _ints(n_)
         n = len(pr)
-        recv = np.repeat(np.array(recv_, np.int64), counts)
-        et = pc.dictionary_encode(et.combine_chunks())  # one parse per distinct event time
-        ts = _bulk_ts(et.dictionary)[et.indices.to_numpy(zero_copy_only=False)]
+        recv = np.repeat(_ints(recv_), counts)
         self.ts_fallbacks += settle_ts(ts, recv, lambda bad: np.repeat(_bulk_ts(list(env_)), counts), self.max_skew_ns)
         self.last_lag = int(recv[-1] - ts[-1])
         mkt = _dict_runs(list(pid_), counts)
@@ -310,8 +314,8 @@ class L2Chunk:
             pa.DictionaryArray.from_arrays(pa.array(ask, pa.int32()), _SIDES),
             pa.array(pr, pa.float64()),
             pa.array(sz, pa.float64()),
-            pa.array(np.repeat(np.array(seq_, np.int64), counts), pa.int64()),
-            pa.array(np.repeat(np.array(snap_, bool), counts), pa.bool_()),
+            pa.array(np.repeat(_ints(seq_), counts), pa.int64()),
+            pa.array(np.repeat(np.array(snap_, bool), counts) if any(snap_) else np.zeros(n, bool), pa.bool_()),
         ]
         return pa.Table.from_arrays(cols, schema=L2_SCHEMA)
 
@@ -379,6 +383,27 @@ class CoinbaseNormalizer(BaseNormalizer):
         except msgspec.DecodeError as e:  # malformed JSON
             self._untyped(recv_ns, frame, e)
             return
+        cls = type(msg)
+        if cls is L2Msg and not self.keep_books:
+            # the steady state, exactly as the general path below handles it: the next frame on the
+            # connection, one update event of a valid book (valid implies connected: see on_disconnect)
+            seq = msg.sequence_num
+            evs = msg.events
+            if seq - 1 == self.last_seq and len(evs) == 1:
+                ev = evs[0]
+                pid = ev.product_id
+                ups = ev.updates
+                if type(ev) is UpdateEvent and ups and pid in self.valid:
+                    self.last_seq = seq
+                    self.last_frame_recv = recv_ns
+                    l2 = self.l2
+                    l2.ups += ups
+                    n = len(ups)
+                    l2.runs.append((n, recv_ns, seq, msg.timestamp, pid, False))
+                    l2.rows += n
+                    if l2.rows >= l2.flush_at:
+                        l2.flush()
+                    return
         if self.conn is None:
             self.on_connect(recv_ns)
         seq, last = msg.sequence_num, self.last_seq
@@ -387,21 +412,6 @@ class CoinbaseNormalizer(BaseNormalizer):
         elif not self._sequence(recv_ns, seq, frame):
             return
         self.last_frame_recv = recv_ns
-        cls = type(msg)
-        if cls is L2Msg and not self.keep_books and len(msg.events) == 1:
-            # the steady state, exactly as _l2 handles it: one update event of a valid book
-            ev = msg.events[0]
-            ups = ev.updates
-            pid = ev.product_id
-            if ups and type(ev) is UpdateEvent and pid in self.valid:
-                l2 = self.l2
-                l2.ups += ups
-                n = len(ups)
-                l2.runs.append((n, recv_ns, seq, msg.timestamp, pid, False))
-                l2.rows += n
-                if l2.rows >= l2.flush_at:
-                    l2.flush()
-                return
         if cls is L2Msg or cls is RawL2Msg:
             try:
                 self._l2(recv_ns, msg)
