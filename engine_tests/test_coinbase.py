@@ -356,6 +356,34 @@ def test_timestamp_far_from_receive_time():
     assert n.c.skipped_frames == 1
 
 
+@pytest.mark.parametrize("keep_books", [True, False])
+@pytest.mark.parametrize("sub_rows", [3, 4096])
+def test_every_row_keeps_its_own_event_time(keep_books, sub_rows):
+    """Event times are stored once per stretch of equal values: stretches that change inside a
+    message, continue across messages, or cross a read-out boundary still give each row its own."""
+    n = CoinbaseNormalizer(keep_books=keep_books)
+    n.l2.sub_rows = n.l2.flush_at = sub_rows
+    n.on_connect(T0, conn=1)
+
+    def frame(seq, typ, times, env_t=T0 + 50):
+        f = json.loads(l2_frame(seq, "BTC-USD", [("bid", str(100 + i), "1") for i in range(len(times))], typ=typ,
+                                env_t=env_t))
+        for u, t in zip(f["events"][0]["updates"], times):
+            u["event_time"] = t if isinstance(t, str) else _iso(t, 9)
+        return json.dumps(f)
+
+    n.feed(T0 + 100, frame(0, "snapshot", [T0, T0]))
+    n.feed(T0 + 100, frame(1, "update", [T0 + 1, T0 + 1, T0 + 2, "garbage"]))
+    n.feed(T0 + 100, frame(2, "update", [T0 + 3] * 3))
+    n.feed(T0 + 100, frame(3, "update", [T0 + 3, T0 + 4]))
+    out = n.take()["l2"]
+    assert out.column("ts").to_pylist() == [T0, T0, T0 + 1, T0 + 1, T0 + 2, T0 + 50, T0 + 3, T0 + 3, T0 + 3,
+                                            T0 + 3, T0 + 4]
+    assert out.column("seq").to_pylist() == [0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert out.column("snapshot").to_pylist() == [True] * 2 + [False] * 9
+    assert n.c.ts_fallbacks == 1 and n.c.skipped_frames == 0
+
+
 def test_conversion_failure_skips_only_the_bad_message():
     cols = L2Cols("coinbase")
     for i, side in enumerate(["bid", "weird", "offer"]):

@@ -203,10 +203,11 @@ class L2Chunk:
 
     Per message only the decoded update Structs and one run tuple per event
     `(n, recv_ns, seq, envelope_time, product_id, snapshot)` are appended. Every `sub_rows` rows,
-    while the Structs are still in the CPU cache, their columns (price, size, side = the Struct's
-    type, event time) are read out in bulk, so no Python code runs per row, and the Structs are
+    while the Structs are still in the CPU cache, their columns (price, size, side, event time) are
+    read out in bulk, so no Python code runs per row, and the Structs are
     released (numbers Arrow could not read, from the raw fallback, become NaN). `take` checks the
-    values and builds one Arrow table: event times are parsed once per distinct string; one that is
+    values and builds one Arrow table: event times are parsed once per stretch of rows sharing one
+    (in the recordings the updates of a message always do, consecutive messages often); one that is
     unparseable or further than `max_skew_ns` from the receive time falls back to the envelope time,
     then to the receive time (counted in `ts_fallbacks`). An event holding a NaN/inf price or size,
     a negative size or a non-positive price is dropped and reported through `on_bad`, in message order.
