@@ -95,12 +95,15 @@ def prepare_demo(demo_dir: Path, minutes: float) -> dict:
     from engine import capture_gen, kalshi_auth
 
     demo_dir.mkdir(parents=True, exist_ok=True)
-    start = str(time.time_ns() + 10 * 10**9)  # generation takes a few seconds: stamp when playback starts
+    start = time.time_ns() + 6 * 10**9  # generation takes about 4 s: stamp when playback starts
     caps = {}
     for src in ("coinbase", "kalshi"):
         out = demo_dir / f"{src}-now.jsonl.zst"
-        capture_gen.cli(["--source", src, "--minutes", str(minutes), "--start", start, "--out", str(out)])
+        capture_gen.cli(["--source", src, "--minutes", str(minutes), "--start", str(start), "--out", str(out)])
         caps[src] = out
+    # play no frame stamped in the future: the exchange times would run ahead of the receive times
+    # (a negative feed lag in `data-engine status`) for the whole demo
+    time.sleep(max(0.0, (start - time.time_ns()) / 1e9))
     keys = demo_dir / "keys"
     priv, pub = kalshi_auth.generate_keypair(keys, name="demo")
     return {"captures": caps, "private_key": Path(priv), "public_key": Path(pub)}
