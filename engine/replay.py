@@ -17,6 +17,10 @@
 
 One playback clock per server: it advances while at least one client is subscribed (paused
 otherwise), at `speed` × real time from the captures' `recv_ns` spacing (0 = as fast as possible).
+With `loop_capture`, each pass after the first moves the exchange times of the frames it sends
+forward by whole capture lengths and gives its trades new ids, so a looped capture reads as fresh
+data (not the same minutes again, nor trades a collector drops as duplicates); the REST answers
+keep following the capture's own clock, so contracts reopen on each pass.
 
 Faults (`inject()` at runtime from any thread, or `faults=["drop@100", "stall@500:3", "close@800"]`
 keyed by the capture frame index): `drop[:N]` (the next N frames are not sent but consume sequence
@@ -39,6 +43,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +60,7 @@ from websockets.http11 import Response
 from engine import kalshi_auth
 from engine.capture_gen import KalshiMarketSpec, fmt_dp, fmt_rfc3339, market_object, read_capture
 from engine.log import get_logger
+from engine.sources import parse_ts
 
 WS_PATH = "/trade-api/ws/v2"
 REST_PREFIX = "/trade-api/v2"
@@ -194,6 +200,8 @@ class ReplayServer:
         self.port = port
         self.speed = float(speed or 0.0)
         self.loop_capture = loop_capture
+        self._shift_ns = 0  # added to the exchange times of sent frames on looped passes (whole seconds)
+        self._shift_pass = 0
         self.subscribe_timeout = subscribe_timeout
         self.ping_interval = ping_interval
         self.auth_max_skew_ms = auth_max_skew_ms
@@ -510,6 +518,7 @@ class ReplayServer:
 
     async def _feed(self) -> None:
         wall0 = rec0 = None
+        span0 = span1 = None  # first and last recv_ns of the capture (its first pass)
         idx = 0
         try:
             first = True
@@ -533,6 +542,9 @@ class ReplayServer:
                         continue
                     frame = rec.get("frame")
                     r = rec.get("recv_ns", 0)
+                    if self._shift_pass == 0 and "recv_ns" in rec:
+                        span0 = r if span0 is None else span0
+                        span1 = r if span1 is None else max(span1, r)
                     for f in self._scheduled.pop(idx, ()):
                         self._inject_now(*f)
                     if self._pending:
@@ -545,7 +557,8 @@ class ReplayServer:
                     if self.speed > 0:
                         if wall0 is None:
                             wall0, rec0 = time.monotonic(), r
-                        delay = wall0 + (r - rec0) / 1e9 / self.speed - time.monotonic()
+                        # a looped pass is paced at its shifted times: exchange times keep up with the wall clock
+                        delay = wall0 + (r + self._shift_ns - rec0) / 1e9 / self.speed - time.monotonic()
                         if delay > 0:
                             await asyncio.sleep(delay)
                     self.clock_ns = max(self.clock_ns, r)
@@ -568,7 +581,12 @@ class ReplayServer:
                 if not self.loop_capture:
                     break
                 self.counters["loops"] += 1
-                wall0 = rec0 = None
+                if span0 is not None:
+                    period = -(-(span1 - span0 + 10**9) // 10**9) * 10**9  # the capture's length, rounded up to whole s
+                    self._shift_pass = self.counters["loops"]
+                    self._shift_ns = self._shift_pass * period
+                else:
+                    wall0 = rec0 = None
             self.log.info("replay_capture_exhausted", frames=self.counters["frames_read"])
             self.done.set()
             if self._pending:
@@ -627,6 +645,8 @@ class ReplayServer:
 
     def _cb_frame(self, text: str) -> None:
         d = _dec(text)
+        if self._shift_ns:
+            text, d = self._cb_shifted(d)
         ch = d.get("channel")
         events = d.get("events") or []
         if ch == "l2_data":
@@ -700,6 +720,24 @@ class ReplayServer:
                 return
             targets = [(c, None) for c in self._conns if c.alive and c.cb_subs.get(sub)]
             self._deliver(targets, lambda c, _: self._cb_next(c, text, d))
+
+    def _cb_shifted(self, d: dict) -> tuple[str, dict]:
+        """A looped pass's frame: times moved forward by `_shift_ns`, trade ids by whole passes."""
+        sh = self._shift_ns
+        if isinstance(d.get("timestamp"), str):
+            d["timestamp"] = _shift_rfc3339(d["timestamp"], sh)
+        for ev in d.get("events") or []:
+            for u in ev.get("updates") or ():
+                if isinstance(u, dict) and isinstance(u.get("event_time"), str):
+                    u["event_time"] = _shift_rfc3339(u["event_time"], sh)
+            for t in ev.get("trades") or ():
+                if isinstance(t, dict):
+                    if isinstance(t.get("time"), str):
+                        t["time"] = _shift_rfc3339(t["time"], sh)
+                    tid = t.get("trade_id")
+                    if isinstance(tid, str) and tid.isdigit():
+                        t["trade_id"] = str(int(tid) + self._shift_pass * _LOOP_TRADE_ID_STEP)
+        return _enc(d).decode(), d
 
     def _cb_next(self, c: _Conn, text: str, d: dict) -> str:
         s = self._cb_rewrite(text, d, c.seq)
@@ -855,6 +893,8 @@ class ReplayServer:
         if not isinstance(msg, dict):
             return
         tick = msg.get("market_ticker")
+        if self._shift_ns:
+            self._k_shift(msg)
         if typ == "orderbook_snapshot" and tick:
             self._k_apply_snapshot(tick, msg)
             targets = []
@@ -894,6 +934,19 @@ class ReplayServer:
                 s.seq += 1
                 return _enc({"type": typ, "sid": s.sid, "seq": s.seq, "msg": msg}).decode()
             self._deliver(targets, mk)
+
+    def _k_shift(self, msg: dict) -> None:
+        """A looped pass's message: times moved forward by `_shift_ns`, a new trade id per pass."""
+        sh = self._shift_ns
+        ts = msg.get("ts")
+        if isinstance(ts, str):
+            msg["ts"] = _shift_rfc3339(ts, sh)
+        elif isinstance(ts, int) and not isinstance(ts, bool):
+            msg["ts"] = ts + sh // 10**9
+        if isinstance(msg.get("ts_ms"), int):
+            msg["ts_ms"] += sh // 10**6
+        if isinstance(msg.get("trade_id"), str):
+            msg["trade_id"] = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{self._shift_pass}:{msg['trade_id']}"))
 
     def _k_error(self, c: _Conn, cmd_id, code: int, text: str, sub: _KSub | None = None, **extra) -> None:
         self.counters["errors_sent"] += 1
@@ -1181,6 +1234,21 @@ class ReplayServer:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+_LOOP_TRADE_ID_STEP = 10**12  # Coinbase trade ids on a looped pass: above every id of the passes before
+
+
+def _shift_rfc3339(s: str, shift_ns: int) -> str:
+    """An RFC 3339 UTC time moved by a whole number of seconds, its fraction kept as written
+    (a time that does not parse is sent as it is: the collector's own checks deal with it)."""
+    try:
+        t = parse_ts(s)
+    except (ValueError, IndexError):
+        return s
+    if s[-1:] not in ("Z", "z") or s[19:20] not in (".", "Z", "z"):
+        return s
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((t + shift_ns) // 10**9)) + s[19:]
 
 
 def _parse_time_ns(s) -> int:

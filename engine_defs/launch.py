@@ -93,6 +93,7 @@ def _bin(name: str) -> str:
 def prepare_demo(demo_dir: Path, minutes: float) -> dict:
     """Fresh captures stamped now, and a throw-away Kalshi key pair (never a shipped private key)."""
     from engine import capture_gen, kalshi_auth
+    from engine.capture import read_capture
 
     demo_dir.mkdir(parents=True, exist_ok=True)
     start = time.time_ns() + 6 * 10**9  # generation takes about 4 s: stamp when playback starts
@@ -103,7 +104,8 @@ def prepare_demo(demo_dir: Path, minutes: float) -> dict:
         caps[src] = out
     # play no frame stamped in the future: the exchange times would run ahead of the receive times
     # (a negative feed lag in `data-engine status`) for the whole demo
-    time.sleep(max(0.0, (start - time.time_ns()) / 1e9))
+    first = max(next(r for r, frame, _ in read_capture(p) if frame is not None) for p in caps.values())
+    time.sleep(max(0.0, (first - time.time_ns()) / 1e9))
     keys = demo_dir / "keys"
     priv, pub = kalshi_auth.generate_keypair(keys, name="demo")
     return {"captures": caps, "private_key": Path(priv), "public_key": Path(pub)}
