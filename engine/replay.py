@@ -1300,7 +1300,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--speed", type=float, default=0.0, help="0 = as fast as possible, X = X times real time")
     ap.add_argument("--faults", default="", help="comma separated, e.g. drop@100,stall@500:3,close@800")
     ap.add_argument("--kalshi-public-key", default=None, help="PEM file; WS auth signatures must verify")
-    ap.add_argument("--loop", action="store_true", help="restart the capture when it ends")
+    ap.add_argument("--loop", action="store_true", help="play the capture again when it ends, as fresh data: exchange times moved on by whole capture lengths, new trade ids")
     a = ap.parse_args(argv)
     faults = [f for f in a.faults.split(",") if f.strip()]
     for f in faults:
