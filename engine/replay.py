@@ -1239,16 +1239,27 @@ class ReplayServer:
 _LOOP_TRADE_ID_STEP = 10**12  # Coinbase trade ids on a looped pass: above every id of the passes before
 
 
+_SHIFTED: dict[tuple[str, int], str | None] = {}  # (whole-second prefix, shift) -> shifted prefix
+
+
 def _shift_rfc3339(s: str, shift_ns: int) -> str:
-    """An RFC 3339 UTC time moved by a whole number of seconds, its fraction kept as written
-    (a time that does not parse is sent as it is: the collector's own checks deal with it)."""
-    try:
-        t = parse_ts(s)
-    except (ValueError, IndexError):
+    """An RFC 3339 UTC time moved by a whole number of seconds, its fraction kept as written (one
+    conversion per distinct second: looped passes run at full replay speed). A time that does not
+    parse is sent as it is: the collector's own checks deal with it."""
+    if len(s) < 20 or s[-1] not in "Zz" or s[19] not in ".Zz":
         return s
-    if s[-1:] not in ("Z", "z") or s[19:20] not in (".", "Z", "z"):
-        return s
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((t + shift_ns) // 10**9)) + s[19:]
+    key = (s[:19], shift_ns)
+    head = _SHIFTED.get(key)
+    if head is None and key not in _SHIFTED:
+        try:
+            t = parse_ts(s[:19] + "Z")
+            head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((t + shift_ns) // 10**9))
+        except (ValueError, IndexError):
+            head = None
+        if len(_SHIFTED) > 100_000:
+            _SHIFTED.clear()
+        _SHIFTED[key] = head
+    return s if head is None else head + s[19:]
 
 
 def _parse_time_ns(s) -> int:

@@ -12,8 +12,8 @@ compaction (queries through the S3 read cache). The report asserts equality per 
 (so neither loss nor duplication can hide in a total) and unique trade ids.
 
 The capture is generated once (protocol-exact generator) and cached under the work directory; for
-runs longer than the capture it is looped, with trade ids shifted on every pass so that a loop
-is new data, not a duplicate.
+runs longer than the capture it is looped; the replay exchange moves each pass's exchange times
+forward and gives its trades new ids, so that a loop is new data, not a duplicate.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TYPICAL_ROWS_PER_S = 2e9 / 12 / 86400  # ~1,930
 ROWS_PER_FRAME = 2.84  # generate_coinbase's average rows per frame (l2 updates, trades, heartbeats)
 PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD", "DOGE-USD", "AVAX-USD", "LINK-USD", "ADA-USD", "XRP-USD"]
-LOOP_TRADE_ID_STRIDE = 10**8
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -61,7 +60,6 @@ def replay_child(a) -> int:
     import asyncio
 
     import engine.replay as rp
-    from engine.capture_gen import read_capture
 
     counts = {"l2_update_rows": 0, "l2_snapshot_rows": 0, "trades": 0, "frames": 0}
     per_seq: dict[int, array] = {}
@@ -90,24 +88,11 @@ def replay_child(a) -> int:
 
     rp._Conn = CountingConn
 
-    class LoopingReplay(rp.ReplayServer):
-        def _records(self):
-            off = self.counters["loops"] * LOOP_TRADE_ID_STRIDE
-            for rec in read_capture(self.capture):
-                f = rec.get("frame")
-                if off and f and '"market_trades"' in f[:40]:
-                    d = json.loads(f)
-                    for ev in d.get("events", []):
-                        for t in ev.get("trades", []):
-                            t["trade_id"] = str(int(t["trade_id"]) + off)
-                    rec = {"recv_ns": rec["recv_ns"], "frame": json.dumps(d, separators=(",", ":"))}
-                yield rec
-
     stop_feed = {"flag": False}
     signal.signal(signal.SIGUSR1, lambda *_: stop_feed.__setitem__("flag", True))
     done = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: done.__setitem__("flag", True))
-    with LoopingReplay.run_in_thread(source="coinbase", capture=a.capture, speed=a.speed, loop_capture=True) as srv:
+    with rp.ReplayServer.run_in_thread(source="coinbase", capture=a.capture, speed=a.speed, loop_capture=True) as srv:
         Path(a.url_file).write_text(srv.ws_url)
         while not stop_feed["flag"] and not done["flag"]:
             time.sleep(0.1)
