@@ -202,6 +202,7 @@ class ReplayServer:
         self.loop_capture = loop_capture
         self._shift_ns = 0  # added to the exchange times of sent frames on looped passes (whole seconds)
         self._shift_pass = 0
+        self._first_recv: int | None = None  # the capture's first recv_ns (prescan)
         self.subscribe_timeout = subscribe_timeout
         self.ping_interval = ping_interval
         self.auth_max_skew_ms = auth_max_skew_ms
@@ -264,6 +265,7 @@ class ReplayServer:
                         self.cb_products.add(m.group(1))
         else:
             first = self._scan_kalshi_markets()
+        self._first_recv = first
         self.clock_ns = first or 0
 
     def _scan_kalshi_markets(self) -> int | None:
@@ -518,7 +520,6 @@ class ReplayServer:
 
     async def _feed(self) -> None:
         wall0 = rec0 = None
-        span0 = span1 = None  # first and last recv_ns of the capture (its first pass)
         idx = 0
         try:
             first = True
@@ -542,9 +543,6 @@ class ReplayServer:
                         continue
                     frame = rec.get("frame")
                     r = rec.get("recv_ns", 0)
-                    if self._shift_pass == 0 and "recv_ns" in rec:
-                        span0 = r if span0 is None else span0
-                        span1 = r if span1 is None else max(span1, r)
                     for f in self._scheduled.pop(idx, ()):
                         self._inject_now(*f)
                     if self._pending:
@@ -581,10 +579,12 @@ class ReplayServer:
                 if not self.loop_capture:
                     break
                 self.counters["loops"] += 1
-                if span0 is not None:
-                    period = -(-(span1 - span0 + 10**9) // 10**9) * 10**9  # the capture's length, rounded up to whole s
+                if self._first_recv is not None:
+                    # the capture's length (the clock stops at its last recv_ns), rounded up to whole s
+                    period = -(-(self.clock_ns - self._first_recv + 10**9) // 10**9) * 10**9
                     self._shift_pass = self.counters["loops"]
                     self._shift_ns = self._shift_pass * period
+                    self.clock_ns = self._first_recv  # the capture clock restarts with the pass
                 else:
                     wall0 = rec0 = None
             self.log.info("replay_capture_exhausted", frames=self.counters["frames_read"])
@@ -614,7 +614,7 @@ class ReplayServer:
     # ------------------------------------------------------------------------------------------ coinbase
 
     def _cb_envelope(self, c: _Conn, channel: str, events: list) -> str:
-        s = _enc({"channel": channel, "timestamp": fmt_rfc3339(self.clock_ns, 9), "sequence_num": c.seq,
+        s = _enc({"channel": channel, "timestamp": fmt_rfc3339(self.clock_ns + self._shift_ns, 9), "sequence_num": c.seq,
                   "events": events}).decode()
         c.seq += 1
         return s
@@ -635,7 +635,7 @@ class ReplayServer:
 
     def _cb_l2_snapshot(self, c: _Conn, pid: str) -> str:
         book = self.cb_books.get(pid, {"bid": {}, "offer": {}})
-        et = fmt_rfc3339(self.clock_ns, 6)
+        et = fmt_rfc3339(self.clock_ns + self._shift_ns, 6)  # the time of the pass being sent
         ups = [{"side": "bid", "event_time": et, "price_level": p, "new_quantity": q}
                for p, q in sorted(book["bid"].items(), key=lambda kv: Decimal(kv[0]), reverse=True)]
         ups += [{"side": "offer", "event_time": et, "price_level": p, "new_quantity": q}

@@ -375,6 +375,55 @@ def test_coinbase_reconnect_gets_current_book(cb_capture):
     run(go())
 
 
+def test_coinbase_looped_pass_is_stamped_as_its_own_time():
+    """On a looped pass every frame the server sends, those it synthesizes (a late client's
+    snapshot, the envelope) included, carries the pass's shifted time, and trade ids are new."""
+    cap = list(generate_coinbase(["BTC-USD"], seconds=3, rate=100, seed=1, depth=20))
+
+    def t(s):
+        from engine.sources import parse_ts
+
+        return parse_ts(s)
+
+    async def first_frames(url, n):
+        async with connect(url, max_size=1 << 24) as ws:
+            await cb_subscribe(ws, ["BTC-USD"])
+            out = []
+            while len(out) < n:
+                d = await recv_json(ws)
+                if d["channel"] in ("l2_data", "market_trades"):
+                    out.append(d)
+            return out
+
+    async def go():
+        srv = ReplayServer("coinbase", cap, speed=4.0, loop_capture=True)
+        await srv.start()
+        try:
+            first = await first_frames(srv.ws_url, 20)
+            async with connect(srv.ws_url, max_size=1 << 24) as keep:  # the playback clock runs while subscribed
+                await cb_subscribe(keep, ["BTC-USD"])
+                while srv.stats()["loops"] < 2:
+                    await asyncio.wait_for(keep.recv(), 5)
+                later = await first_frames(srv.ws_url, 20)
+        finally:
+            await srv.stop()
+        return first, later
+
+    first, later = run(go())
+    t0 = t(first[0]["events"][0]["updates"][0]["event_time"])
+    span = (cap[-1]["recv_ns"] - cap[0]["recv_ns"]) / 1e9
+    snap = later[0]
+    assert snap["channel"] == "l2_data" and snap["events"][0]["type"] == "snapshot"
+    times = [t(snap["timestamp"]), t(snap["events"][0]["updates"][0]["event_time"])]
+    times += [t(u["event_time"]) for d in later[1:] if d["channel"] == "l2_data" for u in d["events"][0]["updates"]]
+    # two whole passes later, and all within one pass's length of each other
+    assert min(times) - t0 >= 2 * span * 1e9, ((min(times) - t0) / 1e9, span)
+    assert (max(times) - min(times)) / 1e9 <= span + 1
+    ids = lambda frames: {tr["trade_id"] for d in frames if d["channel"] == "market_trades"  # noqa: E731
+                          for ev in d["events"] for tr in ev["trades"]}
+    assert ids(later) and not ids(later) & ids(first)
+
+
 def test_coinbase_runtime_faults_seen_by_client(cb_capture):
     with ReplayServer.run_in_thread(source="coinbase", capture=cb_capture, speed=4.0) as srv:
 
