@@ -17,6 +17,10 @@
 
 One playback clock per server: it advances while at least one client is subscribed (paused
 otherwise), at `speed` × real time from the captures' `recv_ns` spacing (0 = as fast as possible).
+With `at_present` (the default), exchange times are moved by whole seconds so that the capture's
+first frame reads as happening now (REST open/close times move with them): a capture recorded or
+generated on another day is still fresh data to a collector, which refuses exchange times a day
+away from its receive time. `stats()["shift_ns"]` is that shift.
 With `loop_capture`, each pass after the first moves the exchange times of the frames it sends
 forward by whole capture lengths and gives its trades new ids, so a looped capture reads as fresh
 data (not the same minutes again, nor trades a collector drops as duplicates); the REST answers
@@ -34,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import email.utils
 import json
@@ -187,6 +192,7 @@ class ReplayServer:
         faults: list[str] | None = None,
         kalshi_public_key: Any = None,
         loop_capture: bool = False,
+        at_present: bool = True,
         subscribe_timeout: float = 5.0,
         ping_interval: float = 10.0,
         markets: list[dict] | None = None,
@@ -200,7 +206,9 @@ class ReplayServer:
         self.port = port
         self.speed = float(speed or 0.0)
         self.loop_capture = loop_capture
-        self._shift_ns = 0  # added to the exchange times of sent frames on looped passes (whole seconds)
+        self.at_present = at_present
+        self._shift_ns = 0  # added to the exchange times of sent frames (whole seconds): base + looped passes
+        self._base_shift_ns = 0  # moves the capture's first recv_ns to the present (`at_present`)
         self._shift_pass = 0
         self._first_recv: int | None = None  # the capture's first recv_ns (prescan)
         self.subscribe_timeout = subscribe_timeout
@@ -267,6 +275,11 @@ class ReplayServer:
             first = self._scan_kalshi_markets()
         self._first_recv = first
         self.clock_ns = first or 0
+        if self.at_present and first is not None:
+            # a capture recorded (or generated) on another day plays as if it were happening now:
+            # collectors refuse exchange times a day away from the receive time
+            self._base_shift_ns = (time.time_ns() - first) // 10**9 * 10**9
+            self._shift_ns = self._base_shift_ns
 
     def _scan_kalshi_markets(self) -> int | None:
         first = last = None
@@ -433,6 +446,7 @@ class ReplayServer:
         d = dict(self.counters)
         d["clients"] = sum(1 for c in self._conns if c.alive)
         d["clock_ns"] = self.clock_ns
+        d["shift_ns"] = self._base_shift_ns
         return d
 
     def _inject_now(self, name: str, val) -> None:
@@ -556,7 +570,7 @@ class ReplayServer:
                         if wall0 is None:
                             wall0, rec0 = time.monotonic(), r
                         # a looped pass is paced at its shifted times: exchange times keep up with the wall clock
-                        delay = wall0 + (r + self._shift_ns - rec0) / 1e9 / self.speed - time.monotonic()
+                        delay = wall0 + (r + self._shift_ns - self._base_shift_ns - rec0) / 1e9 / self.speed - time.monotonic()
                         if delay > 0:
                             await asyncio.sleep(delay)
                     self.clock_ns = max(self.clock_ns, r)
@@ -583,7 +597,7 @@ class ReplayServer:
                     # the capture's length (the clock stops at its last recv_ns), rounded up to whole s
                     period = -(-(self.clock_ns - self._first_recv + 10**9) // 10**9) * 10**9
                     self._shift_pass = self.counters["loops"]
-                    self._shift_ns = self._shift_pass * period
+                    self._shift_ns = self._base_shift_ns + self._shift_pass * period
                     self.clock_ns = self._first_recv  # the capture clock restarts with the pass
                 else:
                     wall0 = rec0 = None
@@ -945,7 +959,7 @@ class ReplayServer:
             msg["ts"] = ts + sh // 10**9
         if isinstance(msg.get("ts_ms"), int):
             msg["ts_ms"] += sh // 10**6
-        if isinstance(msg.get("trade_id"), str):
+        if self._shift_pass and isinstance(msg.get("trade_id"), str):
             msg["trade_id"] = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{self._shift_pass}:{msg['trade_id']}"))
 
     def _k_error(self, c: _Conn, cmd_id, code: int, text: str, sub: _KSub | None = None, **extra) -> None:
@@ -1120,8 +1134,13 @@ class ReplayServer:
                 return _json_response(401, {"error": {"code": "authentication_error", "message": str(e)}})
         return None
 
+    def _at_present(self, m: KalshiMarketSpec) -> KalshiMarketSpec:
+        """The contract as REST shows it: its times moved by the same base shift as the frames."""
+        b = self._base_shift_ns
+        return dataclasses.replace(m, open_ns=m.open_ns + b, close_ns=m.close_ns + b) if b else m
+
     def _market_obj(self, m: KalshiMarketSpec) -> dict:
-        o = market_object(m, self.clock_ns)
+        o = market_object(self._at_present(m), self.clock_ns + self._base_shift_ns)
         if m.floor_strike is None:
             for k in ("floor_strike", "cap_strike", "strike_type"):
                 o.pop(k, None)
@@ -1159,8 +1178,8 @@ class ReplayServer:
             ticks = set(one("tickers").split(",")) if one("tickers") else None
             sel = [m for m in mk if (not ser or m.series_ticker == ser) and (not ev or m.event_ticker == ev)
                    and (ticks is None or m.ticker in ticks) and self._status_ok(m, wanted)
-                   and (one("min_close_ts") is None or m.close_ns >= int(one("min_close_ts")) * 10**9)
-                   and (one("max_close_ts") is None or m.close_ns <= int(one("max_close_ts")) * 10**9)]
+                   and (one("min_close_ts") is None or m.close_ns + self._base_shift_ns >= int(one("min_close_ts")) * 10**9)
+                   and (one("max_close_ts") is None or m.close_ns + self._base_shift_ns <= int(one("max_close_ts")) * 10**9)]
             page, cur = self._page(sel, q, 100, 1000)
             return _json_response(200, {"cursor": cur, "markets": [self._market_obj(m) for m in page]})
         if len(parts) == 2 and parts[0] == "markets":
@@ -1191,7 +1210,7 @@ class ReplayServer:
                 if wanted and not ms_ok:
                     continue
                 o = {"event_ticker": ev, "series_ticker": ms[0].series_ticker, "title": ev,
-                     "strike_date": market_object(ms[0], self.clock_ns)["close_time"], "mutually_exclusive": True}
+                     "strike_date": self._market_obj(ms[0])["close_time"], "mutually_exclusive": True}
                 if nested:
                     o["markets"] = [self._market_obj(m) for m in ms_ok or ms]
                 out.append(o)
@@ -1312,6 +1331,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--faults", default="", help="comma separated, e.g. drop@100,stall@500:3,close@800")
     ap.add_argument("--kalshi-public-key", default=None, help="PEM file; WS auth signatures must verify")
     ap.add_argument("--loop", action="store_true", help="play the capture again when it ends, as fresh data: exchange times moved on by whole capture lengths, new trade ids")
+    ap.add_argument("--as-recorded", action="store_true",
+                    help="send the capture's own exchange times (default: moved by whole seconds to the present)")
     a = ap.parse_args(argv)
     faults = [f for f in a.faults.split(",") if f.strip()]
     for f in faults:
@@ -1319,7 +1340,8 @@ def cli(argv: list[str]) -> int:
 
     async def main() -> int:
         srv = ReplayServer(a.source, a.capture, host=a.host, port=a.port, speed=a.speed, faults=faults,
-                           kalshi_public_key=a.kalshi_public_key, loop_capture=a.loop)
+                           kalshi_public_key=a.kalshi_public_key, loop_capture=a.loop,
+                           at_present=not a.as_recorded)
         await srv.start()
         print(f"replay-exchange {a.source} listening on {srv.ws_url}"
               + (f" (REST {srv.rest_url})" if srv.rest_url else ""), file=sys.stderr, flush=True)

@@ -65,13 +65,16 @@ def _ingest(home: Path, files, source: str) -> None:
         eng.close()
 
 
-def _canon_l2(df: pl.DataFrame, with_recv: bool) -> list:
+def _canon_l2(df: pl.DataFrame, with_recv: bool, shift: int = 0) -> list:
+    """Rows comparable across runs; `shift` is taken off exchange times (the replay exchange moves a
+    capture to the present by `stats()["shift_ns"]`)."""
     cols = ["instrument", "side", "price", "size", "ts", "snapshot"] + (["recv_ts", "seq"] if with_recv else [])
+    df = df.with_columns(pl.col("ts") - shift)
     return sorted(df.select([pl.col(c).cast(pl.Utf8) if c in ("instrument", "side") else pl.col(c) for c in cols]).rows())
 
 
-def _canon_trades(df: pl.DataFrame) -> list:
-    return sorted(df.select(pl.col("instrument").cast(pl.Utf8), "trade_id", "ts", "price", "size",
+def _canon_trades(df: pl.DataFrame, shift: int = 0) -> list:
+    return sorted(df.select(pl.col("instrument").cast(pl.Utf8), "trade_id", pl.col("ts") - shift, "price", "size",
                             pl.col("side").cast(pl.Utf8)).rows())
 
 
@@ -120,6 +123,7 @@ def test_live_equals_offline_malformed_frames_and_kalshi_skipped(cb_capture, cb_
         p = _run(home, "--source", "coinbase", "kalshi", "--coinbase-url", srv.ws_url, "--capture-dir", str(cap),
                  "--for", "3", "--coinbase-stall", "30")
         assert srv.stats()["malformed_sent"] == 1000
+        shift = srv.stats()["shift_ns"]
     # Kalshi without credentials: one clear line, Coinbase ran anyway
     assert p.stderr.count('"kalshi_skipped"') == 1
     st = json.loads((home / "status" / "coinbase.json").read_text())
@@ -137,17 +141,47 @@ def test_live_equals_offline_malformed_frames_and_kalshi_skipped(cb_capture, cb_
     # ... and the same rows as ingesting the capture the exchange served (receive times aside):
     # every good row kept despite 1,000 malformed frames
     ref_l2, ref_tr, _ = cb_reference
-    assert _canon_l2(l2, False) == _canon_l2(ref_l2, False)
+    assert _canon_l2(l2, False, shift) == _canon_l2(ref_l2, False)
     # trades: the exchange's trade snapshot holds the last 100 trades at subscribe time, so the
     # oldest few of the capture's initial snapshot can fall out of that window; everything from
     # the first trade we hold on is identical
-    live_t, ref_t = _canon_trades(tr), _canon_trades(ref_tr)
+    live_t, ref_t = _canon_trades(tr, shift), _canon_trades(ref_tr)
     first = {}
     for inst, tid, *_ in live_t:
         first[inst] = min(first.get(inst, int(tid)), int(tid))
     assert live_t == [r for r in ref_t if int(r[1]) >= first[r[0]]]
     assert len(ref_t) - len(live_t) < 30
     assert l2.height > 3000 and tr.height > 300
+
+
+def test_capture_stamped_30_days_ago_plays_at_the_present(tmp_path):
+    """A capture from another day (recorded last month, or generated on a fixed date) is played as
+    fresh data: the collector would refuse exchange times a day away from its receive time."""
+    old = time.time_ns() - 30 * 86400 * 10**9
+    cap = list(generate_coinbase(seconds=6, rate=60, seed=21, depth=30, start_ns=old))
+    home = tmp_path / "live"
+    with ReplayServer.run_in_thread(source="coinbase", capture=cap, speed=0) as srv:
+        _run(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--for", "3", "--coinbase-stall", "30")
+        shift = srv.stats()["shift_ns"]
+    assert shift > 29 * 86400 * 10**9
+    st = _status(home, "coinbase")
+    assert st["skipped_frames"] == 0 and st.get("skipped_rows", 0) == 0 and st["skip_reasons"] == {}, st
+    l2, tr, _ = _tables(home)
+    ref_home = tmp_path / "ref"
+    path = tmp_path / "cap.jsonl"
+    write_capture(cap, path)
+    _ingest(ref_home, [path], "coinbase")
+    ref_l2, ref_tr, _ = _tables(ref_home)
+    # every trade the exchange sent after the subscription's snapshot window is stored, at its own time
+    live_t, ref_t = _canon_trades(tr, shift), _canon_trades(ref_tr)
+    first = {}
+    for inst, tid, *_ in live_t:
+        first[inst] = min(first.get(inst, int(tid)), int(tid))
+    assert live_t == [r for r in ref_t if int(r[1]) >= first[r[0]]]
+    assert len(live_t) > 0.9 * len(ref_t)
+    assert _canon_l2(l2, False, shift) == _canon_l2(ref_l2, False)
+    # stored exchange times are today's, close to the receive times
+    assert (l2["recv_ts"] - l2["ts"]).abs().max() < 60 * 10**9
 
 
 def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, tmp_path):
@@ -164,6 +198,7 @@ def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, 
         assert proc.returncode == 0, err[-3000:]
         s = srv.stats()
         assert s["dropped"] >= 1 and s["closes"] == 1 and s["stalls"] == 1
+        shift = s["shift_ns"]
     l2, tr, gaps = _tables(home)
     g = gaps.with_columns(pl.col("kind").cast(pl.Utf8), pl.col("market").cast(pl.Utf8))
     kinds = set(g["kind"])
@@ -183,7 +218,7 @@ def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, 
     assert _final_books(l2) == _final_books(ref_l2)
     # trades: no duplicate despite 3 reconnect snapshots, and a subset of the real ones
     assert tr.select("instrument", "trade_id").unique().height == tr.height
-    assert set(_canon_trades(tr)) <= set(_canon_trades(ref_tr))
+    assert set(_canon_trades(tr, shift)) <= set(_canon_trades(ref_tr))
 
 
 def _status(home: Path, source: str) -> dict:
