@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_
 from engine.schema import NS_PER_HOUR
 from engine.spool import Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
-from engine.timeutil import now_ns
+from engine.timeutil import iso, now_ns
 from engine.writer import write_parquet
 
 log = get_logger(component="engine")
@@ -29,6 +30,10 @@ log = get_logger(component="engine")
 DEFAULT_FLUSH_ROWS = 5_000_000
 HOUR_CLOSE_GRACE_S = 2.0
 APPEND_LAG_NS = 60 * 10**9  # rows a collector received but has not appended yet are at most this old
+
+
+class SyncBoundaryWarning(UserWarning):
+    """A query reached past a source's watermark; the newest rows are left out."""
 
 
 def _bufkey(table: str, source: str, market: str) -> str:
@@ -39,17 +44,24 @@ class Engine:
     """One lake home (catalog, spool, staging, cache) bound to one object store."""
 
     def __init__(self, home: Path, store=None, *, flush_rows: int = DEFAULT_FLUSH_ROWS, background: bool = True,
-                 cache_bytes: int = 2 << 30, book_anchors: bool = False, flush_age_s: float | None = None):
+                 cache_bytes: int = 2 << 30, book_anchors: bool = False, flush_age_s: float | None = None,
+                 writer: bool = False, refresh_s: float = 60.0):
         self.home = Path(home).resolve()
         self.layout = Layout(self.home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = open_store(store, self.layout.default_store)
         self.cache = ReadCache(self.layout.cache, self.store, cache_bytes)
-        if not self.layout.catalog_log.exists() and not self.store.is_local:
-            from engine.manifest import bootstrap_from_manifest
+        self.refresh_s = refresh_s
+        self._manifest = None
+        self._warned: dict[str, int] = {}
+        if not writer and self._reads_from_store():
+            from engine.manifest import ManifestReader
 
-            bootstrap_from_manifest(self)
-        self.catalog = Catalog(self.layout.catalog_log)
+            # a home that never wrote, on a shared store: the bucket's manifest is the catalog
+            self._manifest = ManifestReader(self.store, self.layout.catalog_dir)
+            self.catalog = self._manifest.fetch(None)
+        else:
+            self.catalog = Catalog(self.layout.catalog_log)
         self.flush_rows = flush_rows
         # Optional age trigger (e.g. the demo's 15 s) on top of row count and hour close.
         env_age = os.environ.get("ENGINE_FLUSH_AGE_S")
@@ -80,6 +92,45 @@ class Engine:
                 # a live writer (the collector) owns it; this engine reads
                 log.debug("spool_owned_by_live_writer", home=str(eng.home))
         return eng
+
+    def _reads_from_store(self) -> bool:
+        log_path = self.layout.catalog_log
+        if log_path.exists() and log_path.stat().st_size:
+            return False  # the writer's own home: its log is the truth
+        return not (self.store.is_local and self.store.root == self.layout.default_store.resolve())
+
+    @property
+    def remote_reader(self) -> bool:
+        """True when this home reads the store's manifest (a second machine), not a catalog log."""
+        return self._manifest is not None
+
+    def refresh(self) -> bool:
+        """Pick up what changed since the last look: the store's manifest (one conditional GET) on a
+        reader home, the catalog log otherwise. True when something changed."""
+        if self._manifest is not None:
+            cat = self._manifest.fetch(self.catalog)
+            if cat is None:
+                return False
+            self.catalog = cat
+            return True
+        return self.catalog.refresh() > 0
+
+    def warn_clamped(self, table: str, source: str, wm: int) -> None:
+        """Once per source and watermark: the result stops at the sync boundary."""
+        if self._warned.get(source) == wm:
+            return
+        self._warned[source] = wm
+        behind = max(0, now_ns() - wm) / 1e9
+        where = ("the store's manifest: rows received later are not uploaded yet" if self._manifest is not None
+                 else "this home's catalog: rows received later are not in a finished file yet")
+        msg = (f"{table}: source {source} is complete up to {iso(wm)} ({behind:,.0f} s ago) per {where}; they are "
+               "left out (pass allow_unsealed=True to read whatever exists)")
+        log.warning("query_clamped", table=table, source=source, watermark=iso(wm), behind_s=round(behind, 1))
+        warnings.warn(msg, SyncBoundaryWarning, stacklevel=4)
+
+    def _maybe_refresh(self) -> None:
+        if self._manifest is not None and time.monotonic() - self._manifest.checked >= self.refresh_s:
+            self.refresh()
 
     def _writer(self) -> Spool:
         """The spool is taken lazily: readers (Dagster, notebooks) never lock the lake."""
@@ -382,6 +433,7 @@ class Engine:
     def _q(self):
         from engine.query import Query
 
+        self._maybe_refresh()
         return Query(self)
 
     def l2(self, **kw) -> pl.DataFrame:
@@ -398,6 +450,16 @@ class Engine:
 
     def sql(self, query: str, **filters) -> pl.DataFrame:
         return self._q().sql(query, **filters)
+
+    def scan(self, table: str, **kw) -> pl.LazyFrame:
+        """Lazy: files are read (and fetched from the store) one at a time when collected."""
+        return self._q().scan(table, **kw)
+
+    def scan_l2(self, **kw) -> pl.LazyFrame:
+        return self.scan("l2", **kw)
+
+    def scan_trades(self, **kw) -> pl.LazyFrame:
+        return self.scan("trades", **kw)
 
     # ---- research toolkit (engine.research; each function takes the engine first) --------
     def quotes(self, *args, **kw) -> pl.DataFrame:

@@ -80,11 +80,17 @@ class _Agg:
             self.max_ts = e.max_ts if self.max_ts is None else max(self.max_ts, e.max_ts)
 
 
+class ReadOnlyCatalogError(RuntimeError):
+    pass
+
+
 class Catalog:
-    def __init__(self, log_path: Path):
-        self.path = Path(log_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch(exist_ok=True)
+    def __init__(self, log_path: Path | None):
+        """`None`: an in-memory catalog (a reader's copy of the store's manifest) that takes no writes."""
+        self.path = Path(log_path) if log_path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch(exist_ok=True)
         self._lock = threading.RLock()
         self._offset = 0
         self.version = 0
@@ -93,6 +99,7 @@ class Catalog:
         self.parts: dict[Partition, dict[str, FileEntry]] = defaultdict(dict)
         self._aggs: dict[Partition, _Agg] = {}
         self.watermarks: dict[str, int] = {}
+        self.writer_watermarks: dict[str, int] = {}  # a manifest reader: the writer's own (local) ones
         self.spool_hw: dict[str, int] = {}
         self._summary_cache: tuple[int, pl.DataFrame] | None = None
         self.torn_lines = 0
@@ -102,7 +109,7 @@ class Catalog:
     def refresh(self, startup: bool = False) -> int:
         """Apply log lines written since the last read (by this or another process)."""
         with self._lock:
-            if not self.path.exists():
+            if self.path is None or not self.path.exists():
                 return 0
             with open(self.path, "rb") as f:
                 f.seek(self._offset)
@@ -189,6 +196,9 @@ class Catalog:
         """Durably append ops (one write, fsync) under an exclusive lock shared by all processes."""
         if not ops:
             return
+        if self.path is None:
+            raise ReadOnlyCatalogError("this catalog is a reader's copy of the store's manifest; writes go "
+                                       "through the writing machine's home")
         for op in ops:
             op.at = op.at or now_ns()
         payload = b"".join(_enc.encode(op) + b"\n" for op in ops)

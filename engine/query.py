@@ -6,6 +6,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+from polars.io.plugins import register_io_source
 
 from engine import schema
 from engine.log import get_logger
@@ -56,9 +57,11 @@ class Query:
             for src in sorted({f.source for f in files}):
                 wm = self.cat.watermark(src)
                 clamp[src] = wm
-                if any(f.source == src and f.max_recv_ts is not None and f.max_recv_ts >= wm for f in files):
-                    log.warning("query_clamped", table=table, source=src, watermark=iso(wm),
-                                hint="rows received after the sealed watermark are left out; pass allow_unsealed=True")
+                past = any(f.source == src and f.max_recv_ts is not None and f.max_recv_ts >= wm for f in files)
+                # a reader: the writer has sealed more than it uploaded, and the window reaches past that
+                behind = self.cat.writer_watermarks.get(src, 0) > wm and (end is None or end > wm)
+                if past or behind:
+                    self.eng.warn_clamped(table, src, wm)
         return files, start, end, clamp
 
     def _filter_expr(self, table: str, instrument, start, end, clamp):
@@ -99,6 +102,17 @@ class Query:
         if not files:
             t = sp.schema.empty_table()
             return t.select(columns) if columns else t
+        self.eng.cache.check_fits(self._remote_bytes(files), f"this {table} query")
+        with self.eng.cache.pinned():
+            return self._read(table, sp, files, instrument, start, end, clamp, columns)
+
+    def _remote_bytes(self, files) -> int:
+        """Bytes of the files that can only come through the read cache."""
+        if self.eng.store.is_local:
+            return 0
+        return sum(e.bytes for e in files if not self.eng.layout.staged(e.key).exists())
+
+    def _read(self, table, sp, files, instrument, start, end, clamp, columns) -> pa.Table:
         paths = [str(self.eng.local_path(e)) for e in files]
         inside = all(
             (start is None or (e.min_ts is not None and e.min_ts >= start))
@@ -134,6 +148,44 @@ class Query:
     def table(self, table: str, **kw) -> pl.DataFrame:
         return pl.from_arrow(self.arrow(table, **kw))
 
+    def scan(self, table: str, source=None, market=None, instrument=None, start=None, end=None,
+             allow_unsealed=False) -> pl.LazyFrame:
+        """A LazyFrame over the exact catalogued files, read one file at a time when collected: a
+        remote file is fetched through the cache only when the scan reaches it, and released after,
+        so a month of l2 can be filtered and aggregated in bounded memory."""
+        sp = schema.spec(table)
+        files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed)
+        expr = self._filter_expr(table, None if is_pattern(instrument) else instrument, start, end, clamp)
+        regex = pattern_regex(instrument) if is_pattern(instrument) else None
+        polars_schema = pl.from_arrow(sp.schema.empty_table()).schema
+        eng = self.eng
+
+        def source_fn(with_columns, predicate, n_rows, batch_size):
+            left = n_rows
+            for e in files:
+                if left is not None and left <= 0:
+                    return
+                with eng.cache.pinned():
+                    path = str(eng.local_path(e))
+                    try:
+                        t = pads.dataset([path], schema=sp.schema, format="parquet").to_table(filter=expr)
+                    except (pa.ArrowInvalid, OSError) as err:
+                        raise CorruptFileError(e.key, str(err)) from None
+                df = pl.from_arrow(t)
+                if regex is not None:
+                    df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(regex))
+                if predicate is not None:
+                    df = df.filter(predicate)
+                if with_columns is not None:
+                    df = df.select(with_columns)
+                if left is not None:
+                    df = df.head(left)
+                    left -= df.height
+                yield df
+
+        return register_io_source(source_fn, schema=polars_schema, explain_name=f"engine.{table}",
+                                  explain_detail=f"{len(files)} catalogued file(s)")
+
     # ---- SQL -----------------------------------------------------------------------------
     def sql(self, query: str, source=None, market=None, start=None, end=None, allow_unsealed=False) -> pl.DataFrame:
         """Run one read-only SELECT over views of the catalogued files (l2, trades, gaps, quotes).
@@ -148,10 +200,23 @@ class Query:
             raise QueryError(f"SQL does not parse: {e}") from None
         if len(stmts) != 1 or stmts[0].type != duckdb.StatementType.SELECT:
             raise QueryError("sql() runs exactly one SELECT statement (the lake is read-only here)")
-        views, allowed = [], []
+        try:
+            with self.eng.cache.pinned():
+                return self._sql(con, query, source, market, start, end, allow_unsealed)
+        finally:
+            con.close()
+
+    def _sql(self, con, query, source, market, start, end, allow_unsealed) -> pl.DataFrame:
+        views, allowed, selected = [], [], []
+        used = _referenced_tables(query)
         for table in schema.TABLES:
-            sp = schema.spec(table)
+            if table not in used:  # a table the statement never reads costs no download
+                continue
             files, s, e, clamp = self.select(table, source, market, start, end, allow_unsealed)
+            selected.append((table, files, s, e, clamp))
+        self.eng.cache.check_fits(sum(self._remote_bytes(f) for _, f, *_ in selected), "this sql() statement")
+        for table, files, s, e, clamp in selected:
+            sp = schema.spec(table)
             paths = [str(self.eng.local_path(f)) for f in files]
             allowed += paths
             conds = []
@@ -180,8 +245,18 @@ class Query:
             return pl.from_arrow(con.sql(query).to_arrow_table())
         except duckdb.Error as e:
             raise QueryError(f"SQL failed: {e}") from None
-        finally:
-            con.close()
+
+
+def _referenced_tables(query: str) -> set[str]:
+    """The lake tables a statement names. DuckDB's parser answers; where it cannot (its binder
+    rejects some ASOF joins here), any whole-word mention counts: fetching too much is safe."""
+    import re
+
+    try:
+        names = {n.rsplit(".", 1)[-1].lower() for n in duckdb.get_table_names(query)}
+    except duckdb.Error:
+        names = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
+    return names & set(schema.TABLES)
 
 
 def _duck_type(t: pa.DataType) -> str:

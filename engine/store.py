@@ -7,10 +7,12 @@ caller may delete its local copy only after `put_file` returned.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +35,17 @@ class VerificationError(StoreError):
     pass
 
 
+class StoreUnavailableError(StoreError):
+    """The endpoint did not answer (refused, timed out): retrying now only makes callers wait."""
+
+
+MULTIPART_THRESHOLD = 64 << 20  # objects this large go up in verified parts
+MULTIPART_CHUNK = 16 << 20
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 15.0
+BOTO_ATTEMPTS = 3  # botocore's standard retry mode: the one retry layer for transport errors
+
+
 class Store(Protocol):
     url: str
 
@@ -42,6 +55,7 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes | None: ...
+    def get_bytes_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str | None]: ...
     def list_keys(self, prefix: str) -> list[str]: ...
     @property
     def is_local(self) -> bool: ...
@@ -101,6 +115,18 @@ class LocalStore:
         p = self.path(key)
         return p.read_bytes() if p.exists() else None
 
+    def get_bytes_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str | None]:
+        """(data, etag), or (None, etag) when unchanged since `etag`; a missing object raises KeyError."""
+        p = self.path(key)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        tag = f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+        if tag == etag:
+            return None, etag
+        return p.read_bytes(), tag
+
     def list_keys(self, prefix: str) -> list[str]:
         base = self.root / prefix
         if not base.exists():
@@ -113,17 +139,19 @@ class S3Store:
 
     is_local = False
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, attempts: int = 5,
-                 timeout_s: float = 10.0, client=None):
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, attempts: int = 3,
+                 connect_timeout_s: float | None = None, read_timeout_s: float | None = None, client=None):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.attempts = attempts
+        self.attempts = attempts  # verification retries only: transport retries are botocore's
         if client is None:
-            client = self._client(timeout_s)
+            client = self._client(
+                connect_timeout_s or float(os.environ.get("ENGINE_STORE_CONNECT_TIMEOUT_S", CONNECT_TIMEOUT_S)),
+                read_timeout_s or float(os.environ.get("ENGINE_STORE_READ_TIMEOUT_S", READ_TIMEOUT_S)))
         self.client = client
 
-    def _client(self, timeout_s: float):
+    def _client(self, connect_timeout_s: float, read_timeout_s: float):
         import boto3
         from botocore.config import Config
 
@@ -136,9 +164,9 @@ class S3Store:
                 "(and AWS_ENDPOINT_URL for a non-AWS endpoint such as Backblaze B2)"
             )
         cfg = Config(
-            connect_timeout=timeout_s,
-            read_timeout=timeout_s * 3,
-            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"total_max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
             region_name=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")),
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -164,11 +192,17 @@ class S3Store:
                     ) from None
                 if code in ("NoSuchBucket",):
                     raise StoreConfigError(f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}") from None
-                if status and status < 500 and code not in ("RequestTimeout", "SlowDown", "BadDigest", "XAmzContentSHA256Mismatch"):
-                    raise StoreError(f"{what} on {self.url} failed: {code} {e}") from None
-                err = f"{code} (HTTP {status})"
+                if code not in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
+                    # botocore retried throttling and 5xx already; what is left is an answer
+                    cls = StoreUnavailableError if not status or status >= 500 or code in ("SlowDown", "RequestTimeout") else StoreError
+                    raise cls(f"{what} on {self.url} failed: {code} (HTTP {status}) {e}") from None
+                err = f"{code} (HTTP {status}): the bytes were damaged on the way"
             except (BotoCoreError, OSError) as e:
-                err = f"{type(e).__name__}: {e}"
+                # botocore already retried the transport (standard mode): a second layer here would
+                # multiply the wait (5 x 3 x a read timeout was 455 s against a silent endpoint)
+                raise StoreUnavailableError(
+                    f"{what} on {self.url}: endpoint {self.endpoint_url or 'AWS'} did not answer "
+                    f"({type(e).__name__}: {e}); is it up and reachable?") from None
             except VerificationError as e:
                 err = str(e)
             if attempt == self.attempts:
@@ -179,6 +213,9 @@ class S3Store:
 
     def put_file(self, key: str, path: Path, sha256: str) -> None:
         size = os.path.getsize(path)
+        if size >= MULTIPART_THRESHOLD:
+            self._retry(f"upload {key}", lambda: self._put_multipart(key, path, size, sha256))
+            return
         md5 = _md5_b64(path)
 
         def do():
@@ -193,6 +230,35 @@ class S3Store:
                 raise VerificationError(f"upload of {key} did not verify: size {rsize}/{size}, sha256 {rsha}/{sha256}")
 
         self._retry(f"upload {key}", do)
+
+    def _put_multipart(self, key: str, path: Path, size: int, sha256: str) -> None:
+        """Parts carry Content-MD5 (checked by the server); the completed object's ETag must be the
+        MD5 of the part MD5s, and its size and SHA-256 metadata must match."""
+        k = self._k(key)
+        up = self.client.create_multipart_upload(Bucket=self.bucket, Key=k, Metadata={"sha256": sha256})
+        uid, parts, digests = up["UploadId"], [], []
+        try:
+            with open(path, "rb") as f:
+                n = 0
+                while chunk := f.read(MULTIPART_CHUNK):
+                    n += 1
+                    d = hashlib.md5(chunk).digest()
+                    digests.append(d)
+                    r = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=uid, PartNumber=n, Body=chunk,
+                                                ContentMD5=base64.b64encode(d).decode())
+                    parts.append({"PartNumber": n, "ETag": r["ETag"]})
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=k, UploadId=uid,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=uid)
+            raise
+        got = self.client.head_object(Bucket=self.bucket, Key=k)
+        want_etag = f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+        if (got["ContentLength"], got.get("Metadata", {}).get("sha256"), got.get("ETag", "").strip('"')) != (
+                size, sha256, want_etag):
+            raise VerificationError(f"multipart upload of {key} did not verify: size {got['ContentLength']}/{size}, "
+                                    f"etag {got.get('ETag')}/{want_etag}")
 
     def get_file(self, key: str, dest: Path) -> None:
         def do():
@@ -228,15 +294,34 @@ class S3Store:
         )
 
     def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self.get_bytes_if_changed(key, None)[0]
+        except KeyError:
+            return None
+
+    def get_bytes_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str | None]:
+        """One GET with If-None-Match: an unchanged object costs a 304 and no body. A missing object
+        raises KeyError; a 404 that is not S3's (a proxy, a wrong endpoint) raises StoreError."""
         from botocore.exceptions import ClientError
 
         def do():
+            kw = {"IfNoneMatch": etag} if etag else {}
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+                r = self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kw)
             except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
+                code = e.response.get("Error", {}).get("Code")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 304 or code in ("304", "NotModified"):
+                    return None, etag
+                if code == "NoSuchKey":
+                    raise KeyError(key) from None
+                if status == 404:
+                    raise StoreError(
+                        f"GET {key} on {self.url}: the endpoint {self.endpoint_url or 'AWS'} answered HTTP 404 "
+                        f"without an S3 error code ({code!r}); is AWS_ENDPOINT_URL an S3 endpoint (not a proxy "
+                        "or web page)?") from None
                 raise
+            return r["Body"].read(), r.get("ETag")
 
         return self._retry(f"download {key}", do)
 
@@ -280,17 +365,61 @@ def open_store(url: str | os.PathLike | None, default_root: Path) -> LocalStore 
     return LocalStore(Path(url))
 
 
+class CacheTooSmallError(StoreError):
+    pass
+
+
 class ReadCache:
-    """Bounded local read-through cache of remote objects, verified by SHA-256, LRU by access time."""
+    """Bounded local read-through cache of remote objects, verified by SHA-256, LRU by access time.
+    Files a running query resolved are pinned: eviction never removes them under the reader."""
 
     def __init__(self, root: Path, store, max_bytes: int = 2 << 30):
         self.root, self.store, self.max_bytes = Path(root), store, max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._pins: dict[Path, int] = {}  # path -> open pin scopes (all threads)
+        self._pin_lock = threading.Lock()
+        self._tls = threading.local()  # this thread's open pin scopes
+
+    def path_for(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.parquet"
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Every file `get` returns inside the block stays until the block ends."""
+        mine: list[Path] = []
+        scopes = self._tls.__dict__.setdefault("scopes", [])
+        scopes.append(mine)
+        try:
+            yield
+        finally:
+            scopes.remove(mine)
+            with self._pin_lock:
+                for p in mine:
+                    n = self._pins.get(p, 0) - 1
+                    if n > 0:
+                        self._pins[p] = n
+                    else:
+                        self._pins.pop(p, None)
+
+    def _pin(self, p: Path) -> None:
+        with self._pin_lock:
+            for scope in self._tls.__dict__.get("scopes", ()):
+                scope.append(p)
+                self._pins[p] = self._pins.get(p, 0) + 1
+
+    def check_fits(self, needed: int, what: str) -> None:
+        """Refuse up front a read whose remote files cannot all be held at once."""
+        if needed > self.max_bytes:
+            raise CacheTooSmallError(
+                f"{what} needs {needed / 2**20:,.0f} MiB of remote files at once, more than the read cache "
+                f"(cache_bytes={self.max_bytes / 2**20:,.0f} MiB). Raise Engine.open(cache_bytes=...), narrow "
+                "the query, or use the lazy eng.scan(...) / scan_l2 / scan_trades, which fetch file by file.")
 
     def get(self, key: str, sha256: str) -> Path:
-        p = self.root / sha256[:2] / f"{sha256}.parquet"
+        p = self.path_for(sha256)
         if p.exists():
             os.utime(p)
+            self._pin(p)
             return p
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".part")
@@ -301,6 +430,7 @@ class ReadCache:
             raise VerificationError(f"{key} from {self.store.url} has sha256 {got}, catalog says {sha256}")
         os.replace(tmp, p)
         fsync_dir(p.parent)
+        self._pin(p)
         self._evict(keep=p)
         return p
 
@@ -310,6 +440,8 @@ class ReadCache:
         for _, size, f in sorted(files):
             if total <= self.max_bytes:
                 break
-            if f != keep:
+            with self._pin_lock:
+                pinned = f in self._pins
+            if f != keep and not pinned:
                 f.unlink(missing_ok=True)
                 total -= size

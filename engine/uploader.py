@@ -6,7 +6,7 @@ import time
 
 from engine.log import get_logger
 from engine.paths import match
-from engine.store import StoreError
+from engine.store import StoreError, StoreUnavailableError
 
 log = get_logger(component="upload")
 MAX_CONSECUTIVE_FAILURES = 3  # then the store is down: stop, keep everything local, retry next run
@@ -37,7 +37,8 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None) 
             streak += 1
             errors.append(f"{e.key}: {err}")
             log.error("upload_failed", key=e.key, error=str(err))
-            if streak >= MAX_CONSECUTIVE_FAILURES:
+            # an endpoint that does not answer will not answer the next file either (bounded waiting)
+            if isinstance(err, StoreUnavailableError) or streak >= MAX_CONSECUTIVE_FAILURES:
                 rest = len(todo) - done - failed
                 failed += rest
                 errors.append(f"{rest} more file(s) not tried: the store failed {streak} times in a row")
@@ -51,5 +52,13 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None) 
         if progress:
             progress(done, len(todo))
         log.info("uploaded", key=e.key, bytes=e.bytes, store=eng.store.url)
+    if done:
+        from engine.manifest import publish
+
+        try:  # what the bucket holds changed: readers elsewhere see it through the manifest
+            publish(eng)
+        except StoreError as err:
+            errors.append(f"manifest not republished: {err}")
+            log.error("manifest_publish_failed", store=eng.store.url, error=str(err))
     return {"uploaded": done, "failed": failed, "bytes": nbytes, "seconds": time.perf_counter() - t0, "errors": errors}
 
