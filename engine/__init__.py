@@ -2,12 +2,12 @@
 
 from engine.schema import SchemaError
 
-__all__ = ["Engine", "SchemaError"]
+__all__ = ["Engine", "ReadOnlyError", "SchemaError"]
 
 
 def __getattr__(name):  # lazy so that `import engine.schema` stays light
-    if name == "Engine":
-        from engine.api import Engine
+    if name in ("Engine", "ReadOnlyError"):
+        from engine import api
 
-        return Engine
+        return getattr(api, name)
     raise AttributeError(name)

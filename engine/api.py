@@ -36,17 +36,33 @@ class SyncBoundaryWarning(UserWarning):
     """A query reached past a source's watermark; the newest rows are left out."""
 
 
+class ReadOnlyError(RuntimeError):
+    """A write on an engine opened as a reader: readers never take the lake's spool lock, so a
+    notebook cannot lock out the collector."""
+
+    def __init__(self, method: str, home: Path):
+        super().__init__(
+            f"{method}() needs the writer role, but this engine of {home} was opened read-only; "
+            "open it with Engine.open(..., writer=True) (one writer per lake home: the collector, ingest "
+            "or a writing CLI command)"
+        )
+        self.method = method
+
+
 def _bufkey(table: str, source: str, market: str) -> str:
     return f"{table}|{source}|{market}"
 
 
 class Engine:
-    """One lake home (catalog, spool, staging, cache) bound to one object store."""
+    """One lake home (catalog, spool, staging, cache) bound to one object store.
+
+    A reader by default; `writer=True` allows append, flush, upload, compact and publishing."""
 
     def __init__(self, home: Path, store=None, *, flush_rows: int = DEFAULT_FLUSH_ROWS, background: bool = True,
                  cache_bytes: int = 2 << 30, book_anchors: bool = False, flush_age_s: float | None = None,
                  writer: bool = False, refresh_s: float = 60.0):
         self.home = Path(home).resolve()
+        self.writer = writer
         self.layout = Layout(self.home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = open_store(store, self.layout.default_store)
@@ -83,9 +99,12 @@ class Engine:
 
     # ---- lifecycle -----------------------------------------------------------------------
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None, store: str | None = None, **kw) -> "Engine":
-        eng = cls(Path(home) if home is not None else default_home(), store, **kw)
-        if any(eng.layout.spool.glob("*.arrow")):
+    def open(cls, home: str | os.PathLike | None = None, store: str | None = None, *, writer: bool = False,
+             **kw) -> "Engine":
+        """A reader of the lake, or with `writer=True` its writer, which first recovers the spool a
+        crashed writer left (unless a live writer holds it). A reader never takes the spool lock."""
+        eng = cls(Path(home) if home is not None else default_home(), store, writer=writer, **kw)
+        if writer and any(eng.layout.spool.glob("*.arrow")):
             try:
                 eng._writer()  # a crashed writer left a spool: recover it now
             except SpoolLockedError:
@@ -132,8 +151,15 @@ class Engine:
         if self._manifest is not None and time.monotonic() - self._manifest.checked >= self.refresh_s:
             self.refresh()
 
+    def require_writer(self, method: str) -> None:
+        """Raise ReadOnlyError unless this engine was opened with the writer role."""
+        if not self.writer:
+            raise ReadOnlyError(method, self.home)
+
     def _writer(self) -> Spool:
-        """The spool is taken lazily: readers (Dagster, notebooks) never lock the lake."""
+        """The spool is taken lazily, on the first append of a writer: an engine that only uploads
+        or compacts never locks the lake."""
+        self.require_writer("append")
         if self._spool is None:
             with self._lock:
                 if self._spool is None:
@@ -209,6 +235,7 @@ class Engine:
         """Validate, spool (durable within a second) and buffer `data`; returns rows accepted."""
         if table not in schema.RAW_TABLES:
             raise schema.SchemaError(f"unknown table {table!r} for append; raw tables are: {', '.join(schema.RAW_TABLES)}")
+        self.require_writer("append")
         t = schema.validate(table, data)
         if t.num_rows == 0:
             return 0
@@ -249,6 +276,7 @@ class Engine:
 
     def flush(self) -> int:
         """Write every buffer to Parquet now; returns the number of files written."""
+        self.require_writer("flush")
         if self._spool is None:
             return 0
         with self._lock:

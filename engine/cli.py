@@ -39,16 +39,18 @@ def _progress(desc: str):
     return cb
 
 
-def _engine(args):
+def _engine(args, writer: bool = False):
+    """A reader, or the writer role for the commands that change the lake (upload, compact,
+    catalog rebuild/publish)."""
     from engine import Engine
 
-    return Engine.open(args.home, args.store, background=False)
+    return Engine.open(args.home, args.store, background=False, writer=writer)
 
 
 def cmd_catalog(args) -> int:
     import polars as pl
 
-    eng = _engine(args)
+    eng = _engine(args, writer=args.action in ("rebuild", "publish"))
     if args.action == "summary":
         df = eng.catalog.summary(table=args.table, source=args.source, market=args.market)
         with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200):
@@ -81,7 +83,7 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_upload(args) -> int:
-    eng = _engine(args)
+    eng = _engine(args, writer=True)
     r = eng.upload(table=args.table, market=args.market, date=args.date, progress=_progress("upload"))
     print(f"uploaded {r['uploaded']} file(s), {r['bytes']} bytes to {eng.store.url}; {r['failed']} failed")
     for e in r["errors"]:
@@ -90,7 +92,7 @@ def cmd_upload(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    eng = _engine(args)
+    eng = _engine(args, writer=True)
     res = eng.compact(date=args.date, table=args.table, market=args.market, progress=_progress("compact"))
     for r in res:
         print(f"{r.table} {r.source}/{r.market} {r.date}: {r.files_in} files → {r.key} ({r.rows} rows, {r.bytes} bytes)")

@@ -514,7 +514,7 @@ class Collector:
         if not sources:
             log.error("nothing_to_collect", requested=self.cfg.source)
             return 1
-        self.eng = Engine.open(home=self.home, **engine_kwargs(self.anchor_rows))
+        self.eng = Engine.open(home=self.home, writer=True, **engine_kwargs(self.anchor_rows))
         tune_gc()
         self.runners = [SourceRunner(s, self.eng, self.cfg, self.appender) for s in sources]
         for r in self.runners:

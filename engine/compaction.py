@@ -66,6 +66,7 @@ def closed_partitions(eng, date=None, table=None, source=None, market=None):
 
 def compact(eng, date=None, table=None, market=None, source=None, grace_s: float = GRACE_S, progress=None):
     """Compact every closed partition matching the filters; idempotent. Returns CompactionResults."""
+    eng.require_writer("compact")
     purge_retired(eng, grace_s)
     results = []
     parts = closed_partitions(eng, date, table, source, market)
@@ -81,6 +82,7 @@ def compact(eng, date=None, table=None, market=None, source=None, grace_s: float
 def compact_partition(eng, part, validate=None) -> CompactionResult | None:
     """`validate(path, key)` (optional) inspects the merged file before anything is uploaded or
     swapped; if it raises, the merged file is deleted and the catalog stays as it was."""
+    eng.require_writer("compact_partition")
     table, source, market, date = part
     files = eng.catalog.files_in(part)
     if not files or (len(files) == 1 and files[0].compacted):
@@ -148,6 +150,7 @@ def _derive_quotes(eng, source, market, date) -> None:
 
 def purge_retired(eng, grace_s: float = GRACE_S) -> int:
     """Delete store objects (and local copies) of files replaced more than `grace_s` ago."""
+    eng.require_writer("purge_retired")
     cutoff = now_ns() - int(grace_s * 1e9)
     done = []
     for key, (at, e) in list(eng.catalog.retired.items()):

@@ -16,7 +16,7 @@ from engine.timeutil import iso
 
 def build_lake(home: Path, rows_per_hour: int = 20_000, hours: int = 30) -> Engine:
     """Generated books and trades for 3 Coinbase products and 2 Kalshi series, ending now."""
-    eng = Engine.open(home, background=False, book_anchors=True)
+    eng = Engine.open(home, background=False, book_anchors=True, writer=True)
     now = time.time_ns()
     start = (now // NS_PER_HOUR - hours) * NS_PER_HOUR
     kalshi = {"KXBTC": ["KXBTC-26NOV2617-B97500", "KXBTC-26NOV2617-B98000"], "KXETH": ["KXETH-26NOV2617-B3400"]}

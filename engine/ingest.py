@@ -158,7 +158,7 @@ def cli(argv: list[str]) -> int:
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    eng = Engine.open(home=a.home, **engine_kwargs())
+    eng = Engine.open(home=a.home, writer=True, **engine_kwargs())
     tune_gc()
     try:
         st = ingest_files(eng, a.files, a.source, progress=not a.no_progress, max_skew_s=a.max_skew)

@@ -68,6 +68,7 @@ def _schema() -> pa.Schema:
 
 def publish(eng) -> str:
     """Only remote files are listed: the manifest describes what the bucket holds."""
+    eng.require_writer("publish_manifest")
     data = build(eng.catalog)
     eng.store.put_bytes(MANIFEST_KEY, data)
     log.info("manifest_published", store=eng.store.url, bytes=len(data), files=len(eng.catalog.by_key))

@@ -14,6 +14,7 @@ MAX_CONSECUTIVE_FAILURES = 3  # then the store is down: stop, keep everything lo
 
 def upload(eng, table=None, source=None, market=None, date=None, progress=None) -> dict:
     """Upload every live file not yet remote; returns counts. Each success is logged to the catalog."""
+    eng.require_writer("upload")
     done = failed = nbytes = streak = 0
     errors: list[str] = []
     todo = [

@@ -58,6 +58,7 @@ def verify(eng, table=None, source=None, market=None, progress=None) -> list[Pro
 
 def rebuild_from_store(eng) -> int:
     """Reconstruct the catalog log from the objects in the store (one LIST, each file read once)."""
+    eng.require_writer("rebuild_from_store")
     import time
 
     keys = eng.store.list_keys("data/")

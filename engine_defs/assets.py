@@ -126,7 +126,7 @@ def make_uploaded(table: str) -> dg.AssetsDefinition:
                     "checksum); local copies stay until the day is compacted.",
     )
     def _uploaded(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
-        eng = engine.engine()
+        eng = engine.engine(writer=True)
         t, source, market, date = _part(context, table)
         res = eng.upload(table=t, source=source, market=market, date=date)
         st = lake.part_stats(eng, t, source, market, date)
@@ -195,7 +195,7 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
                     "swapped into the catalog in one entry; replaced raw objects are retired after a grace period.",
     )
     def _compacted(context: dg.AssetExecutionContext, engine: EngineResource):
-        eng = engine.engine()
+        eng = engine.engine(writer=True)
         part = _part(context, table)
         t, source, market, date = part
         files = eng.catalog.files_in(part)
@@ -265,7 +265,7 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
                 "Materialized per partition after its uploads or compaction.",
 )
 def catalog(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
-    eng = engine.engine()
+    eng = engine.engine(writer=True)
     date, source, market = split_partition_key(context.partition_key)
     key = eng.publish_manifest()
     entries = eng.catalog.entries()

@@ -188,7 +188,7 @@ def build_demo_lake(home: Path, days: int, markets, end_date: dt.date, hours_per
     """`days` closed days before `end_date` × markets: l2 + trades, `hours_per_day` hourly files each."""
     from engine import Engine, synth
 
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     dates = [(end_date - dt.timedelta(days=days - i)).isoformat() for i in range(days)]
     for i, date in enumerate(dates):
         t0 = int(dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp()) * 10**9

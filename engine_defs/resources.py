@@ -55,7 +55,7 @@ class EngineResource(dg.ConfigurableResource):
     aws_endpoint_url: str | None = None
     aws_region: str | None = None
 
-    _engine = PrivateAttr(default=None)
+    _engines: dict = PrivateAttr(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> "EngineResource":
@@ -81,27 +81,29 @@ class EngineResource(dg.ConfigurableResource):
                 out[env] = v
         return out
 
-    def open(self):
-        """A new reader `Engine` (background=False). Never takes the collector's spool lock."""
+    def open(self, writer: bool = False):
+        """A new `Engine` (background=False): a reader, or with `writer=True` one that may upload,
+        compact and publish (the assets that write). Neither takes the collector's spool lock."""
         from engine.api import Engine
 
         with _env_overlay(self._credentials()):
-            # Engine(...) rather than Engine.open(...): open() recovers a crashed spool, which
-            # would take the writer's lock and fail (or race) while a collector is running.
-            return Engine(Path(self.home), self.store, background=False)
+            # Engine(...) rather than Engine.open(writer=True): that recovers a crashed spool, which
+            # would take the collector's lock and make its restart fail; the collector recovers it.
+            return Engine(Path(self.home), self.store, background=False, writer=writer)
 
-    def engine(self):
-        """The engine of this resource, opened once and reused (per run, or per notebook)."""
-        if self._engine is None:
-            self._engine = self.open()
+    def engine(self, writer: bool = False):
+        """The engine of this resource for one role, opened once and reused (per run, or per notebook)."""
+        eng = self._engines.get(writer)
+        if eng is None:
+            eng = self._engines[writer] = self.open(writer)
         else:
-            self._engine.catalog.refresh()
-        return self._engine
+            eng.catalog.refresh()
+        return eng
 
     def teardown_after_execution(self, context) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        for eng in self._engines.values():
+            eng.close()
+        self._engines.clear()
 
     @property
     def catalog_log(self) -> Path:

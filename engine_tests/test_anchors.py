@@ -30,7 +30,7 @@ def apply(book: dict, rows: list[dict]) -> dict:
 
 
 def test_each_file_rebuilds_the_book(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False, book_anchors=True)
+    eng = Engine.open(tmp_path / "h", background=False, book_anchors=True, writer=True)
     start = to_ns("2026-11-02")
     insts = ["KXBTC-X-B1", "KXBTC-X-B2"]
     full = []
@@ -56,7 +56,7 @@ def test_each_file_rebuilds_the_book(tmp_path):
 
 
 def test_gap_drops_the_carried_book(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False, book_anchors=True)
+    eng = Engine.open(tmp_path / "h", background=False, book_anchors=True, writer=True)
     start = to_ns("2026-11-02")
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", start, 500, NS_PER_HOUR))
     eng.flush()

@@ -175,7 +175,7 @@ def test_real_capture_ingest_rebuilds_reference_book(tmp_path):
     from engine import Engine
     from engine.ingest import engine_kwargs, ingest_files
 
-    eng = Engine.open(home=tmp_path / "lake", **engine_kwargs())
+    eng = Engine.open(home=tmp_path / "lake", writer=True, **engine_kwargs())
     try:
         st = ingest_files(eng, cap.files, "coinbase", progress=False)
         l2 = eng.l2(source="coinbase", allow_unsealed=True)

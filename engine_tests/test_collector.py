@@ -58,7 +58,7 @@ def _ingest(home: Path, files, source: str) -> None:
 
     from engine import Engine
 
-    eng = Engine.open(home=home, **engine_kwargs())
+    eng = Engine.open(home=home, writer=True, **engine_kwargs())
     try:
         ingest_files(eng, files, source, progress=False)
     finally:

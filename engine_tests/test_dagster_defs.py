@@ -39,7 +39,7 @@ GAP = (T1 + 10 * H + 5 * 60 * 10**9, T1 + 10 * H + 6 * 60 * 10**9)  # 10:05–10
 def build_lake(home, store=None) -> Engine:
     """coinbase BTC-USD: l2 + trades over D1 09:00–11:00 (2 hourly files each) and D2 00:00–01:00, one
     recorded gap on D1; kalshi KXBTC: trades over D1 12:00–13:00."""
-    eng = Engine.open(home, store, background=False)
+    eng = Engine.open(home, store, background=False, writer=True)
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", T1 + 9 * H, 3000, 2 * H, seed=1))
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", T1 + 9 * H, 1000, 2 * H, seed=1))
     eng.append("gaps", synth.gap_rows([{"source": "coinbase", "market": "BTC-USD", "instrument": None,
@@ -278,7 +278,7 @@ def test_assets_materialize(tmp_path, store_kind, request, monkeypatch):
 def test_compaction_refuses_open_day(tmp_path):
     now = dt.datetime.now(dt.timezone.utc)
     today = now.strftime("%Y-%m-%d")
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns(today), 50, 60 * 10**9))
     eng.flush()
     with dg.instance_for_test() as inst:

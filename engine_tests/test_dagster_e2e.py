@@ -121,7 +121,7 @@ def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
     env = dict(os.environ, ENGINE_HOME=str(home), DAGSTER_HOME=str(dh), ENGINE_DAGSTER_SENSOR_INTERVAL="2",
                PYTHONUNBUFFERED="1", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     env.pop("ENGINE_STORE", None)
-    eng = Engine.open(home, background=False)  # the writer (a collector in production)
+    eng = Engine.open(home, background=False, writer=True)  # the writer (a collector in production)
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", T1 + 9 * H, 2000, 2 * H, seed=1))
     eng.append("trades", synth.trade_rows("kalshi", "KXBTC", T1 + 12 * H, 300, H, seed=2))
     eng.flush()

@@ -87,7 +87,7 @@ CHILD = textwrap.dedent(r"""
                 state[0] += 1
             return real_write(fd, data)
         engine.catalog.os.write = torn
-    eng = Engine.open(home, store, background=False, flush_rows=10**9)
+    eng = Engine.open(home, store, background=False, flush_rows=10**9, writer=True)
     if point == "upload_put":             # mid-upload: bytes sent, object verified, catalog not told
         eng.store.put_file = killer(eng.store.put_file, "after")
     elif point == "upload_body":          # the PUT itself is interrupted
@@ -121,7 +121,7 @@ def _run_child(home: Path, store: str | None, point: str, nth: int, env=None) ->
 
 def _check_lake(home: Path, store: str | None, want: set[int]) -> Engine:
     """Reopen (spool recovery), then: every row exactly once, verify clean, spool empty."""
-    eng = Engine.open(home, store, background=False)
+    eng = Engine.open(home, store, background=False, writer=True)
     got = eng.read("l2", allow_unsealed=True)
     seqs = got["seq"].to_list()
     assert len(seqs) == len(set(seqs)), f"{len(seqs) - len(set(seqs))} duplicate rows after recovery"
@@ -168,7 +168,7 @@ def test_catalog_log_truncated_mid_line_tolerated_and_repaired(tmp_path):
     """A catalog log cut in the middle of its last line (here a watermark line) opens with a
     warning; nothing catalogued before it is lost; the next write truncates the torn tail."""
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     for i in range(4):
         eng.append("l2", _batch(i))
         eng.flush()
@@ -177,7 +177,7 @@ def test_catalog_log_truncated_mid_line_tolerated_and_repaired(tmp_path):
     data = log.read_bytes()
     last = data.rstrip(b"\n").rfind(b"\n") + 1
     log.write_bytes(data[: last + (len(data) - last) // 2])  # half of the last line
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     assert eng.catalog.torn_lines == 1
     assert eng.read("l2", allow_unsealed=True).height == 4 * BATCH
     eng.append("l2", _batch(4))
@@ -197,7 +197,7 @@ def test_sigkill_during_upload(tmp_path, s3_env, point, nth):
     home = tmp_path / "h"
     rc, out = _run_child(home, s3_env, point, nth, env=_env(**{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}))
     assert rc == -signal.SIGKILL and out == [{"appended": N_BATCHES}], out
-    eng = Engine.open(home, s3_env, background=False)
+    eng = Engine.open(home, s3_env, background=False, writer=True)
     assert sum(e.remote for e in eng.catalog.entries()) == 1  # only the first upload was recorded
     assert all(eng.layout.staged(e.key).exists() for e in eng.catalog.entries())
     r = eng.upload()
@@ -254,7 +254,7 @@ def proxied(tmp_path, moto_server, monkeypatch):
 def _lake_with_files(home: Path, store: str, n_files: int = 4, timeout_s: float = 0.5, attempts: int = 3) -> Engine:
     from engine.store import S3Store
 
-    eng = Engine.open(home, store, background=False)
+    eng = Engine.open(home, store, background=False, writer=True)
     eng.store = eng.cache.store = S3Store(eng.store.bucket, eng.store.prefix, attempts=attempts, timeout_s=timeout_s)
     for i in range(n_files):
         eng.append("l2", _batch(i))
@@ -357,7 +357,7 @@ DISK_CHILD = textwrap.dedent(r"""
     from engine import Engine
     from engine_tests.test_faults import _batch
     home, mnt, cont = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-    eng = Engine.open(home, background=False, flush_rows=10**9)
+    eng = Engine.open(home, background=False, flush_rows=10**9, writer=True)
     eng.append("l2", _batch(0))
     eng.flush()
     acked, err, errno_ = [0], None, None
@@ -404,7 +404,7 @@ def test_disk_full_while_writing(small_fs, writer_survives):
         # still full: opening the lake tries to recover the dead writer's spool and fails with
         # the same clear error, changing nothing; every catalogued file is intact
         # (in a child: a failed recovery keeps the spool lock for the life of its process)
-        p2 = subprocess.run([sys.executable, "-c", f"from engine import Engine; Engine.open({str(home)!r})"],
+        p2 = subprocess.run([sys.executable, "-c", f"from engine import Engine; Engine.open({str(home)!r}, writer=True)"],
                             capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
         assert p2.returncode != 0 and "No space left on device" in p2.stderr, p2.stderr[-2000:]
         from engine.catalog import Catalog
@@ -426,7 +426,7 @@ def test_corrupted_object_in_store_found_by_verify_and_named_by_queries(tmp_path
     import boto3
 
     home = tmp_path / "h"
-    eng = Engine.open(home, s3_env, background=False)
+    eng = Engine.open(home, s3_env, background=False, writer=True)
     for i in range(3):
         eng.append("l2", _batch(i))
         eng.flush()
@@ -462,7 +462,7 @@ def test_clock_jump_backwards(tmp_path):
     no file spans an hour of recv_ts, every file is sorted, queries return rows in order."""
     from engine.writer import is_sorted, read_parquet
 
-    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9)
+    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9, writer=True)
     t0 = START + 10 * NS_PER_HOUR + 50 * 60 * 10**9  # 10:50
     segs = [(t0, 0), (t0 - NS_PER_HOUR, 1), (t0 + 5 * 60 * 10**9, 2), (t0 - NS_PER_HOUR + 20 * 60 * 10**9, 3),
             (t0 + 15 * 60 * 10**9, 4)]  # 10:50, back to 09:50, 10:55 (->11:00 crossing), 10:10, 11:05
@@ -551,7 +551,7 @@ def test_collector_sigkill_ten_times_in_a_row(tmp_path):
     l2, tr, gaps = _tables(home)
     # reference: the collector's own capture of what it received, through the same normalization
     ref_home = tmp_path / "ref"
-    eng = Engine.open(ref_home, **engine_kwargs())
+    eng = Engine.open(ref_home, writer=True, **engine_kwargs())
     ingest_files(eng, sorted(capdir.glob("coinbase-*.jsonl*")), "coinbase", progress=False)
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)
@@ -628,7 +628,7 @@ def test_exchange_sends_duplicate_frames(tmp_path):
     dupcap = tmp_path / "dup.jsonl"
     write_capture(recs, dupcap)
     ref_home = tmp_path / "ref"
-    eng = Engine.open(ref_home, **engine_kwargs())
+    eng = Engine.open(ref_home, writer=True, **engine_kwargs())
     ingest_files(eng, [clean], "coinbase", progress=False)
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)
@@ -674,7 +674,7 @@ def test_dagster_daemon_down_for_an_hour_sensor_catches_up(tmp_path):
     from engine_defs.resources import EngineResource
 
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     markets = ["BTC-USD", "ETH-USD"]
     t0 = START + 5 * NS_PER_HOUR
     for minute in range(0, 60, 5):

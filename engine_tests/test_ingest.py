@@ -77,7 +77,7 @@ def test_rotation_continued_meta_keeps_the_connection(tmp_path):
     w.close()
     from engine import Engine
 
-    eng = Engine.open(home=tmp_path / "lake", **engine_kwargs())
+    eng = Engine.open(home=tmp_path / "lake", writer=True, **engine_kwargs())
     try:
         st = ingest_files(eng, w.files, "coinbase", progress=False)
         l2 = eng.l2(allow_unsealed=True)

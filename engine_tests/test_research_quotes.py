@@ -237,7 +237,7 @@ def test_derive_edge_cases():
 def lake(tmp_path_factory):
     rows, gaps = gen_l2(11, n_msgs=4000, step_ms=2000, gap_every=900)  # ~4.5 h: several hourly files + anchors
     home = tmp_path_factory.mktemp("lake")
-    eng = Engine.open(home, background=False, book_anchors=True)
+    eng = Engine.open(home, background=False, book_anchors=True, writer=True)
     t = l2_table(rows)
     for off in range(0, t.num_rows, 997):
         eng.append("l2", t.slice(off, 997))
@@ -397,7 +397,7 @@ def _ingest(tmp_path, files, source):
         from engine.ingest import engine_kwargs, ingest_files
     except ImportError as e:  # the collectors' ingest path is another module's job
         pytest.skip(f"engine.ingest not available: {e}")
-    eng = Engine.open(tmp_path / "lake", background=False, **engine_kwargs())
+    eng = Engine.open(tmp_path / "lake", background=False, writer=True, **engine_kwargs())
     ingest_files(eng, files, source, progress=False)
     return eng
 

@@ -80,7 +80,7 @@ def test_sorted_within():
 @pytest.fixture(scope="module")
 def xlake(tmp_path_factory):
     """Coinbase BTC-USD l2 (-> quotes) and Kalshi KXBTC trades in one lake."""
-    eng = Engine.open(tmp_path_factory.mktemp("x"), background=False)
+    eng = Engine.open(tmp_path_factory.mktemp("x"), background=False, writer=True)
     l2 = synth.l2_rows("coinbase", "BTC-USD", T0, 20_000, 600 * S, seed=1)
     tr = synth.trade_rows("kalshi", "KXBTC", T0 + 30 * S, 500, 500 * S, seed=2,
                           instruments=["KXBTC-26NOV0311-B97500", "KXBTC-26NOV0311-B98000"])
@@ -215,7 +215,7 @@ def _book_rows(ts, snapshot, inst="BTC-USD", recv=None, seq=0):
 def test_windows_across_restart_invalid_after_fresh_snapshot_valid(tmp_path):
     from engine.research.windows import mark_valid
 
-    eng = Engine.open(tmp_path / "w", background=False)
+    eng = Engine.open(tmp_path / "w", background=False, writer=True)
     rows = [_book_rows(T0, True, seq=1)] + [_book_rows(T0 + k * S, False, seq=1 + k) for k in range(1, 100)]
     # restart: nothing between T0+100s and T0+160s, then a fresh snapshot at T0+161s
     rows += [_book_rows(T0 + 161 * S, True, seq=500)] + [_book_rows(T0 + (161 + k) * S, False, seq=500 + k) for k in range(1, 200)]
@@ -246,7 +246,7 @@ def test_windows_across_restart_invalid_after_fresh_snapshot_valid(tmp_path):
 def test_coverage_numbers_and_png(tmp_path):
     from engine.research import coverage as cov_mod
 
-    eng = Engine.open(tmp_path / "c", background=False)
+    eng = Engine.open(tmp_path / "c", background=False, writer=True)
     # BTC-USD: 3 hours of l2 with a 15-minute disconnect; ETH-USD: trades in the middle hour only
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", T0, 30_000, 3 * 3600 * S, seed=1))
     eng.append("trades", synth.trade_rows("coinbase", "ETH-USD", T0 + 3600 * S, 5_000, 3600 * S, seed=2))

@@ -85,7 +85,7 @@ def test_credentials_never_leak(tmp_path, moto_server):
         outputs += [p.stdout, p.stderr]
     assert list((home / "capture").glob("kalshi-*")), "no capture written"
     # 2. upload, compaction, manifest through the S3 store with the fake keys (CLI: logs on stderr)
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 1000, 3600 * 10**9))
     eng.flush()
     eng.close()
@@ -168,7 +168,7 @@ class _Listener:
 def test_sql_cannot_write_attach_or_reach_network(tmp_path):
     from engine.query import QueryError
 
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 100, 3600 * 10**9))
     eng.flush()
     outside = tmp_path / "outside.parquet"

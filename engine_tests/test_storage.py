@@ -64,7 +64,7 @@ def check_files(eng: Engine):
 def test_million_rows_roundtrip(tmp_path, store_kind, request):
     store = request.getfixturevalue("s3_env") if store_kind == "s3" else None
     batches = generated()
-    eng = Engine.open(tmp_path / "home", store, background=False)
+    eng = Engine.open(tmp_path / "home", store, background=False, writer=True)
     for name, t in batches:
         eng.append(name, t)
     eng.flush()
@@ -81,7 +81,7 @@ def test_million_rows_roundtrip(tmp_path, store_kind, request):
     eng.close()
     if store_kind == "s3":
         # another machine: empty home, the store's manifest is the only thing it reads
-        Engine.open(tmp_path / "home", store, background=False).publish_manifest()
+        Engine.open(tmp_path / "home", store, background=False, writer=True).publish_manifest()
         shutil.rmtree(tmp_path / "home")
         other = Engine.open(tmp_path / "laptop", store, background=False)
         assert other.catalog.summary()["rows"].sum() == sum(t.num_rows for _, t in batches)
@@ -90,7 +90,7 @@ def test_million_rows_roundtrip(tmp_path, store_kind, request):
 
 
 def test_summary_without_data_restart_and_torn_tail(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     for name, t in generated(60_000):
         eng.append(name, t)
     eng.close()
@@ -110,7 +110,7 @@ def test_summary_without_data_restart_and_torn_tail(tmp_path):
 
 
 def test_compaction_idempotent_and_sorted(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     batches = generated(120_000)
     for name, t in batches:
         eng.append(name, t)
@@ -138,7 +138,7 @@ def test_compaction_idempotent_and_sorted(tmp_path):
 
 
 def test_compaction_while_appending_open_day(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     old = generated(60_000)
     for name, t in old:
         eng.append(name, t)
@@ -175,7 +175,7 @@ def test_compaction_while_appending_open_day(tmp_path):
 CHILD = r"""
 import sys, time, json
 from engine import Engine, synth
-eng = Engine.open(sys.argv[1])
+eng = Engine.open(sys.argv[1], writer=True)
 start = int(sys.argv[2])
 i = 0
 while True:
@@ -209,7 +209,7 @@ def test_sigkill_recovers_spooled_rows(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(acked) >= 300
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     got = eng.read("l2", allow_unsealed=True)
     seqs = set(got["seq"].to_list())
     assert len(seqs) == got.height, "duplicates after recovery"
@@ -228,7 +228,7 @@ def test_s3_outage_mid_upload(tmp_path, monkeypatch):
         for k, v in srv.env().items():
             monkeypatch.setenv(k, v)
         srv.make_bucket("outage")
-        eng = Engine.open(tmp_path / "h", "s3://outage/x", background=False)
+        eng = Engine.open(tmp_path / "h", "s3://outage/x", background=False, writer=True)
         eng.store.attempts = 2
         for name, t in generated(60_000):
             eng.append(name, t)
@@ -247,7 +247,7 @@ def test_s3_outage_mid_upload(tmp_path, monkeypatch):
         assert sum(e.remote for e in eng.catalog.entries()) == 5
         srv.start()  # same port, but moto keeps nothing: the store lost its objects too
         srv.make_bucket("outage")
-        eng2 = Engine.open(tmp_path / "h", "s3://outage/x", background=False)
+        eng2 = Engine.open(tmp_path / "h", "s3://outage/x", background=False, writer=True)
         r2 = eng2.upload()
         assert r2["failed"] == 0 and r2["uploaded"] == total - 5
         assert all(e.remote for e in eng2.catalog.entries())
@@ -261,7 +261,7 @@ def _first(eng, n):
 
 
 def test_watermark_clamp_prefix_filters_and_errors(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     t = synth.l2_rows("kalshi", "KXBTC", START, 1000, 2 * NS_PER_HOUR, instruments=["KXBTC-A", "KXBTC-B"])
     eng.append("l2", t.slice(0, 600))
     eng.append("l2", synth.l2_rows("kalshi", "KXETH", START, 100, NS_PER_HOUR, instruments=["KXETH-A"]))
@@ -313,7 +313,7 @@ def test_bad_credentials_and_unreachable_endpoint(tmp_path, monkeypatch, moto_se
     with pytest.raises(StoreError, match="manifest.*failed after 5 attempts.*Could not connect"):
         Engine.open(tmp_path / "fresh", "s3://nowhere/p")  # a fresh home asks the store for its manifest
     Engine.open(tmp_path / "h2", background=False).close()  # a home with a catalog needs no store to open
-    eng = Engine.open(tmp_path / "h2", "s3://nowhere/p", background=False)
+    eng = Engine.open(tmp_path / "h2", "s3://nowhere/p", background=False, writer=True)
     eng.store.attempts = 2
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 10, 1000))
     eng.flush()
@@ -323,7 +323,7 @@ def test_bad_credentials_and_unreachable_endpoint(tmp_path, monkeypatch, moto_se
 
 
 def test_corrupt_file_named_by_query_and_verify(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 1000, NS_PER_HOUR))
     eng.flush()
     (e,) = eng.catalog.entries()
@@ -339,7 +339,7 @@ def test_corrupt_file_named_by_query_and_verify(tmp_path):
 
 
 def test_rebuild_from_store(tmp_path):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     batches = generated(30_000)
     for name, t in batches:
         eng.append(name, t)
@@ -350,7 +350,7 @@ def test_rebuild_from_store(tmp_path):
     (tmp_path / "h" / "catalog" / "log.jsonl").unlink()
     from engine.verify import rebuild_from_store
 
-    rebuild_from_store(Engine.open(tmp_path / "h", background=False))
+    rebuild_from_store(Engine.open(tmp_path / "h", background=False, writer=True))
     after = Engine.open(tmp_path / "h", background=False)
     cols = ["table", "source", "market", "date", "rows", "files", "min_ts", "max_ts"]
     assert after.catalog.summary().select(cols).equals(before.select(cols))
@@ -366,7 +366,7 @@ def _rows_of(eng: Engine, table: str = "l2") -> pl.DataFrame:
 def test_in_order_feed_is_streamed_and_late_rows_fall_back_to_a_sort(tmp_path):
     """Rows in file order are encoded as they arrive (full row groups, no re-sort); a late batch
     after several streamed row groups switches the buffer to a sorted write: same rows, sorted."""
-    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9)
+    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9, writer=True)
     hour = START + 5 * NS_PER_HOUR
     t = synth.l2_rows("coinbase", "BTC-USD", hour, 400_000, NS_PER_HOUR - 10**9)
     for off in range(0, t.num_rows, 30_000):
@@ -401,7 +401,7 @@ def test_in_order_feed_is_streamed_and_late_rows_fall_back_to_a_sort(tmp_path):
 def test_failed_stream_is_rebuilt_from_the_spool(tmp_path):
     """The stream file cannot be written (here: a directory is in its way): the flush reads the
     buffer's rows back from the write-ahead spool and writes them sorted. Nothing is lost."""
-    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9)
+    eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9, writer=True)
     t = synth.l2_rows("coinbase", "BTC-USD", START, 300_000, NS_PER_HOUR - 10**9)
     eng.append("l2", t.slice(0, 1000))
     buf = next(iter(eng._buffers.values()))
@@ -414,6 +414,6 @@ def test_failed_stream_is_rebuilt_from_the_spool(tmp_path):
     check_files(eng)
     buf._stream_tmp.rmdir()
     eng.close()
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     assert eng.catalog.files("l2")[0].rows == t.num_rows and not list(eng.layout.spool.glob("*.arrow"))
     eng.close()

@@ -312,6 +312,7 @@ def _is_current(eng, source: str, market: str, date: str) -> bool:
 
 def derive_partition(eng, source: str, market: str, date: str):
     """Write (or replace) the stored quotes of one l2 (source, market, date) partition; returns the entry."""
+    eng.require_writer("derive_partition")
     import time
 
     from engine.catalog import FileEntry

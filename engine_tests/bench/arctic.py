@@ -100,7 +100,7 @@ def run(rows: int, log=print) -> dict:
         pq.write_table(t, src, compression="none")
         h0 = d0 + 12 * NS_H
         # ---- this engine: append + flush (hourly raw files), then the day compacted into one file
-        eng = Engine.open(work / "lake", background=False, flush_rows=10**9)
+        eng = Engine.open(work / "lake", background=False, flush_rows=10**9, writer=True)
         t0 = time.perf_counter()
         step = 250_000
         for i in range(0, rows, step):

@@ -212,7 +212,7 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
             if now - last_maint >= maint_every_s:
                 last_maint = now
                 t0 = time.perf_counter()
-                eng = Engine.open(home, store, background=False)
+                eng = Engine.open(home, store, background=False, writer=True)
                 up = eng.upload()
                 wm = eng.catalog.watermark("coinbase")
                 lags.append((time.time_ns() - wm) / 1e9 if wm else None)
@@ -249,7 +249,7 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
         replay.send_signal(signal.SIGTERM)
         replay.wait(30)
         # final maintenance: upload everything, compact every partition, then read back from S3
-        eng = Engine.open(home, store, background=False)
+        eng = Engine.open(home, store, background=False, writer=True)
         t0 = time.perf_counter()
         up = eng.upload()
         from engine.compaction import compact_partition

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
         runs = []  # best of three fresh lakes: the machine is shared, the best run is the engine's speed
         for i in range(3):
-            eng = Engine.open(work / f"eng{i}", background=False, flush_rows=10**9)
+            eng = Engine.open(work / f"eng{i}", background=False, flush_rows=10**9, writer=True)
             t0 = time.perf_counter()
             for b in batches:
                 eng.append("l2", b)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         ]
 
         # reads: one market-day compacted vs raw pyarrow vs DuckDB hive glob
-        day = Engine.open(work / "day", background=False)
+        day = Engine.open(work / "day", background=False, writer=True)
         day_start = to_ns("2026-11-19")
         per_hour = max(args.rows // 24, 1000)
         for h in range(24):
