@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from engine import Engine, synth
 from engine.api import SyncBoundaryWarning
@@ -149,7 +150,7 @@ def test_query_larger_than_the_cache_is_lazy_or_refused_clearly(tmp_path, s3_env
         r.sql("SELECT count(*) FROM trades", allow_unsealed=True)
     lazy = r.scan_trades(allow_unsealed=True)
     agg = lazy.group_by("side").agg(pl.len(), pl.col("size").sum()).sort("side").collect()
-    assert agg.equals(want.group_by("side").agg(pl.len(), pl.col("size").sum()).sort("side"))
+    assert_frame_equal(agg, want.group_by("side").agg(pl.len(), pl.col("size").sum()).sort("side"), rel_tol=1e-9)
     cached = sum(p.stat().st_size for p in (tmp_path / "laptop" / "cache").rglob("*.parquet"))
     assert cached <= total // 3
     assert r.scan_trades(allow_unsealed=True).collect().sort("trade_id").equals(want.sort("trade_id"))

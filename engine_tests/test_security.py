@@ -103,7 +103,7 @@ def test_credentials_never_leak(tmp_path, moto_server):
         os.environ.update(aws)
         for bucket, endpoint in (("nope", moto_server.endpoint), ("leak", "http://127.0.0.1:9")):
             os.environ["AWS_ENDPOINT_URL"] = endpoint
-            st = S3Store(bucket, "x", attempts=1, timeout_s=0.5)
+            st = S3Store(bucket, "x", attempts=1, connect_timeout_s=0.5, read_timeout_s=0.5)
             for fn in (lambda: st.put_bytes("k", b"x"), lambda: st.get_bytes("k"), lambda: st.list_keys("data/")):
                 try:
                     fn()

@@ -310,7 +310,7 @@ def test_bad_credentials_and_unreachable_endpoint(tmp_path, monkeypatch, moto_se
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StoreError, match="manifest.*failed after 5 attempts.*Could not connect"):
+    with pytest.raises(StoreError, match="manifest.*did not answer.*Could not connect"):
         Engine.open(tmp_path / "fresh", "s3://nowhere/p")  # a fresh home asks the store for its manifest
     Engine.open(tmp_path / "h2", background=False).close()  # a home with a catalog needs no store to open
     eng = Engine.open(tmp_path / "h2", "s3://nowhere/p", background=False, writer=True)
@@ -318,7 +318,7 @@ def test_bad_credentials_and_unreachable_endpoint(tmp_path, monkeypatch, moto_se
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 10, 1000))
     eng.flush()
     r = eng.upload()
-    assert r["failed"] == 1 and "failed after 2 attempts" in r["errors"][0]
+    assert r["failed"] == 1 and "did not answer" in r["errors"][0]
     assert all(eng.layout.staged(e.key).exists() for e in eng.catalog.entries())
 
 
