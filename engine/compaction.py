@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from engine import schema
 from engine.catalog import FileEntry
 from engine.log import get_logger
-from engine.paths import partition_prefix
+from engine.paths import parse_key, partition_prefix
 from engine.timeutil import now_ns, to_ns
 from engine.writer import read_parquet, write_parquet
 
@@ -86,6 +86,7 @@ def compact_partition(eng, part, validate=None) -> CompactionResult | None:
     if not files or (len(files) == 1 and files[0].compacted):
         return None
     t0 = time.perf_counter()
+    files = _arrival_order(files)
     tables = [read_parquet(eng.local_path(e), e.key) for e in files]
     expected = sum(e.rows for e in files)
     for e, t in zip(files, tables):
@@ -133,6 +134,18 @@ def compact_partition(eng, part, validate=None) -> CompactionResult | None:
     log.info("compacted", table=table, source=source, market=market, date=date, files_in=len(files), rows=expected,
              key=key, seconds=round(res.seconds, 3))
     return res
+
+
+def _arrival_order(files: list[FileEntry]) -> list[FileEntry]:
+    """Files in the order their rows arrived: a compacted file first (it holds the older rows), then
+    raw files by sequence number taken as a number (10000 after 9999), so the stable sort of the
+    merge keeps rows with equal sort keys in arrival order."""
+
+    def order(e: FileEntry) -> tuple:
+        name = parse_key(e.key).name
+        return (not e.compacted, int(name) if name.isdigit() else -1, e.key)
+
+    return sorted(files, key=order)
 
 
 def _derive_quotes(eng, source, market, date) -> None:

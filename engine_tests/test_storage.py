@@ -172,6 +172,44 @@ def test_compaction_while_appending_open_day(tmp_path):
     assert got.unique().height == got.height
 
 
+def test_message_touching_a_level_twice_keeps_arrival_order_through_compaction(tmp_path):
+    """One message sets a level, clears it and sets it again, and moves an ask then removes it. Rows
+    of one (instrument, ts, seq) keep their arrival order through the flush's sort and compaction's
+    merge, so the book rebuilds to the last size of each level."""
+    eng = Engine.open(tmp_path / "h", background=False)
+    inst = ["BTC-USD", "BTC-USDC"]
+    h9, h10 = START + 9 * NS_PER_HOUR, START + 10 * NS_PER_HOUR
+    eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", h9, 5_000, NS_PER_HOUR, seed=1, instruments=inst))
+    eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", h10, 5_000, NS_PER_HOUR, seed=2, instruments=inst,
+                                   seq_start=10**6))
+    ts = h10 + NS_PER_HOUR // 2
+    updates = [("bid", 50_000.0, 1.0), ("bid", 50_000.0, 0.0), ("bid", 50_000.0, 2.5),
+               ("ask", 150_000.0, 4.0), ("ask", 150_000.0, 0.0)]
+    n = len(updates)
+    msg = pa.table({
+        "ts": [ts] * n, "recv_ts": [ts + 3_000_000] * n, "source": ["coinbase"] * n, "market": ["BTC-USD"] * n,
+        "instrument": ["BTC-USD"] * n, "side": [u[0] for u in updates], "price": [u[1] for u in updates],
+        "size": [u[2] for u in updates], "seq": [5 * 10**6] * n, "snapshot": [False] * n,
+    })
+    eng.append("l2", msg)  # arrives after later rows of its hour: the flush sorts the file
+    eng.flush()
+    date = time.strftime("%Y-%m-%d", time.gmtime(START // 10**9))
+
+    def stored_sizes(e) -> list[float]:
+        t = pl.from_arrow(pq.read_table(eng.local_path(e)))
+        return t.filter(pl.col("seq") == 5 * 10**6)["size"].to_list()
+
+    raw = eng.catalog.files_in(("l2", "coinbase", "BTC-USD", date))
+    assert [stored_sizes(e) for e in raw] == [[], [u[2] for u in updates]]  # two hourly files
+    assert [r.files_in for r in eng.compact(date=date, table="l2")] == [2]
+    (c,) = eng.catalog.files_in(("l2", "coinbase", "BTC-USD", date))
+    assert c.compacted and stored_sizes(c) == [u[2] for u in updates]
+    book = eng.book("coinbase", "BTC-USD", "BTC-USD", at=h10 + NS_PER_HOUR - 1, depth=1_000)
+    bids = dict(zip(book["bid_price"].to_list(), book["bid_size"].to_list()))
+    asks = dict(zip(book["ask_price"].to_list(), book["ask_size"].to_list()))
+    assert bids[50_000.0] == 2.5 and 150_000.0 not in asks
+
+
 CHILD = r"""
 import sys, time, json
 from engine import Engine, synth
