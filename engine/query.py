@@ -147,9 +147,15 @@ class Query:
         return self.read(self.plan(table, source, market, instrument, start, end, columns, allow_unsealed))
 
     def _name_corrupt(self, files, paths, err) -> Exception:
+        import os
+
         import pyarrow.parquet as pq
 
         for e, p in zip(files, paths):
+            if not os.path.exists(p):  # not damaged: removed after the query resolved it
+                return FileNotFoundError(
+                    f"lake file {e.key} was removed while the query ran (a compaction replaced it and its grace "
+                    "period has passed); run the query again")
             try:
                 pq.ParquetFile(p).metadata
             except Exception:  # noqa: BLE001 - any failure here identifies the culprit

@@ -382,8 +382,9 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
     Returns (CompactionResult | None, Integrity | None); raises IntegrityError (nothing uploaded,
     catalog unchanged) when the merged file is bad.
     """
-    from engine.compaction import compact_partition
+    from engine.compaction import compact_partition, purge_retired
 
+    purge_retired(eng)  # earlier compactions' retired files, once their grace period has passed
     table, source, market, date = part
     expected = sum(e.rows for e in eng.catalog.files_in(part))
     report: list[Integrity] = []
