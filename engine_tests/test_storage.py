@@ -239,6 +239,8 @@ def test_query_planned_before_compaction_reads_after_the_swap(tmp_path):
     assert not eng.catalog.retired
     assert not any(eng.layout.staged(k).exists() or eng.store.head(k) for k in old)
     assert canon(eng.read("l2"), "l2").equals(expected(batches, "l2"))
+    with pytest.raises(FileNotFoundError, match="removed while the query ran"):  # not a false CorruptFileError
+        Query(eng).read(plan)
 
 
 def test_purge_keeps_retired_files_until_the_compacted_file_verifies(tmp_path):
