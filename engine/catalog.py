@@ -96,6 +96,7 @@ class Catalog:
         self.version = 0
         self.by_key: dict[str, FileEntry] = {}
         self.retired: dict[str, tuple[int, FileEntry]] = {}  # key → (retired_at, entry), awaiting purge
+        self.replaced_by: dict[str, str] = {}  # retired key → key of the compacted file that replaced it
         self.parts: dict[Partition, dict[str, FileEntry]] = defaultdict(dict)
         self._aggs: dict[Partition, _Agg] = {}
         self.watermarks: dict[str, int] = {}
@@ -157,10 +158,12 @@ class Catalog:
                 e = self._remove(k)
                 if e is not None:
                     self.retired[k] = (op.at, e)
+                    self.replaced_by[k] = op.file.key
             self._add(op.file)
         elif op.op == "purged":
             for k in op.keys or []:
                 self.retired.pop(k, None)
+                self.replaced_by.pop(k, None)
         elif op.op == "watermark":
             self.watermarks[op.source] = max(self.watermarks.get(op.source, 0), op.ts)
 
@@ -170,6 +173,7 @@ class Catalog:
         if old is not None:
             self._remove(e.key)
         self.retired.pop(e.key, None)
+        self.replaced_by.pop(e.key, None)
         self.by_key[e.key] = e
         self.parts[part][e.key] = e
         self._aggs.setdefault(part, _Agg()).add(e)
@@ -333,6 +337,15 @@ class Catalog:
         if end is not None:
             preds.append(pl.col("min_ts") < end)
         return df.filter(*preds) if preds else df
+
+    def replacement(self, key: str) -> FileEntry | None:
+        """The live file holding a retired file's rows now (following later compactions), or None."""
+        with self._lock:
+            seen = set()
+            while key in self.replaced_by and key not in seen:
+                seen.add(key)
+                key = self.replaced_by[key]
+            return self.by_key.get(key)
 
     def watermark(self, source: str) -> int:
         self.refresh()

@@ -75,6 +75,16 @@ def publish(eng) -> str:
     return MANIFEST_KEY
 
 
+def publish_after_change(eng) -> str | None:
+    """Republish after a change to what the store holds (upload, compaction swap, purge). A failure
+    is logged, not raised: the change itself is durable, and the next change publishes again."""
+    try:
+        return publish(eng)
+    except StoreError as err:
+        log.error("manifest_publish_failed", store=eng.store.url, error=str(err))
+        return None
+
+
 def parse(data: bytes, url: str) -> Catalog:
     """An in-memory catalog of the manifest's files, clamped to its remote watermarks."""
     try:

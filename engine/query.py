@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import duckdb
 import polars as pl
 import pyarrow as pa
@@ -9,6 +11,7 @@ import pyarrow.dataset as pads
 from polars.io.plugins import register_io_source
 
 from engine import schema
+from engine.catalog import FileEntry
 from engine.log import get_logger
 from engine.paths import is_pattern, match, pattern_regex
 from engine.timeutil import iso, to_ns
@@ -23,6 +26,18 @@ class UnknownMarketError(LookupError):
 
 class QueryError(ValueError):
     pass
+
+
+@dataclass
+class ReadPlan:
+    """A resolved table read: catalogued files, the local paths fixed when it was planned, the row filter."""
+
+    table: str
+    files: list[FileEntry]
+    paths: list[str]
+    expr: pads.Expression | None
+    instrument: str | None
+    columns: list[str] | None
 
 
 class Query:
@@ -91,28 +106,17 @@ class Query:
         return expr
 
     # ---- table reads ---------------------------------------------------------------------
-    def arrow(self, table: str, source=None, market=None, instrument=None, start=None, end=None, columns=None,
-              allow_unsealed=False) -> pa.Table:
+    def plan(self, table: str, source=None, market=None, instrument=None, start=None, end=None, columns=None,
+             allow_unsealed=False) -> ReadPlan:
+        """Resolve a read: the catalogued files, their local paths and the row filter. `read` runs it;
+        the files stay readable for the compaction grace period even if a compaction retires them."""
         sp = schema.spec(table)
         if columns is not None:
             bad = [c for c in columns if c not in sp.columns]
             if bad:
                 raise QueryError(f"table {table}: unknown column(s) {', '.join(bad)}; columns: {', '.join(sp.columns)}")
         files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed)
-        if not files:
-            t = sp.schema.empty_table()
-            return t.select(columns) if columns else t
         self.eng.cache.check_fits(self._remote_bytes(files), f"this {table} query")
-        with self.eng.cache.pinned():
-            return self._read(table, sp, files, instrument, start, end, clamp, columns)
-
-    def _remote_bytes(self, files) -> int:
-        """Bytes of the files that can only come through the read cache."""
-        if self.eng.store.is_local:
-            return 0
-        return sum(e.bytes for e in files if not self.eng.layout.staged(e.key).exists())
-
-    def _read(self, table, sp, files, instrument, start, end, clamp, columns) -> pa.Table:
         paths = [str(self.eng.local_path(e)) for e in files]
         inside = all(
             (start is None or (e.min_ts is not None and e.min_ts >= start))
@@ -122,23 +126,47 @@ class Query:
         )  # whole files selected: skip the row filter, read at raw Parquet speed
         expr = self._filter_expr(table, instrument, None if inside else start, None if inside else end,
                                  {} if inside else clamp)
+        return ReadPlan(table, files, paths, expr, instrument, columns)
+
+    def _remote_bytes(self, files) -> int:
+        """Bytes of the files that can only come through the read cache."""
+        if self.eng.store.is_local:
+            return 0
+        return sum(e.bytes for e in files if not self.eng.layout.staged(e.key).exists())
+
+    def read(self, p: ReadPlan) -> pa.Table:
+        sp = schema.spec(p.table)
+        if not p.files:
+            t = sp.schema.empty_table()
+            return t.select(p.columns) if p.columns else t
         try:
-            ds = pads.dataset(paths, schema=sp.schema, format="parquet")
-            t = ds.to_table(filter=expr, columns=None if is_pattern(instrument) else columns)
+            ds = pads.dataset(p.paths, schema=sp.schema, format="parquet")
+            t = ds.to_table(filter=p.expr, columns=None if is_pattern(p.instrument) else p.columns)
         except (pa.ArrowInvalid, OSError) as e:
-            raise self._name_corrupt(files, paths, e) from None
-        if is_pattern(instrument):
+            raise self._name_corrupt(p.files, p.paths, e) from None
+        if is_pattern(p.instrument):
             import pyarrow.compute as pc
 
-            t = t.filter(pc.match_substring_regex(t.column("instrument").cast(pa.string()), pattern_regex(instrument)))
-            if columns:
-                t = t.select(columns)
+            t = t.filter(pc.match_substring_regex(t.column("instrument").cast(pa.string()), pattern_regex(p.instrument)))
+            if p.columns:
+                t = t.select(p.columns)
         return t
 
+    def arrow(self, table: str, source=None, market=None, instrument=None, start=None, end=None, columns=None,
+              allow_unsealed=False) -> pa.Table:
+        with self.eng.cache.pinned():  # the cache keeps every file this read resolved until it is done
+            return self.read(self.plan(table, source, market, instrument, start, end, columns, allow_unsealed))
+
     def _name_corrupt(self, files, paths, err) -> Exception:
+        import os
+
         import pyarrow.parquet as pq
 
         for e, p in zip(files, paths):
+            if not os.path.exists(p):  # not damaged: removed after the query resolved it
+                return FileNotFoundError(
+                    f"lake file {e.key} was removed while the query ran (a compaction replaced it and its grace "
+                    "period has passed); run the query again")
             try:
                 pq.ParquetFile(p).metadata
             except Exception:  # noqa: BLE001 - any failure here identifies the culprit

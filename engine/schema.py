@@ -1,6 +1,12 @@
 """Canonical tables: the one place where columns, types, sort keys and partition rules live.
 
 Every other module asks this one what a table looks like; nothing else spells a column list.
+
+Row order: files are sorted by a table's `sort_keys`, and rows with equal keys keep their arrival
+order. That order carries meaning: one l2 message (one instrument, `ts` and `seq`) may touch a
+(side, price) level more than once, and the last size wins. So every sort of stored rows is stable
+(the writer's lexsort, the append path's split), and compaction merges a partition's files in the
+order they were written; readers that re-sort (books, quotes) sort stably too.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ class TableSpec:
     schema: pa.Schema
     time_col: str  # event time used for range filters and min/max stats
     part_col: str  # time column that decides date partition and hour (recv_ts for raw tables)
-    sort_keys: tuple[str, ...]
+    sort_keys: tuple[str, ...]  # ties keep arrival order (see the module docstring)
     enums: dict[str, frozenset[str]]
     seq_col: str | None = "seq"
 

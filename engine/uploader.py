@@ -1,4 +1,5 @@
-"""Verified upload of catalogued local files to the object store; local copies stay until compaction."""
+"""Verified upload of catalogued local files to the object store; local copies stay until compaction
+has replaced them and its grace period has passed."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ log = get_logger(component="upload")
 MAX_CONSECUTIVE_FAILURES = 3  # then the store is down: stop, keep everything local, retry next run
 
 
-def upload(eng, table=None, source=None, market=None, date=None, progress=None) -> dict:
-    """Upload every live file not yet remote; returns counts. Each success is logged to the catalog."""
+def upload(eng, table=None, source=None, market=None, date=None, progress=None, grace_s: float | None = None) -> dict:
+    """Upload every live file not yet remote; returns counts. Each success is logged to the catalog.
+    Then files retired by compaction longer than `grace_s` ago (default: compaction's) are purged."""
+    from engine.compaction import GRACE_S, purge_retired
+
     eng.require_writer("upload")
+
     done = failed = nbytes = streak = 0
     errors: list[str] = []
     todo = [
@@ -53,13 +58,11 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None) 
         if progress:
             progress(done, len(todo))
         log.info("uploaded", key=e.key, bytes=e.bytes, store=eng.store.url)
-    if done:
-        from engine.manifest import publish
+    purged = purge_retired(eng, GRACE_S if grace_s is None else grace_s)
+    if done or purged:  # what the bucket holds changed: readers elsewhere see it through the manifest
+        from engine.manifest import publish_after_change
 
-        try:  # what the bucket holds changed: readers elsewhere see it through the manifest
-            publish(eng)
-        except StoreError as err:
-            errors.append(f"manifest not republished: {err}")
-            log.error("manifest_publish_failed", store=eng.store.url, error=str(err))
+        if publish_after_change(eng) is None:
+            errors.append("manifest not republished (see log); the next upload or compaction publishes it")
     return {"uploaded": done, "failed": failed, "bytes": nbytes, "seconds": time.perf_counter() - t0, "errors": errors}
 

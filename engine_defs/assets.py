@@ -187,8 +187,8 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
         kinds={"parquet", "s3"},
         check_specs=[dg.AssetCheckSpec(
             INTEGRITY, asset=compacted_key(table), blocking=True, partitions_def=partitions_def,
-            description="Schema, sort order, duplicate events and row count equal to the catalog, checked on "
-                        "the merged file before it is uploaded and swapped in; a failure blocks the upload "
+            description="Schema, sort order, duplicates (data stored twice) and row count equal to the catalog, "
+                        "checked on the merged file before it is uploaded and swapped in; a failure blocks the upload "
                         "and everything downstream (the catalog manifest).",
         )],
         description=f"The closed day of {table} merged into one sorted file (0000.parquet), verified, uploaded, "

@@ -4,7 +4,7 @@
   building the catalog's in-memory index (a sensor tick must stay fast on a 100k-file log);
 - `part_stats`: rows, bytes, files, time range, largest gap, silent intervals of one partition;
 - `recorded_gaps`: rows of the `gaps` table overlapping one (source, market, day);
-- `integrity`: schema, sort order, duplicate events, row count and partition bounds of a table;
+- `integrity`: schema, sort order, duplicates (data stored twice), row count and partition bounds of a table;
 - `compact_gated`: the core's `compact_partition`, with `integrity` run on the merged file after it
   is written and before it is uploaded or swapped into the catalog, so a bad compaction is blocked.
 """
@@ -216,13 +216,20 @@ def recorded_gaps(eng, source: str, market: str, date: str) -> pl.DataFrame:
 # ---- integrity -----------------------------------------------------------------------------------
 
 
-# Exchanges put several rows in one sequence-numbered message (a Coinbase l2_data frame carries many
-# level updates under one sequence_num), so `seq` alone is not unique; the same sequence number on
-# the same event is. A trade is identified by its trade_id.
+# A trade is identified by its trade_id; a gap by all its columns. An l2 message is the run of
+# non-snapshot rows sharing (instrument, seq, ts): an exchange puts many level updates under one
+# sequence number and may touch one (side, price) more than once in it (the last size wins), so a
+# repeated level inside a message is legitimate. A duplicate is the message stored twice: see
+# `_l2_duplicates`.
 DUP_KEYS = {
-    "l2": ("instrument", "seq", "ts", "side", "price"),  # non-snapshot updates with a seq
+    "l2": ("instrument", "seq", "ts"),
     "trades": ("instrument", "trade_id"),
     "gaps": tuple(schema.GAPS_SCHEMA.names),
+}
+DUP_WHAT = {
+    "l2": "l2 message(s) stored more than once (same instrument, seq, ts received again, or its rows repeated)",
+    "trades": "trade(s) stored more than once (same instrument, trade_id)",
+    "gaps": "gap(s) stored more than once (all columns equal)",
 }
 
 
@@ -244,20 +251,81 @@ class Integrity:
 
 
 def duplicate_rows(table: str, t: pa.Table) -> tuple[int, list[dict]]:
-    keys = list(DUP_KEYS[table])
+    """Rows stored more than once (beyond the first copy) and up to 10 examples."""
     if t.num_rows < 2:
         return 0, []
-    df = pl.from_arrow(t.select(keys + (["snapshot"] if table == "l2" else [])))
-    df = df.with_columns(pl.col(pl.Categorical).cast(pl.String))
     if table == "l2":
-        df = df.filter(~pl.col("snapshot") & pl.col("seq").is_not_null()).drop("snapshot")
-    elif table == "trades":
+        return _l2_duplicates(t)
+    keys = list(DUP_KEYS[table])
+    df = pl.from_arrow(t.select(keys)).with_columns(pl.col(pl.Categorical).cast(pl.String))
+    if table == "trades":
         df = df.filter(pl.col("trade_id").is_not_null())
     dup = df.filter(df.is_duplicated())
     if dup.height == 0:
         return 0, []
     n = dup.height - dup.unique().height  # rows beyond the first of each duplicated event
     return n, dup.unique(maintain_order=True).head(10).to_dicts()
+
+
+def _l2_duplicates(t: pa.Table) -> tuple[int, list[dict]]:
+    """Rows of l2 messages stored more than once.
+
+    Rows of one message (instrument, seq, ts) are taken in stored order, which is arrival order. The
+    message was stored again when (a) some of its rows carry another receive time than its first
+    row (the exchange sent it again, e.g. a replay after a reconnect), or (b) its first receipt is
+    one block of rows repeated k times (the same receipt written twice, e.g. a capture ingested
+    twice). A message that sets, clears and sets a level again is neither. Rows without a sequence
+    number and snapshots (book anchors repeat the last message's seq and ts) are not judged here.
+    """
+    msg = list(DUP_KEYS["l2"])
+    df = (
+        pl.from_arrow(t.select(msg + ["recv_ts", "side", "price", "size", "snapshot"]))
+        .filter(~pl.col("snapshot") & pl.col("seq").is_not_null())
+        .with_columns(pl.col("instrument").cast(pl.String), (pl.col("side").cast(pl.String) == "ask").alias("ask"))
+        .sort(msg, maintain_order=True)  # stable: each message's rows together, in stored order
+    )
+    if df.height < 2:
+        return 0, []
+    df = df.with_columns(again=pl.col("recv_ts") != pl.col("recv_ts").first().over(msg))
+    first = df.filter(~pl.col("again"))
+    new = pl.any_horizontal([(pl.col(c) != pl.col(c).shift(1)).fill_null(True) for c in msg])
+    first = first.with_columns(gid=new.cum_sum() - 1)
+    heads = first.filter(new).select(msg + ["recv_ts"])
+    repeated = _repeat_excess(first["gid"].to_numpy(), [first[c].to_numpy() for c in ("ask", "price", "size")])
+    extra = heads.with_columns(rows=pl.Series(repeated, dtype=pl.Int64))
+    re_recv = df.filter(pl.col("again")).group_by(msg, maintain_order=True).agg(
+        pl.col("recv_ts").first(), pl.len().cast(pl.Int64).alias("rows"))
+    dups = pl.concat([extra.filter(pl.col("rows") > 0), re_recv]).group_by(msg, maintain_order=True).agg(
+        pl.col("recv_ts").max(), pl.col("rows").sum())
+    return int(dups["rows"].sum() or 0), dups.head(10).to_dicts()
+
+
+def _repeat_excess(gid: np.ndarray, vals: list[np.ndarray]) -> np.ndarray:
+    """Per group of contiguous rows (`gid` 0..G-1): rows beyond the shortest block that, repeated, makes the group."""
+    n = len(gid)
+    starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+    length = np.diff(np.r_[starts, n])
+    pos = np.arange(n) - starts[gid]
+    period = length.copy()
+
+    def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.logical_and.reduce([v[a] == v[b] for v in vals])
+
+    idx = np.arange(n)
+    recurs = np.zeros(len(starts), dtype=bool)  # only a group whose first row comes back can repeat
+    hit = (pos > 0) & same(idx, starts[gid])
+    recurs[gid[hit]] = True
+    for k in range(2, int(length[recurs].max(initial=1)) + 1):
+        cand = recurs & (length % k == 0)
+        if not cand.any():
+            continue
+        block = length // k
+        rows = np.flatnonzero(cand[gid] & (pos >= block[gid]))
+        bad = np.zeros(len(starts), dtype=bool)
+        bad[gid[rows[~same(rows, rows - block[gid[rows]])]]] = True
+        ok = cand & ~bad
+        period[ok] = np.minimum(period[ok], block[ok])
+    return length - period
 
 
 def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, source: str | None = None,
@@ -277,7 +345,7 @@ def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, sour
         problems.append(f"rows are not sorted by ({', '.join(sp.sort_keys)})")
     dups, examples = duplicate_rows(table, t) if schema_ok else (0, [])
     if dups:
-        problems.append(f"{dups} duplicate event row(s) (same {', '.join(DUP_KEYS[table])})")
+        problems.append(f"{dups} duplicate row(s): {DUP_WHAT[table]}")
     if expected_rows is not None and t.num_rows != expected_rows:
         problems.append(f"{t.num_rows} rows, the catalog says {expected_rows}")
     outside = 0
@@ -314,8 +382,9 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
     Returns (CompactionResult | None, Integrity | None); raises IntegrityError (nothing uploaded,
     catalog unchanged) when the merged file is bad.
     """
-    from engine.compaction import compact_partition
+    from engine.compaction import compact_partition, purge_retired
 
+    purge_retired(eng)  # earlier compactions' retired files, once their grace period has passed
     table, source, market, date = part
     expected = sum(e.rows for e in eng.catalog.files_in(part))
     report: list[Integrity] = []

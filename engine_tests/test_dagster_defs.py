@@ -7,11 +7,12 @@ import datetime as dt
 import warnings
 
 import dagster as dg
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import Engine, synth
+from engine import Engine, schema, synth
 from engine.paths import MANIFEST_KEY
 from engine.timeutil import to_ns
 
@@ -344,6 +345,91 @@ def test_integrity_function():
     bad = lake.integrity("l2", pa.concat_tables([t, t.slice(5, 2)]), expected_rows=200)
     assert not bad.passed and bad.duplicates == 2 and any("202 rows" in p for p in bad.problems)
     assert not lake.integrity("l2", t, date=D2).passed  # rows outside the partition's day
+
+
+def _l2_msgs(rows) -> pa.Table:
+    """l2 rows of BTC-USD from (ts, recv_ts, seq, side, price, size) tuples, in the order given."""
+    cols = list(zip(*rows))
+    n = len(rows)
+    return schema.validate("l2", pa.table({
+        "ts": cols[0], "recv_ts": cols[1], "source": ["coinbase"] * n, "market": ["BTC-USD"] * n,
+        "instrument": ["BTC-USD"] * n, "side": cols[3], "price": cols[4], "size": cols[5], "seq": cols[2],
+        "snapshot": [False] * n,
+    }))
+
+
+def test_integrity_level_touched_twice_in_one_message_is_no_duplicate():
+    T, R = T1 + 10 * H, T1 + 10 * H + 2_000_000
+    # one message (seq 7) sets a level, clears it, sets it again, and changes an ask twice: last size wins
+    msg = [(T, R, 7, "bid", 100.0, 1.0), (T, R, 7, "bid", 100.0, 0.0), (T, R, 7, "bid", 100.0, 1.0),
+           (T, R, 7, "ask", 101.0, 2.0), (T, R, 7, "ask", 101.0, 3.0)]
+    nxt = [(T + 5, R + 5, 8, "bid", 99.0, 4.0)]
+    t = _l2_msgs(msg + nxt)
+    assert lake.duplicate_rows("l2", t) == (0, [])
+    assert lake.integrity("l2", t, expected_rows=6, source="coinbase", market="BTC-USD", date=D1).passed
+    # a new connection restarts sequence numbers: seq 7 at another exchange time is another message
+    assert lake.duplicate_rows("l2", _l2_msgs(msg + [(T + H, R + H, 7, "bid", 100.0, 1.0)]))[0] == 0
+    # the same message received again later (a replayed frame): every row of the second receipt
+    again = [(ts, r + 10**9, s, side, p, q) for ts, r, s, side, p, q in msg]
+    n, examples = lake.duplicate_rows("l2", _l2_msgs(msg + nxt + again))
+    assert n == 5 and examples[0]["seq"] == 7 and examples[0]["rows"] == 5
+    # the same message stored twice with the same receive time (a capture ingested twice)
+    assert lake.duplicate_rows("l2", _l2_msgs(msg + msg + nxt))[0] == 5
+    assert lake.duplicate_rows("l2", _l2_msgs(msg + msg + msg + nxt))[0] == 10
+
+
+def _coinbase_capture_lake(tmp_path) -> Engine:
+    """A lake ingested from one minute of the generator's Coinbase capture on D1 10:00 (book anchors on)."""
+    from engine.capture_gen import generate_coinbase, write_capture
+    from engine.ingest import engine_kwargs, ingest_files
+
+    cap = tmp_path / "cb.jsonl"
+    write_capture(generate_coinbase(["BTC-USD"], seconds=60, rate=100, seed=9, start_ns=T1 + 10 * H), cap)
+    eng = Engine.open(tmp_path / "h", background=False, **engine_kwargs())
+    ingest_files(eng, [cap], "coinbase", progress=False)
+    eng.close()
+    return Engine.open(tmp_path / "h", background=False)
+
+
+def test_compact_job_on_generated_coinbase_capture(tmp_path):
+    from engine_defs.jobs import compact_job
+
+    eng = _coinbase_capture_lake(tmp_path)
+    l2 = eng.l2(source="coinbase", market="BTC-USD", allow_unsealed=True).filter(~pl.col("snapshot"))
+    touched_twice = l2.height - l2.select("instrument", "seq", "ts", "side", "price").unique().height
+    assert touched_twice > 20  # the capture has messages that touch one level more than once
+    rows = {t: sum(e.rows for e in eng.catalog.files_in((t, "coinbase", "BTC-USD", D1))) for t in ("l2", "trades")}
+    res = engine_resource(tmp_path / "h")
+    job_defs = dg.Definitions(assets=all_assets, asset_checks=all_checks, jobs=[compact_job],
+                              resources={"engine": res})
+    with dg.instance_for_test() as inst:
+        with dg.build_schedule_context(instance=inst, resources={"engine": res}, scheduled_execution_time=dt.datetime(
+                2026, 3, 3, 0, 30, tzinfo=dt.timezone.utc)) as ctx:
+            (req,) = nightly_compaction(ctx)
+        assert str(req.partition_key) == f"{D1}|{BTC}"
+        run = job_defs.resolve_job_def("compact_job").execute_in_process(
+            instance=inst, partition_key=req.partition_key, asset_selection=req.asset_selection)
+        assert run.success
+        checks = {e.asset_key.to_user_string(): e for e in run.get_asset_check_evaluations()}
+        assert checks["compacted_l2"].passed and checks["compacted_l2"].metadata["duplicate_rows"].value == 0
+        assert checks["compacted_trades"].passed
+    eng.catalog.refresh()
+    for t, n in rows.items():
+        (e,) = eng.catalog.files_in((t, "coinbase", "BTC-USD", D1))
+        assert e.compacted and e.rows == n > 0
+
+
+def test_integrity_blocks_replayed_l2_message(tmp_path):
+    eng = _coinbase_capture_lake(tmp_path)
+    l2 = eng.l2(source="coinbase", market="BTC-USD", allow_unsealed=True)
+    seq = l2.filter(~pl.col("snapshot"))["seq"][500]
+    msg = l2.filter((pl.col("seq") == seq) & ~pl.col("snapshot"))
+    # the exchange sends the message again a second later (e.g. after a reconnect) and it is stored again
+    eng.append("l2", msg.with_columns(pl.col("recv_ts") + 10**9))
+    eng.close()
+    ev = _blocked(tmp_path, Engine.open(tmp_path / "h", background=False), "l2")
+    assert ev.metadata["duplicate_rows"].value == msg.height
+    assert str(seq) in ev.metadata["duplicate_examples"].value
 
 
 # ---- schedule -----------------------------------------------------------------------------------------------

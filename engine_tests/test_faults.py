@@ -94,8 +94,8 @@ CHILD = textwrap.dedent(r"""
         eng.store.client.put_object = killer(eng.store.client.put_object, "before")
     elif point == "compact_swap":         # compacted object uploaded, catalog swap not written
         eng.catalog.swap = killer(eng.catalog.swap, "before")
-    elif point == "compact_after_swap":   # swap written, local copies not yet deleted
-        eng.catalog.mark_local_deleted = killer(eng.catalog.mark_local_deleted, "before")
+    elif point == "compact_after_swap":   # swap written, nothing after it done
+        eng.catalog.swap = killer(eng.catalog.swap, "after")
     for i in range(N_BATCHES):
         eng.append("l2", _batch(i))
         if i % 4 == 3:
@@ -210,9 +210,9 @@ def test_sigkill_during_upload(tmp_path, s3_env, point, nth):
 
 @pytest.mark.parametrize("point", ["compact_swap", "compact_after_swap"])
 def test_sigkill_during_compaction_swap(tmp_path, s3_env, point):
-    """Killed with the compacted object uploaded but before the catalog swap (or right after it,
-    before local copies were deleted): readers see the old files or the new one, never both;
-    re-running compaction finishes the job; no row lost or duplicated."""
+    """Killed with the compacted object uploaded but before the catalog swap (or right after it):
+    readers see the old files or the new one, never both; re-running compaction finishes the job;
+    no row lost or duplicated."""
     home = tmp_path / "h"
     env = _env(**{k: os.environ[k] for k in os.environ if k.startswith("AWS_")})
     rc, out = _run_child(home, s3_env, point, 1, env=env)

@@ -172,6 +172,91 @@ def test_compaction_while_appending_open_day(tmp_path):
     assert got.unique().height == got.height
 
 
+def test_message_touching_a_level_twice_keeps_arrival_order_through_compaction(tmp_path):
+    """One message sets a level, clears it and sets it again, and moves an ask then removes it. Rows
+    of one (instrument, ts, seq) keep their arrival order through the flush's sort and compaction's
+    merge, so the book rebuilds to the last size of each level."""
+    eng = Engine.open(tmp_path / "h", background=False)
+    inst = ["BTC-USD", "BTC-USDC"]
+    h9, h10 = START + 9 * NS_PER_HOUR, START + 10 * NS_PER_HOUR
+    eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", h9, 5_000, NS_PER_HOUR, seed=1, instruments=inst))
+    eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", h10, 5_000, NS_PER_HOUR, seed=2, instruments=inst,
+                                   seq_start=10**6))
+    ts = h10 + NS_PER_HOUR // 2
+    updates = [("bid", 50_000.0, 1.0), ("bid", 50_000.0, 0.0), ("bid", 50_000.0, 2.5),
+               ("ask", 150_000.0, 4.0), ("ask", 150_000.0, 0.0)]
+    n = len(updates)
+    msg = pa.table({
+        "ts": [ts] * n, "recv_ts": [ts + 3_000_000] * n, "source": ["coinbase"] * n, "market": ["BTC-USD"] * n,
+        "instrument": ["BTC-USD"] * n, "side": [u[0] for u in updates], "price": [u[1] for u in updates],
+        "size": [u[2] for u in updates], "seq": [5 * 10**6] * n, "snapshot": [False] * n,
+    })
+    eng.append("l2", msg)  # arrives after later rows of its hour: the flush sorts the file
+    eng.flush()
+    date = time.strftime("%Y-%m-%d", time.gmtime(START // 10**9))
+
+    def stored_sizes(e) -> list[float]:
+        t = pl.from_arrow(pq.read_table(eng.local_path(e)))
+        return t.filter(pl.col("seq") == 5 * 10**6)["size"].to_list()
+
+    raw = eng.catalog.files_in(("l2", "coinbase", "BTC-USD", date))
+    assert [stored_sizes(e) for e in raw] == [[], [u[2] for u in updates]]  # two hourly files
+    assert [r.files_in for r in eng.compact(date=date, table="l2")] == [2]
+    (c,) = eng.catalog.files_in(("l2", "coinbase", "BTC-USD", date))
+    assert c.compacted and stored_sizes(c) == [u[2] for u in updates]
+    book = eng.book("coinbase", "BTC-USD", "BTC-USD", at=h10 + NS_PER_HOUR - 1, depth=1_000)
+    bids = dict(zip(book["bid_price"].to_list(), book["bid_size"].to_list()))
+    asks = dict(zip(book["ask_price"].to_list(), book["ask_size"].to_list()))
+    assert bids[50_000.0] == 2.5 and 150_000.0 not in asks
+
+
+def test_query_planned_before_compaction_reads_after_the_swap(tmp_path):
+    """A query resolves its file list, a compaction swaps the partitions, then the query reads: it
+    gets the same rows, because retired files stay (staged and in the store) for the grace period.
+    A purge before the grace period ends keeps them; after it they are gone, and the compacted
+    files answer the same query."""
+    from engine.compaction import purge_retired
+    from engine.query import Query
+
+    eng = Engine.open(tmp_path / "h", background=False)
+    batches = generated(30_000)
+    for name, t in batches:
+        eng.append(name, t)
+    eng.flush()
+    assert eng.upload()["failed"] == 0  # raw files are in the store and still staged
+    plan = Query(eng).plan("l2")
+    old = [e.key for e in plan.files]
+    assert len(old) > 6 and all(p == str(eng.layout.staged(k)) for p, k in zip(plan.paths, old))
+    assert len(eng.compact(grace_s=600)) == 3 * 2 * 2
+    assert set(old) <= set(eng.catalog.retired)
+    assert canon(pl.from_arrow(Query(eng).read(plan)), "l2").equals(expected(batches, "l2"))
+
+    retired_at = max(at for at, _ in eng.catalog.retired.values())
+    assert purge_retired(eng, grace_s=600, now=retired_at + 599 * 10**9) == 0
+    assert all(eng.layout.staged(k).exists() and eng.store.head(k) for k in old)
+    n = len(eng.catalog.retired)
+    assert purge_retired(eng, grace_s=600, now=retired_at + 601 * 10**9) == n
+    assert not eng.catalog.retired
+    assert not any(eng.layout.staged(k).exists() or eng.store.head(k) for k in old)
+    assert canon(eng.read("l2"), "l2").equals(expected(batches, "l2"))
+    with pytest.raises(FileNotFoundError, match="removed while the query ran"):  # not a false CorruptFileError
+        Query(eng).read(plan)
+
+
+def test_purge_keeps_retired_files_until_the_compacted_file_verifies(tmp_path):
+    from engine.compaction import purge_retired
+
+    eng = Engine.open(tmp_path / "h", background=False)
+    eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 2_000, 2 * NS_PER_HOUR))
+    eng.flush()
+    old = [e.key for e in eng.catalog.entries()]
+    (res,) = eng.compact(grace_s=0)
+    assert res.files_in == 2
+    eng.store.delete(res.key)  # the compacted object is lost before the purge
+    assert purge_retired(eng, grace_s=0) == 0
+    assert set(eng.catalog.retired) == set(old) and all(eng.layout.staged(k).exists() for k in old)
+
+
 CHILD = r"""
 import sys, time, json
 from engine import Engine, synth
