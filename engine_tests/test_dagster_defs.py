@@ -385,10 +385,10 @@ def _coinbase_capture_lake(tmp_path) -> Engine:
 
     cap = tmp_path / "cb.jsonl"
     write_capture(generate_coinbase(["BTC-USD"], seconds=60, rate=100, seed=9, start_ns=T1 + 10 * H), cap)
-    eng = Engine.open(tmp_path / "h", background=False, **engine_kwargs())
+    eng = Engine.open(tmp_path / "h", background=False, writer=True, **engine_kwargs())
     ingest_files(eng, [cap], "coinbase", progress=False)
     eng.close()
-    return Engine.open(tmp_path / "h", background=False)
+    return Engine.open(tmp_path / "h", background=False, writer=True)
 
 
 def test_compact_job_on_generated_coinbase_capture(tmp_path):
@@ -427,7 +427,7 @@ def test_integrity_blocks_replayed_l2_message(tmp_path):
     # the exchange sends the message again a second later (e.g. after a reconnect) and it is stored again
     eng.append("l2", msg.with_columns(pl.col("recv_ts") + 10**9))
     eng.close()
-    ev = _blocked(tmp_path, Engine.open(tmp_path / "h", background=False), "l2")
+    ev = _blocked(tmp_path, Engine.open(tmp_path / "h", background=False, writer=True), "l2")
     assert ev.metadata["duplicate_rows"].value == msg.height
     assert str(seq) in ev.metadata["duplicate_examples"].value
 

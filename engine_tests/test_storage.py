@@ -176,7 +176,7 @@ def test_message_touching_a_level_twice_keeps_arrival_order_through_compaction(t
     """One message sets a level, clears it and sets it again, and moves an ask then removes it. Rows
     of one (instrument, ts, seq) keep their arrival order through the flush's sort and compaction's
     merge, so the book rebuilds to the last size of each level."""
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     inst = ["BTC-USD", "BTC-USDC"]
     h9, h10 = START + 9 * NS_PER_HOUR, START + 10 * NS_PER_HOUR
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", h9, 5_000, NS_PER_HOUR, seed=1, instruments=inst))
@@ -218,7 +218,7 @@ def test_query_planned_before_compaction_reads_after_the_swap(tmp_path):
     from engine.compaction import purge_retired
     from engine.query import Query
 
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     batches = generated(30_000)
     for name, t in batches:
         eng.append(name, t)
@@ -246,7 +246,7 @@ def test_query_planned_before_compaction_reads_after_the_swap(tmp_path):
 def test_purge_keeps_retired_files_until_the_compacted_file_verifies(tmp_path):
     from engine.compaction import purge_retired
 
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 2_000, 2 * NS_PER_HOUR))
     eng.flush()
     old = [e.key for e in eng.catalog.entries()]
