@@ -87,16 +87,37 @@ def _cmdline(pid: int) -> list[str]:
 
 
 class _Launcher:
-    """`python -m engine_defs.launch --demo` in a fresh ENGINE_HOME, DAGSTER_HOME and demo dir."""
+    """A launcher process (`python -m engine_defs.launch ...` or a stand-in) whose output is read
+    on a thread; on exit everything of its tree ever seen is killed, so a failing test leaves
+    nothing behind."""
 
-    def __init__(self, tmp: Path, *extra: str):
-        env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), ENGINE_HOME=str(tmp / "lake"))
+    def __init__(self, cmd: list[str], env: dict | None = None):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine_defs.launch", "--demo", "--demo-minutes", "0.2", "--demo-dir",
-             str(tmp / "demo"), "--home", str(tmp / "lake"), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        self.seen: set[int] = set()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, cwd=ROOT)
         threading.Thread(target=self._read, daemon=True).start()
+
+    @classmethod
+    def demo(cls, tmp: Path, *extra: str) -> "_Launcher":
+        """`./scripts/run --demo` in a fresh ENGINE_HOME, DAGSTER_HOME and demo dir."""
+        env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), ENGINE_HOME=str(tmp / "lake"))
+        return cls([sys.executable, "-m", "engine_defs.launch", "--demo", "--demo-minutes", "0.2", "--demo-dir",
+                    str(tmp / "demo"), "--home", str(tmp / "lake"), *extra], env)
+
+    def __enter__(self) -> "_Launcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.tree()
+            self.proc.kill()
+            self.proc.wait(10)
+        for p in _alive(self.seen):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -119,40 +140,32 @@ class _Launcher:
                 out[w[1]] = int(w[3])
         return out
 
+    def tree(self) -> set[int]:
+        t = _tree(self.proc.pid)
+        self.seen |= t
+        return t
 
-def _kill_and_check(tmp: Path, launcher: _Launcher, ports: list[int], names: set[str], min_procs: int) -> None:
-    """SIGKILL the launcher once its tree is up; within 20 s nothing of the tree may remain."""
-    tree: set[int] = set()
-    try:
-        started = launcher.started()
-        assert names <= set(started), started
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the collector is up once it wrote its pid file
-            if list((tmp / "lake" / "status").glob("collector-*.pid")):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the collector never started")
-        tree = _tree(launcher.proc.pid)
-        assert set(started.values()) <= tree and len(tree) >= min_procs, (started, tree)
+    def kill_and_check(self, ports: list[int], min_procs: int) -> None:
+        """SIGKILL the launcher; within 20 s no process of its tree may remain and no port be listened on."""
+        tree = self.tree()
+        assert set(self.started().values()) <= tree and len(tree) >= min_procs, (self.started(), tree)
         assert all(_port_listened(p) for p in ports)
-        launcher.proc.send_signal(signal.SIGKILL)
-        launcher.proc.wait(10)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
         deadline = time.monotonic() + 20
         while _alive(tree) and time.monotonic() < deadline:
             time.sleep(0.2)
         left = {p: " ".join(_cmdline(p))[:120] for p in _alive(tree)}
         assert not left, f"left running after kill -9 of the launcher: {left}"
         assert not [p for p in ports if _port_listened(p)]
-    finally:
-        for p in _alive(tree):  # never leave a failed run's processes behind
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if launcher.proc.poll() is None:
-            launcher.proc.kill()
-            launcher.proc.wait(10)
+
+
+def _wait_collector(home: Path, timeout: float = 60) -> None:
+    """The collector is up once it wrote its pid file."""
+    deadline = time.monotonic() + timeout
+    while not list((home / "status").glob("collector-*.pid")):
+        assert time.monotonic() < deadline, "the collector never started"
+        time.sleep(0.2)
 
 
 def _replay_ports(started: dict[str, int]) -> list[int]:
@@ -167,11 +180,36 @@ def _replay_ports(started: dict[str, int]) -> list[int]:
 def test_kill_9_of_the_launcher_takes_collector_and_exchanges_with_it(tmp_path):
     """`kill -9` of `./scripts/run --demo --no-dagster`: the collector and both replay exchanges exit
     within 20 s and the exchanges' ports are free (they used to run on as orphans)."""
-    launcher = _Launcher(tmp_path, "--no-dagster")
-    launcher.wait_line("stop: Ctrl-C", 120)
-    ports = _replay_ports(launcher.started())
-    assert len(ports) == 2
-    _kill_and_check(tmp_path, launcher, ports, {"collector", "replay-coinbase", "replay-kalshi"}, min_procs=3)
+    with _Launcher.demo(tmp_path, "--no-dagster") as launcher:
+        launcher.wait_line("stop: Ctrl-C", 120)
+        assert {"collector", "replay-coinbase", "replay-kalshi"} <= set(launcher.started())
+        ports = _replay_ports(launcher.started())
+        assert len(ports) == 2
+        _wait_collector(tmp_path / "lake")
+        launcher.kill_and_check(ports, min_procs=3)
+
+
+STAND_IN = """
+import sys, time
+from pathlib import Path
+from engine_defs.launch import Supervisor
+sup = Supervisor(Path(sys.argv[1]))
+sup.start("tree", [sys.executable, "-c", "import subprocess, time; "
+          "[subprocess.Popen(['sleep', '60']) for _ in range(2)]; time.sleep(60)"], None)
+time.sleep(60)
+"""
+
+
+def test_kill_9_of_the_launcher_takes_grandchildren_with_it(tmp_path):
+    """The supervisor's children's own children (Dagster's code servers, here two `sleep`s that
+    no parent-death signal reaches) go too: the reaper stops the child's whole session."""
+    with _Launcher([sys.executable, "-c", STAND_IN, str(tmp_path / "logs")]) as launcher:
+        launcher.wait_line("started tree", 30)
+        deadline = time.monotonic() + 30
+        while sum(_cmdline(p)[:2] == ["sleep", "60"] for p in launcher.tree()) < 2:
+            assert time.monotonic() < deadline, launcher.tree()
+            time.sleep(0.1)
+        launcher.kill_and_check([], min_procs=4)  # reaper, child, two grandchildren
 
 
 @pytest.mark.slow
@@ -179,19 +217,16 @@ def test_kill_9_of_the_launcher_takes_dagster_and_its_code_servers_with_it(tmp_p
     """The whole demo (collector, replay exchanges, dagster-webserver, dagster-daemon and the code
     servers they spawn): after `kill -9` of the launcher nothing is left and the UI port is free."""
     port = free_port()
-    launcher = _Launcher(tmp_path, "--port", str(port))
-    launcher.wait_line("Dagster UI:", 240)
-    started = launcher.started()
-    deadline = time.monotonic() + 120  # the daemon's code server: a grandchild of the launcher
-    while time.monotonic() < deadline:
-        daemon_kids = [p for p, (_, ppid, _) in _procs().items() if ppid == started["dagster-daemon"]]
-        if daemon_kids:
-            break
-        time.sleep(0.5)
-    assert daemon_kids, "dagster-daemon never spawned a code server"
-    _kill_and_check(tmp_path, launcher, [port, *_replay_ports(started)],
-                    {"collector", "replay-coinbase", "replay-kalshi", "dagster-daemon", "dagster-webserver"},
-                    min_procs=7)
+    with _Launcher.demo(tmp_path, "--port", str(port)) as launcher:
+        launcher.wait_line("Dagster UI:", 240)
+        started = launcher.started()
+        assert {"collector", "replay-coinbase", "replay-kalshi", "dagster-daemon", "dagster-webserver"} <= set(started)
+        deadline = time.monotonic() + 120  # the daemon's code server: a grandchild of the launcher
+        while not [p for p, (_, ppid, _) in _procs().items() if ppid == started["dagster-daemon"]]:
+            assert time.monotonic() < deadline, "dagster-daemon never spawned a code server"
+            time.sleep(0.5)
+        _wait_collector(tmp_path / "lake")
+        launcher.kill_and_check([port, *_replay_ports(started)], min_procs=7)
 
 
 MIDDLE = """
