@@ -189,6 +189,21 @@ def test_kill_9_of_the_launcher_takes_collector_and_exchanges_with_it(tmp_path):
         launcher.kill_and_check(ports, min_procs=3)
 
 
+def test_a_clean_stop_leaves_nothing_and_the_reaper_kills_nothing(tmp_path):
+    """`--for`: the launcher stops its children itself, then tells the reaper it is done (the
+    reaper must not signal session ids that may since belong to someone else)."""
+    with _Launcher.demo(tmp_path, "--no-dagster", "--for", "2") as launcher:
+        launcher.wait_line("stop: Ctrl-C", 120)
+        tree = launcher.tree()
+        assert launcher.proc.wait(60) == 0, "".join(launcher.lines)[-3000:]
+        assert "all processes stopped" in "".join(launcher.lines)
+        deadline = time.monotonic() + 10
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(tree)
+        assert (tmp_path / "demo" / "logs" / "reaper.log").read_text() == ""
+
+
 STAND_IN = """
 import sys, time
 from pathlib import Path
