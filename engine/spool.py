@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +21,8 @@ from engine.log import get_logger
 
 log = get_logger(component="spool")
 SYNC_INTERVAL_S = 0.5
+# A reader's probe (Engine.sealed_until) holds the lock for an instant: a writer starting then waits it out.
+LOCK_WAIT_S = 1.0
 
 
 class SpoolLockedError(RuntimeError):
@@ -42,13 +45,18 @@ class Spool:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lockfd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lockfd)
-            raise SpoolLockedError(
-                f"another process is appending to this lake ({self.dir}); one writer per lake home"
-            ) from None
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self._lockfd)
+                    raise SpoolLockedError(
+                        f"another process is appending to this lake ({self.dir}); one writer per lake home"
+                    ) from None
+                time.sleep(0.02)
         self._lock = threading.Lock()
         self._current: dict[str, _Segment] = {}
         self._closed_segments: dict[Path, dict[str, int]] = {}

@@ -1,7 +1,8 @@
 """The main job (`./scripts/run`): collectors + Dagster webserver + daemon as supervised processes.
 
-Each child runs in its own process group so that shutdown (Ctrl-C, SIGTERM, `--for`) reaches every
-grandchild, and nothing is left behind. `dagster dev` is not used: backgrounded it ignores signals.
+Each child runs in its own session (and process group) so that shutdown (Ctrl-C, SIGTERM, `--for`)
+reaches every grandchild, and nothing is left behind; if the launcher itself dies (`kill -9`), its
+children get SIGTERM from the kernel and a reaper process stops their sessions (engine_defs/reaper.py). `dagster dev` is not used: backgrounded it ignores signals.
 `--demo` needs no internet: local replay exchanges play generated captures (stamped "now", so the
 data is live-looking), Kalshi auth uses a throw-away key pair, and files flush every 15 s.
 """
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from engine_defs.reaper import Reaper, die_with_parent, session_members
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +45,13 @@ class Supervisor:
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.reaper = Reaper(self.logs / "reaper.log")  # started first: children never inherit its pipe
 
     def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "ab")
-        p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+        with open(self.logs / f"{name}.log", "ab") as out:
+            p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent())
+        self.reaper.watch(p.pid)  # its session id
         self.procs[name] = p
         print(f"  started {name:<16} pid {p.pid}  (log: {self.logs / (name + '.log')})", flush=True)
         return p
@@ -76,6 +81,12 @@ class Supervisor:
                 pass
             if p.poll() is None:
                 p.wait(timeout=5)
+        for pid in session_members(p.pid for p in self.procs.values()):  # and any that left the group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.reaper.release()
 
 
 def _wait(p: subprocess.Popen, timeout: float) -> None:
@@ -119,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=3000, help="Dagster UI port on 127.0.0.1")
     ap.add_argument("--no-dagster", action="store_true", help="collectors only")
     ap.add_argument("--demo-minutes", type=float, default=5.0, help="length of the generated demo captures (looped)")
+    ap.add_argument("--demo-dir", default=None, help="demo captures, keys and logs (default ./.demo)")
     args = ap.parse_args(argv)
 
-    demo_dir = ROOT / ".demo"
+    demo_dir = Path(args.demo_dir).resolve() if args.demo_dir else ROOT / ".demo"
     home = Path(args.home or os.environ.get("ENGINE_HOME") or (demo_dir / "lake" if args.demo else ROOT / "lake")).resolve()
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or (demo_dir / "dagster_home" if args.demo else ROOT / ".dagster_home")).resolve()
     from engine_defs.instance import ensure_instance
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         ws = str(ROOT / "workspace.yaml")
         # Create the SQLite storages once, before two processes race to create them.
         subprocess.run([sys.executable, "-c", "from dagster import DagsterInstance; DagsterInstance.get()"],
-                       env=env, cwd=ROOT, check=True)
+                       env=env, cwd=ROOT, check=True, preexec_fn=die_with_parent())
         sup.start("dagster-daemon", [_bin("dagster-daemon"), "run", "-w", ws], env)
         web = sup.start("dagster-webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(args.port), "-w", ws], env)
         if _wait_port(args.port, 120, web):

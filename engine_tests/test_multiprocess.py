@@ -84,3 +84,27 @@ def test_reader_leaves_a_crashed_writers_spool_to_the_writer(tmp_path):
     reader.catalog.refresh()
     assert reader.trades(allow_unsealed=True).height == 150
     reader.close()
+
+
+def test_a_readers_lock_probe_does_not_fail_a_starting_writer(tmp_path):
+    """`sealed_until` on a reader probes the spool lock (take and release at once); a writer starting
+    at that instant waits the probe out instead of failing with SpoolLockedError. A lock that
+    stays held still fails it, within a bounded time."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    home = tmp_path / "h"
+    (home / "spool").mkdir(parents=True)
+    fd = os.open(home / "spool" / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe, caught in the act
+    threading.Timer(0.1, os.close, [fd]).start()
+    w = Engine.open(home, background=False, writer=True)
+    w.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-01"), 10, NS_PER_HOUR))
+    t0 = time.monotonic()
+    with pytest.raises(SpoolLockedError):
+        Engine.open(home, background=False, writer=True).append(
+            "trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-01"), 10, NS_PER_HOUR))
+    assert time.monotonic() - t0 < 5
+    w.close()
