@@ -320,23 +320,8 @@ class Catalog:
         from engine.timeutil import to_ns
 
         self.refresh()
-        df = self._summary_all()
-        start, end = to_ns(start, name="start"), to_ns(end, name="end")
-        preds = []
-        if table is not None:
-            preds.append(pl.col("table") == table)
-        for col, pat in (("source", source), ("market", market)):
-            if pat is None:
-                continue
-            if is_pattern(pat):
-                preds.append(pl.col(col).str.contains(pattern_regex(pat)))
-            else:
-                preds.append(pl.col(col) == pat)
-        if start is not None:
-            preds.append(pl.col("max_ts") >= start)
-        if end is not None:
-            preds.append(pl.col("min_ts") < end)
-        return df.filter(*preds) if preds else df
+        return filter_summary(self._summary_all(), table, source, market, to_ns(start, name="start"),
+                              to_ns(end, name="end"))
 
     def replacement(self, key: str) -> FileEntry | None:
         """The live file holding a retired file's rows now (following later compactions), or None."""
@@ -359,3 +344,24 @@ class Catalog:
     def entries(self) -> Iterable[FileEntry]:
         self.refresh()
         return list(self.by_key.values())
+
+
+def filter_summary(df: pl.DataFrame, table=None, source=None, market=None, start=None, end=None,
+                   lo: str = "min_ts", hi: str = "max_ts") -> pl.DataFrame:
+    """Rows of a per-partition (or per-file) frame matching exact or `*` filters and overlapping
+    [start, end); a row without a time range is kept."""
+    preds = []
+    if table is not None:
+        preds.append(pl.col("table") == table)
+    for col, pat in (("source", source), ("market", market)):
+        if pat is None:
+            continue
+        if is_pattern(pat):
+            preds.append(pl.col(col).str.contains(pattern_regex(pat)))
+        else:
+            preds.append(pl.col(col) == pat)
+    if start is not None:
+        preds.append(pl.col(hi).is_null() | (pl.col(hi) >= start))
+    if end is not None:
+        preds.append(pl.col(lo).is_null() | (pl.col(lo) < end))
+    return df.filter(*preds) if preds else df

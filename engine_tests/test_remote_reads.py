@@ -191,7 +191,6 @@ def test_unresponsive_endpoint_fails_within_a_minute(tmp_path, moto_server, monk
     assert took < 60, took  # bounded: botocore's attempts x the read timeout, no second retry layer
 
 
-@pytest.mark.slow
 def test_large_object_goes_up_in_parts_and_verifies(tmp_path, s3_env):
     import os
 
