@@ -134,6 +134,24 @@ class LocalStore:
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*.parquet") if not p.name.startswith("."))
 
 
+_CLIENTS: dict[tuple, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _client_for(endpoint_url, key_id: str, secret: str, cfg):
+    """One boto3 client per endpoint, credentials and settings in a process (clients are thread-safe,
+    and making one costs ~0.1 s: a notebook opening a lake again should not pay it again)."""
+    import boto3
+
+    k = (endpoint_url, key_id, hashlib.sha256(secret.encode()).hexdigest(), repr(sorted(cfg._user_provided_options.items())))
+    with _CLIENTS_LOCK:
+        c = _CLIENTS.get(k)
+        if c is None:
+            c = _CLIENTS[k] = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, aws_access_key_id=key_id, aws_secret_access_key=secret, config=cfg)
+        return c
+
+
 class S3Store:
     """S3-compatible bucket through boto3 (AWS, Backblaze B2, MinIO, moto...)."""
 
@@ -152,7 +170,6 @@ class S3Store:
         self.client = client
 
     def _client(self, connect_timeout_s: float, read_timeout_s: float):
-        import boto3
         from botocore.config import Config
 
         key_id = os.environ.get("AWS_ACCESS_KEY_ID")
@@ -171,7 +188,7 @@ class S3Store:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg)
+        return _client_for(self.endpoint_url, key_id, secret, cfg)
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
