@@ -102,7 +102,8 @@ def cmd_sql(args) -> int:
     import polars as pl
 
     eng = _engine(args)
-    df = eng.sql(args.query, allow_unsealed=args.allow_unsealed)
+    df = eng.sql(args.query, allow_unsealed=args.allow_unsealed, timeout_s=args.timeout,
+                 memory_limit=args.memory_limit)
     with pl.Config(tbl_rows=args.limit, tbl_cols=30, tbl_width_chars=200):
         print(df)
     return 0
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query")
     q.add_argument("--allow-unsealed", action="store_true")
     q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--timeout", type=float, default=60.0, help="seconds before the query is interrupted (default 60)")
+    q.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (default a quarter of RAM)")
     _common(q)
     q.set_defaults(func=cmd_sql)
     f = sub.add_parser("flush", help="ask running collectors to flush their buffers now")
@@ -159,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         mod, fn = DISPATCH[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
+    from engine.errors import EngineError
     from engine.schema import SchemaError
     from engine.store import StoreError
 
     try:
         return int(args.func(args) or 0)
-    except (SchemaError, StoreError, LookupError, ValueError, OSError) as e:
+    except (EngineError, SchemaError, StoreError, LookupError, ValueError, OSError) as e:
         print(f"data-engine {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 
