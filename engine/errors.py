@@ -17,3 +17,11 @@ class QueryTimeoutError(QueryError, TimeoutError):
 
 class QueryMemoryError(QueryError, MemoryError):
     """sql() needed more memory than its memory limit (and could not spill to disk)."""
+
+
+class CorruptFileError(EngineError, IOError):
+    """A lake file whose bytes are damaged (page checksum, SHA-256 or structure), named by its key."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"corrupt or unreadable lake file {key}: {why} (run `data-engine catalog verify`)")
+        self.key = key

@@ -24,7 +24,7 @@ def build(cat: Catalog) -> bytes:
     meta = {b"engine.watermarks": msgspec.json.encode(cat.watermarks)}
     t = t.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
+    pq.write_table(t, buf, compression="zstd", write_page_checksum=True)
     return buf.getvalue()
 
 
@@ -55,7 +55,7 @@ def bootstrap_from_manifest(eng) -> bool:
     data = eng.store.get_bytes(MANIFEST_KEY)
     if data is None:
         return False
-    t = pq.read_table(io.BytesIO(data))
+    t = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
     wms = msgspec.json.decode((t.schema.metadata or {}).get(b"engine.watermarks", b"{}"))
     ops = []
     for row in t.to_pylist():

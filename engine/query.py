@@ -18,7 +18,7 @@ from engine.errors import QueryError, QueryMemoryError, QueryTimeoutError
 from engine.log import get_logger
 from engine.paths import is_pattern, match, pattern_regex
 from engine.timeutil import iso, to_ns
-from engine.writer import CorruptFileError
+from engine.writer import CorruptFileError, parquet_format
 
 log = get_logger(component="query")
 DEFAULT_SQL_TIMEOUT_S = 60.0
@@ -113,7 +113,7 @@ class Query:
         expr = self._filter_expr(table, instrument, None if inside else start, None if inside else end,
                                  {} if inside else clamp)
         try:
-            ds = pads.dataset(paths, schema=sp.schema, format="parquet")
+            ds = pads.dataset(paths, schema=sp.schema, format=parquet_format())
             t = ds.to_table(filter=expr, columns=None if is_pattern(instrument) else columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise self._name_corrupt(files, paths, e) from None
@@ -126,13 +126,14 @@ class Query:
         return t
 
     def _name_corrupt(self, files, paths, err) -> Exception:
+        """Find which file failed (each re-read with page checksums; only on this error path)."""
         import pyarrow.parquet as pq
 
         for e, p in zip(files, paths):
             try:
-                pq.ParquetFile(p).metadata
-            except Exception:  # noqa: BLE001 - any failure here identifies the culprit
-                return CorruptFileError(e.key, str(err))
+                pq.read_table(p, page_checksum_verification=True)
+            except Exception as why:  # noqa: BLE001 - any failure here identifies the culprit
+                return self.eng.corrupt(e.key, p, str(why))
         return err
 
     def table(self, table: str, **kw) -> pl.DataFrame:
@@ -188,7 +189,7 @@ class Query:
                 continue  # a table the statement never names cannot be read by it: no files to open
             sp = schema.spec(table)
             files, s, e, clamp = self.select(table, source, market, start, end, allow_unsealed)
-            paths = [str(self.eng.local_path(f)) for f in files]
+            paths = [str(self._checked_path(f)) for f in files]
             by_path.update(zip(paths, (f.key for f in files)))
             conds = []
             if s is not None:
@@ -204,6 +205,16 @@ class Query:
                 cols = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in sp.schema)
                 views.append(f"CREATE VIEW {table} AS SELECT {cols} WHERE false")
         return views, by_path
+
+
+    def _checked_path(self, e):
+        """DuckDB ignores Parquet page checksums: the files it reads are SHA-256-checked against the
+        catalog first (once per file per process, see engine.integrity)."""
+        from engine import integrity
+
+        path = self.eng.local_path(e)  # a cached copy is checked (and fetched again if damaged) here
+        integrity.check_once(path, e.key, e.sha256)
+        return path
 
 
 def default_memory_limit() -> int:

@@ -288,10 +288,21 @@ class ReadCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str, sha256: str) -> Path:
+        """The verified local copy of `key`; a cached copy is hashed the first time this process opens it,
+        and a damaged one is dropped and fetched again (the store's object is the truth)."""
+        from engine import integrity
+        from engine.errors import CorruptFileError
+
         p = self.root / sha256[:2] / f"{sha256}.parquet"
         if p.exists():
-            os.utime(p)
-            return p
+            try:
+                integrity.check_once(p, key, sha256)
+                st = p.stat()
+                os.utime(p, ns=(time.time_ns(), st.st_mtime_ns))  # LRU by access time; mtime kept
+                return p
+            except CorruptFileError as err:
+                log.warning("cache_copy_corrupt", key=key, path=str(p), error=str(err), action="fetching again")
+                self.discard(p)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".part")
         self.store.get_file(key, tmp)
@@ -301,8 +312,20 @@ class ReadCache:
             raise VerificationError(f"{key} from {self.store.url} has sha256 {got}, catalog says {sha256}")
         os.replace(tmp, p)
         fsync_dir(p.parent)
+        integrity.mark_checked(p, sha256)
         self._evict(keep=p)
         return p
+
+    def discard(self, path: Path) -> bool:
+        """Delete a cached copy found damaged, so that the next read fetches the object again."""
+        from engine import integrity
+
+        path = Path(path)
+        if self.root not in path.parents:
+            return False
+        integrity.forget(path)
+        path.unlink(missing_ok=True)
+        return True
 
     def _evict(self, keep: Path) -> None:
         files = [(f.stat().st_atime, f.stat().st_size, f) for f in self.root.rglob("*.parquet")]
