@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.fsio import atomic_path, fsync_dir, sha256_file
-from engine.log import get_logger
+from engine.log import get_logger, redact
 
 log = get_logger(component="store")
 
@@ -163,14 +163,14 @@ class S3Store:
                         f"{what} on {self.url} refused ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                     ) from None
                 if code in ("NoSuchBucket",):
-                    raise StoreConfigError(f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}") from None
+                    raise StoreConfigError(f"bucket {self.bucket!r} does not exist at {redact(self.endpoint_url or 'AWS')}") from None
                 if status and status < 500 and code not in ("RequestTimeout", "SlowDown", "BadDigest", "XAmzContentSHA256Mismatch"):
-                    raise StoreError(f"{what} on {self.url} failed: {code} {e}") from None
+                    raise StoreError(redact(f"{what} on {self.url} failed: {code} {e}")) from None
                 err = f"{code} (HTTP {status})"
             except (BotoCoreError, OSError) as e:
-                err = f"{type(e).__name__}: {e}"
+                err = redact(f"{type(e).__name__}: {e}")
             except VerificationError as e:
-                err = str(e)
+                err = redact(str(e))
             if attempt == self.attempts:
                 raise StoreError(f"{what} on {self.url} failed after {attempt} attempts: {err}")
             log.warning("store_retry", what=what, attempt=attempt, error=err)
