@@ -381,10 +381,10 @@ class Engine:
 
         return publish(self)
 
-    def verify(self, **filters) -> list:
+    def verify(self, repair: bool = False, **filters) -> list:
         from engine.verify import verify
 
-        return verify(self, **filters)
+        return verify(self, repair=repair, **filters)
 
     # ---- queries (delegated to engine.query) ---------------------------------------------
     def _q(self):

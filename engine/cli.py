@@ -60,11 +60,14 @@ def cmd_catalog(args) -> int:
             print(f"sealed watermark {s}: {iso(w)}")
         return 0
     if args.action == "verify":
-        problems = eng.verify(table=args.table, source=args.source, market=args.market, progress=_progress("verify"))
+        problems = eng.verify(table=args.table, source=args.source, market=args.market, progress=_progress("verify"),
+                              repair=args.repair)
         for p in problems:
-            print(f"BAD {p.key}: {p.problem}")
-        print(f"{len(eng.catalog.by_key)} files checked, {len(problems)} problem(s)")
-        return 1 if problems else 0
+            print(f"{'REPAIRED' if p.repaired else 'BAD'} {p.key}: {p.problem}")
+        left = [p for p in problems if not p.repaired]
+        print(f"{len(eng.catalog.by_key)} files checked, {len(problems)} problem(s)"
+              + (f", {len(problems) - len(left)} repaired" if args.repair else ""))
+        return 1 if left else 0
     if args.action == "rebuild":
         if not args.from_store:
             print("catalog rebuild needs --from-store (the only source it can rebuild from)", file=sys.stderr)
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("catalog", help="catalog summary / verify / rebuild --from-store / publish")
     c.add_argument("action", choices=["summary", "verify", "rebuild", "publish"])
     c.add_argument("--from-store", action="store_true")
+    c.add_argument("--repair", action="store_true", help="verify: upload again store objects that are missing or differ")
     c.add_argument("--table")
     c.add_argument("--source")
     c.add_argument("--market")

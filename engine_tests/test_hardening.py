@@ -124,3 +124,62 @@ def test_bad_kalshi_key_logged_once_with_its_cause(tmp_path):
     # backed off: with a 1.5 s cap, four seconds hold only a few quiet attempts (not one every 50 ms)
     retries = [x for x in ev if x.get("event") == "reconnecting"]
     assert len(retries) <= 1, retries
+
+
+# ---- verify --repair ------------------------------------------------------------------------
+def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_path, s3_env, capsys):
+    import boto3
+
+    from engine import Engine, synth
+    from engine.cli import main
+
+    home = tmp_path / "h"
+    eng = Engine.open(home, s3_env, background=False)
+    eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))
+    eng.flush()
+    assert eng.upload()["uploaded"] == 1
+    (e,) = eng.catalog.entries()
+    assert eng.verify() == []
+    bucket, _, prefix = s3_env[5:].partition("/")
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{e.key}")  # behind the engine's back; the local copy stays
+    assert eng.layout.staged(e.key).exists()
+    assert eng.upload()["uploaded"] == 0  # upload() trusts the catalog: the object stays missing
+
+    (p,) = eng.verify()
+    assert p.key == e.key and "missing" in p.problem and not p.repaired
+    eng.close()
+    args = ["catalog", "verify", "--home", str(home), "--store", s3_env]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {e.key}" in out and "missing" in out
+
+    assert main(args + ["--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"REPAIRED {e.key}" in out
+    head = s3.head_object(Bucket=bucket, Key=f"{prefix}/{e.key}")
+    assert head["ContentLength"] == e.bytes and head["Metadata"]["sha256"] == e.sha256
+    assert main(args) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+def test_verify_repair_local_store_object_damaged(tmp_path):
+    from engine import Engine, synth
+
+    eng = Engine.open(tmp_path / "h", background=False)
+    eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))
+    eng.flush()
+    assert eng.upload()["uploaded"] == 1
+    (e,) = eng.catalog.entries()
+    obj = eng.store.path(e.key)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    obj.write_bytes(bytes(data))  # the store's copy rots; queries still read the good staging copy
+    (p,) = eng.verify()
+    assert "checksum differs" in p.problem and not p.repaired
+    (p,) = eng.verify(repair=True)
+    assert p.repaired
+    assert eng.verify() == []
+    eng.layout.staged(e.key).unlink()
+    assert eng.verify() == []  # the repaired store object is the copy read now
+    eng.close()
