@@ -154,7 +154,7 @@ class Query:
             raise QueryError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         limit = default_memory_limit() if memory_limit is None else memory_limit
         con = duckdb.connect(":memory:")
-        tmp = self.eng.home / "tmp" / f"sql-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.eng.layout.tmp / f"sql-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             try:
                 stmts = con.extract_statements(query)
