@@ -436,6 +436,14 @@ class Engine:
             raise FileNotFoundError(f"lake file {e.key} is catalogued but missing from staging and {self.store.url}")
         return self.cache.get(e.key, e.sha256)
 
+    def corrupt(self, key: str, path, why: str) -> Exception:
+        """The error for a damaged lake file; a damaged cached copy is dropped so that a retry fetches it again."""
+        from engine.errors import CorruptFileError
+
+        dropped = self.cache.discard(Path(path))
+        log.error("corrupt_file", key=key, path=str(path), error=why, cached_copy_dropped=dropped)
+        return CorruptFileError(key, why)
+
     # ---- maintenance (delegated) ---------------------------------------------------------
     def upload(self, **filters) -> dict:
         from engine.uploader import upload
@@ -452,10 +460,10 @@ class Engine:
 
         return publish(self)
 
-    def verify(self, **filters) -> list:
+    def verify(self, repair: bool = False, **filters) -> list:
         from engine.verify import verify
 
-        return verify(self, **filters)
+        return verify(self, repair=repair, **filters)
 
     # ---- queries (delegated to engine.query) ---------------------------------------------
     def _q(self):

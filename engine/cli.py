@@ -62,11 +62,14 @@ def cmd_catalog(args) -> int:
             print(f"sealed watermark {s}: {iso(w)}")
         return 0
     if args.action == "verify":
-        problems = eng.verify(table=args.table, source=args.source, market=args.market, progress=_progress("verify"))
+        problems = eng.verify(table=args.table, source=args.source, market=args.market, progress=_progress("verify"),
+                              repair=args.repair)
         for p in problems:
-            print(f"BAD {p.key}: {p.problem}")
-        print(f"{len(eng.catalog.by_key)} files checked, {len(problems)} problem(s)")
-        return 1 if problems else 0
+            print(f"{'REPAIRED' if p.repaired else 'BAD'} {p.key}: {p.problem}")
+        left = [p for p in problems if not p.repaired]
+        print(f"{len(eng.catalog.by_key)} files checked, {len(problems)} problem(s)"
+              + (f", {len(problems) - len(left)} repaired" if args.repair else ""))
+        return 1 if left else 0
     if args.action == "rebuild":
         if not args.from_store:
             print("catalog rebuild needs --from-store (the only source it can rebuild from)", file=sys.stderr)
@@ -104,7 +107,8 @@ def cmd_sql(args) -> int:
     import polars as pl
 
     eng = _engine(args)
-    df = eng.sql(args.query, allow_unsealed=args.allow_unsealed)
+    df = eng.sql(args.query, allow_unsealed=args.allow_unsealed, timeout_s=args.timeout,
+                 memory_limit=args.memory_limit)
     with pl.Config(tbl_rows=args.limit, tbl_cols=30, tbl_width_chars=200):
         print(df)
     return 0
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("catalog", help="catalog summary / verify / rebuild --from-store / publish")
     c.add_argument("action", choices=["summary", "verify", "rebuild", "publish"])
     c.add_argument("--from-store", action="store_true")
+    c.add_argument("--repair", action="store_true", help="verify: upload again store objects that are missing or differ")
     c.add_argument("--table")
     c.add_argument("--source")
     c.add_argument("--market")
@@ -145,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query")
     q.add_argument("--allow-unsealed", action="store_true")
     q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--timeout", type=float, default=60.0, help="seconds before the query is interrupted (default 60)")
+    q.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 4GB (default a quarter of RAM)")
     _common(q)
     q.set_defaults(func=cmd_sql)
     f = sub.add_parser("flush", help="ask running collectors to flush their buffers now")
@@ -161,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         mod, fn = DISPATCH[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
+    from engine.errors import EngineError
     from engine.schema import SchemaError
     from engine.store import StoreError
 
     try:
         return int(args.func(args) or 0)
-    except (SchemaError, StoreError, LookupError, ValueError, OSError) as e:
+    except (EngineError, SchemaError, StoreError, LookupError, ValueError, OSError) as e:
         print(f"data-engine {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

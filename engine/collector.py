@@ -102,6 +102,7 @@ class SourceRunner:
         self.conn_id = 0
         self.reconnects = 0
         self.backoff = Backoff(cfg.backoff_base, cfg.backoff_max)
+        self.auth_problem: str | None = None  # why the Kalshi key cannot sign, already logged
         self.ws = None
         self.last_frame = time.monotonic()
         self.close_reason: str | None = None
@@ -179,6 +180,18 @@ class SourceRunner:
         key = load_private_key(self.cfg.kalshi_key_path)
         return sign_headers(self.cfg.kalshi_key_id, key, "GET", ks.WS_SIGN_PATH)
 
+    def _auth_failed(self, e: Exception) -> str:
+        """Log why the key cannot sign once (again only if the cause changes); run() then waits the
+        longest backoff between attempts, re-reading the file each time so a fixed key is picked up."""
+        from engine.kalshi_auth import KalshiKeyError
+
+        problem = e.problem if isinstance(e, KalshiKeyError) else f"cannot sign requests: {type(e).__name__}"
+        if problem != self.auth_problem:
+            self.log.error("kalshi_key_unusable", key_path=self.cfg.kalshi_key_path, problem=problem,
+                           retry_every_s=self.backoff.cap, hint="fix the file; the collector retries without restarting")
+        self.auth_problem = problem
+        return f"auth: {problem}"
+
     async def run(self, stop: asyncio.Event) -> None:
         self.restart_gap()
         tasks = []
@@ -201,7 +214,11 @@ class SourceRunner:
                 if self.connected_since is not None and time.monotonic() - self.connected_since > 10.0:
                     self.backoff.reset()
                 delay = self.backoff.next()
-                self.log.warning("reconnecting", reason=reason, delay_s=round(delay, 3))
+                if self.auth_problem is not None:  # a bad key does not fix itself: slowest retry, logged once
+                    delay = self.backoff.cap
+                    self.log.debug("reconnecting", reason=reason, delay_s=round(delay, 3))
+                else:
+                    self.log.warning("reconnecting", reason=reason, delay_s=round(delay, 3))
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
                 except asyncio.TimeoutError:
@@ -218,9 +235,11 @@ class SourceRunner:
         self.connected_since = None
         try:
             headers = self._headers()
-        except Exception as e:  # noqa: BLE001
-            self.log.error("auth_headers_failed", error=type(e).__name__)
-            return "auth headers failed"
+        except Exception as e:  # noqa: BLE001 - a bad key must not stop the other sources
+            return self._auth_failed(e)
+        if self.auth_problem is not None:
+            self.log.info("kalshi_key_ok", key_path=self.cfg.kalshi_key_path)
+            self.auth_problem = None
         ping = 10.0 if self.source == "kalshi" else 20.0
         reason = "closed"
         try:

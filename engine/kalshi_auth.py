@@ -33,12 +33,30 @@ class KalshiAuthError(Exception):
     """Raised by `verify_headers` with a reason safe to log (never key material)."""
 
 
+class KalshiKeyError(ValueError):
+    """The private key file cannot be used; the message names the path and the problem, never key material."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"Kalshi private key {path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
 def load_private_key(path: str | os.PathLike):
     """Load an RSA private key from a PEM file (unencrypted, PKCS#1 or PKCS#8)."""
-    data = Path(path).read_bytes()
-    key = serialization.load_pem_private_key(data, password=None)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KalshiKeyError(path, f"cannot be read ({e.strerror or type(e).__name__}); "
+                                   "check KALSHI_PRIVATE_KEY_PATH") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise KalshiKeyError(path, "is encrypted; the collector needs an unencrypted PEM private key") from None
+    except ValueError:  # cryptography's text may quote parts of the file: not repeated here
+        raise KalshiKeyError(path, "is not a PEM private key (expected the RSA key file downloaded from Kalshi, "
+                                   "-----BEGIN RSA PRIVATE KEY----- or -----BEGIN PRIVATE KEY-----)") from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError(f"{path}: not an RSA private key")
+        raise KalshiKeyError(path, f"holds a {type(key).__name__.lstrip('_')}, Kalshi needs an RSA private key")
     return key
 
 

@@ -49,7 +49,7 @@ def build(cat: Catalog) -> bytes:
             b"engine.published_ns": str(time.time_ns()).encode()}
     t = t.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
+    pq.write_table(t, buf, compression="zstd", write_page_checksum=True)
     return buf.getvalue()
 
 

@@ -101,6 +101,11 @@ class Layout:
         return self.home / "store"
 
     @property
+    def tmp(self) -> Path:
+        """Scratch space (sql() spills here, never in the working directory)."""
+        return self.home / "tmp"
+
+    @property
     def status(self) -> Path:
         return self.home / "status"
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import threading
+import uuid
 from dataclasses import dataclass
 
 import duckdb
@@ -12,19 +17,17 @@ from polars.io.plugins import register_io_source
 
 from engine import schema
 from engine.catalog import FileEntry
+from engine.errors import QueryError, QueryMemoryError, QueryTimeoutError
 from engine.log import get_logger
 from engine.paths import is_pattern, match, pattern_regex
 from engine.timeutil import iso, to_ns
-from engine.writer import CorruptFileError
+from engine.writer import CorruptFileError, parquet_format
 
 log = get_logger(component="query")
+DEFAULT_SQL_TIMEOUT_S = 60.0
 
 
 class UnknownMarketError(LookupError):
-    pass
-
-
-class QueryError(ValueError):
     pass
 
 
@@ -140,7 +143,7 @@ class Query:
             t = sp.schema.empty_table()
             return t.select(p.columns) if p.columns else t
         try:
-            ds = pads.dataset(p.paths, schema=sp.schema, format="parquet")
+            ds = pads.dataset(p.paths, schema=sp.schema, format=parquet_format())
             t = ds.to_table(filter=p.expr, columns=None if is_pattern(p.instrument) else p.columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise self._name_corrupt(p.files, p.paths, e) from None
@@ -158,8 +161,7 @@ class Query:
             return self.read(self.plan(table, source, market, instrument, start, end, columns, allow_unsealed))
 
     def _name_corrupt(self, files, paths, err) -> Exception:
-        import os
-
+        """Find which file failed (each re-read with page checksums; only on this error path)."""
         import pyarrow.parquet as pq
 
         for e, p in zip(files, paths):
@@ -168,9 +170,9 @@ class Query:
                     f"lake file {e.key} was removed while the query ran (a compaction replaced it and its grace "
                     "period has passed); run the query again")
             try:
-                pq.ParquetFile(p).metadata
-            except Exception:  # noqa: BLE001 - any failure here identifies the culprit
-                return CorruptFileError(e.key, str(err))
+                pq.read_table(p, page_checksum_verification=True)
+            except Exception as why:  # noqa: BLE001 - any failure here identifies the culprit
+                return self.eng.corrupt(e.key, p, str(why))
         return err
 
     def table(self, table: str, **kw) -> pl.DataFrame:
@@ -196,7 +198,7 @@ class Query:
                 with eng.cache.pinned():
                     path = str(eng.local_path(e))
                     try:
-                        t = pads.dataset([path], schema=sp.schema, format="parquet").to_table(filter=expr)
+                        t = pads.dataset([path], schema=sp.schema, format=parquet_format()).to_table(filter=expr)
                     except (pa.ArrowInvalid, OSError) as err:
                         raise CorruptFileError(e.key, str(err)) from None
                 df = pl.from_arrow(t)
@@ -215,76 +217,140 @@ class Query:
                                   explain_detail=f"{len(files)} catalogued file(s)")
 
     # ---- SQL -----------------------------------------------------------------------------
-    def sql(self, query: str, source=None, market=None, start=None, end=None, allow_unsealed=False) -> pl.DataFrame:
+    def sql(self, query: str, source=None, market=None, start=None, end=None, allow_unsealed=False,
+            timeout_s: float = DEFAULT_SQL_TIMEOUT_S, memory_limit: int | str | None = None) -> pl.DataFrame:
         """Run one read-only SELECT over views of the catalogued files (l2, trades, gaps, quotes).
 
         The DuckDB connection is in-memory, may read only the exact files of the views, and has
-        external access locked off: no COPY, ATTACH, INSTALL, HTTP or other files.
+        external access locked off: no COPY, ATTACH, INSTALL, HTTP or other files. It is bounded:
+        interrupted after `timeout_s`, limited to `memory_limit` (bytes or a DuckDB size such as
+        '4GB'; default a quarter of RAM, not DuckDB's 80%) and spilling only inside the lake home.
+        Every failure is an engine error (QueryError, QueryTimeoutError, QueryMemoryError, CorruptFileError).
         """
+        if not timeout_s or timeout_s <= 0:
+            raise QueryError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        limit = default_memory_limit() if memory_limit is None else memory_limit
         con = duckdb.connect(":memory:")
+        tmp = self.eng.layout.tmp / f"sql-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            stmts = con.extract_statements(query)
-        except duckdb.Error as e:
-            raise QueryError(f"SQL does not parse: {e}") from None
-        if len(stmts) != 1 or stmts[0].type != duckdb.StatementType.SELECT:
-            raise QueryError("sql() runs exactly one SELECT statement (the lake is read-only here)")
-        try:
-            with self.eng.cache.pinned():
-                return self._sql(con, query, source, market, start, end, allow_unsealed)
+            try:
+                stmts = con.extract_statements(query)
+            except duckdb.Error as e:
+                raise QueryError(f"SQL does not parse: {e}") from None
+            if len(stmts) != 1 or stmts[0].type != duckdb.StatementType.SELECT:
+                raise QueryError("sql() runs exactly one SELECT statement (the lake is read-only here)")
+            with self.eng.cache.pinned():  # files resolved for the views stay cached until the end
+                return self._run_sql(con, tmp, query, source, market, start, end, allow_unsealed, timeout_s, limit)
         finally:
             con.close()
+            shutil.rmtree(tmp, ignore_errors=True)
 
-    def _sql(self, con, query, source, market, start, end, allow_unsealed) -> pl.DataFrame:
-        views, allowed, selected = [], [], []
+    def _run_sql(self, con, tmp, query, source, market, start, end, allow_unsealed, timeout_s, limit) -> pl.DataFrame:
+        views, by_path = self._views(query, source, market, start, end, allow_unsealed)
+        try:
+            con.execute("SET memory_limit=?", [f"{limit}B" if isinstance(limit, int) else str(limit)])
+            con.execute("SET temp_directory=?", [str(tmp)])
+            if by_path:
+                con.execute("SET allowed_paths=[" + ", ".join(_lit(p) for p in by_path) + "]")
+            con.execute("SET enable_external_access=false")
+            con.execute("SET autoinstall_known_extensions=false")
+            con.execute("SET autoload_known_extensions=false")
+            con.execute("SET lock_configuration=true")
+            for v in views:
+                con.execute(v)
+        except duckdb.Error as e:
+            raise QueryError(f"sql() could not set up its connection: {e}") from None
+        return pl.from_arrow(_run_bounded(con, query, timeout_s, limit, by_path))
+
+    def _views(self, query: str, source, market, start, end, allow_unsealed) -> tuple[list[str], dict[str, str]]:
+        """CREATE VIEW statements for the tables the statement names, and their files (path → key)."""
+        views, by_path, selected = [], {}, []
         used = _referenced_tables(query)
         for table in schema.TABLES:
-            if table not in used:  # a table the statement never reads costs no download
-                continue
-            files, s, e, clamp = self.select(table, source, market, start, end, allow_unsealed)
-            selected.append((table, files, s, e, clamp))
+            if table in used:  # a table the statement never names cannot be read by it: no files to open
+                selected.append((table, *self.select(table, source, market, start, end, allow_unsealed)))
         self.eng.cache.check_fits(sum(self._remote_bytes(f) for _, f, *_ in selected), "this sql() statement")
         for table, files, s, e, clamp in selected:
             sp = schema.spec(table)
-            paths = [str(self.eng.local_path(f)) for f in files]
-            allowed += paths
+            paths = [str(self._checked_path(f)) for f in files]
+            by_path.update(zip(paths, (f.key for f in files)))
             conds = []
             if s is not None:
                 conds.append(f"{sp.time_col} >= {int(s)}")
             if e is not None:
                 conds.append(f"{sp.time_col} < {int(e)}")
             if clamp:
-                conds.append("(" + " OR ".join(f"(source = '{src}' AND {sp.part_col} < {int(w)})" for src, w in clamp.items()) + ")")
+                conds.append("(" + " OR ".join(f"(source = {_lit(src)} AND {sp.part_col} < {int(w)})" for src, w in clamp.items()) + ")")
             where = f" WHERE {' AND '.join(conds)}" if conds else ""
             if paths:
-                lst = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-                views.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{lst}]){where}")
+                views.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{', '.join(_lit(p) for p in paths)}]){where}")
             else:
                 cols = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in sp.schema)
                 views.append(f"CREATE VIEW {table} AS SELECT {cols} WHERE false")
-        if allowed:
-            con.execute("SET allowed_paths=[" + ", ".join("'" + p.replace("'", "''") + "'" for p in allowed) + "]")
-        con.execute("SET enable_external_access=false")
-        con.execute("SET autoinstall_known_extensions=false")
-        con.execute("SET autoload_known_extensions=false")
-        con.execute("SET lock_configuration=true")
-        for v in views:
-            con.execute(v)
-        try:
-            return pl.from_arrow(con.sql(query).to_arrow_table())
-        except duckdb.Error as e:
-            raise QueryError(f"SQL failed: {e}") from None
+        return views, by_path
+
+
+    def _checked_path(self, e):
+        """DuckDB ignores Parquet page checksums: the files it reads are SHA-256-checked against the
+        catalog first (once per file per process, see engine.integrity)."""
+        from engine import integrity
+
+        path = self.eng.local_path(e)  # a cached copy is checked (and fetched again if damaged) here
+        integrity.check_once(path, e.key, e.sha256)
+        return path
 
 
 def _referenced_tables(query: str) -> set[str]:
     """The lake tables a statement names. DuckDB's parser answers; where it cannot (its binder
     rejects some ASOF joins here), any whole-word mention counts: fetching too much is safe."""
-    import re
-
     try:
         names = {n.rsplit(".", 1)[-1].lower() for n in duckdb.get_table_names(query)}
     except duckdb.Error:
         names = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)}
     return names & set(schema.TABLES)
+
+
+def default_memory_limit() -> int:
+    """A quarter of physical RAM: a research query must not starve the collector on the same machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _run_bounded(con, query: str, timeout_s: float, limit, by_path: dict[str, str]) -> pa.Table:
+    """Execute on `con`, interrupted from a timer thread after `timeout_s`; DuckDB errors → engine errors."""
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(timeout_s, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return con.sql(query).to_arrow_table()
+    except duckdb.InterruptException:
+        if fired.is_set():
+            raise QueryTimeoutError(f"sql() stopped after its time limit of {timeout_s:g} s "
+                                    "(raise timeout_s, CLI --timeout, for a longer query)") from None
+        raise QueryError("sql() was interrupted") from None
+    except duckdb.OutOfMemoryException as e:
+        raise QueryMemoryError(f"sql() needed more than its memory_limit of {limit} "
+                               f"(raise memory_limit, CLI --memory-limit): {_first_line(e)}") from None
+    except duckdb.Error as e:
+        for path, key in by_path.items():
+            if path in str(e):  # DuckDB names the file it failed to read
+                raise CorruptFileError(key, _first_line(e)) from None
+        raise QueryError(f"SQL failed: {e}") from None
+    finally:
+        timer.cancel()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _duck_type(t: pa.DataType) -> str:

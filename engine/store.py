@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.fsio import atomic_path, fsync_dir, sha256_file
-from engine.log import get_logger
+from engine.log import get_logger, redact
 
 log = get_logger(component="store")
 
@@ -208,20 +208,20 @@ class S3Store:
                         f"{what} on {self.url} refused ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                     ) from None
                 if code in ("NoSuchBucket",):
-                    raise StoreConfigError(f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}") from None
+                    raise StoreConfigError(f"bucket {self.bucket!r} does not exist at {redact(self.endpoint_url or 'AWS')}") from None
                 if code not in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
                     # botocore retried throttling and 5xx already; what is left is an answer
                     cls = StoreUnavailableError if not status or status >= 500 or code in ("SlowDown", "RequestTimeout") else StoreError
-                    raise cls(f"{what} on {self.url} failed: {code} (HTTP {status}) {e}") from None
+                    raise cls(redact(f"{what} on {self.url} failed: {code} (HTTP {status}) {e}")) from None
                 err = f"{code} (HTTP {status}): the bytes were damaged on the way"
             except (BotoCoreError, OSError) as e:
                 # botocore already retried the transport (standard mode): a second layer here would
                 # multiply the wait (5 x 3 x a read timeout was 455 s against a silent endpoint)
-                raise StoreUnavailableError(
+                raise StoreUnavailableError(redact(
                     f"{what} on {self.url}: endpoint {self.endpoint_url or 'AWS'} did not answer "
-                    f"({type(e).__name__}: {e}); is it up and reachable?") from None
+                    f"({type(e).__name__}: {e}); is it up and reachable?")) from None
             except VerificationError as e:
-                err = str(e)
+                err = redact(str(e))
             if attempt == self.attempts:
                 raise StoreError(f"{what} on {self.url} failed after {attempt} attempts: {err}")
             log.warning("store_retry", what=what, attempt=attempt, error=err)
@@ -433,11 +433,22 @@ class ReadCache:
                 "the query, or use the lazy eng.scan(...) / scan_l2 / scan_trades, which fetch file by file.")
 
     def get(self, key: str, sha256: str) -> Path:
+        """The verified local copy of `key`; a cached copy is hashed the first time this process opens it,
+        and a damaged one is dropped and fetched again (the store's object is the truth)."""
+        from engine import integrity
+        from engine.errors import CorruptFileError
+
         p = self.path_for(sha256)
         if p.exists():
-            os.utime(p)
-            self._pin(p)
-            return p
+            try:
+                integrity.check_once(p, key, sha256)
+                st = p.stat()
+                os.utime(p, ns=(time.time_ns(), st.st_mtime_ns))  # LRU by access time; mtime kept
+                self._pin(p)
+                return p
+            except CorruptFileError as err:
+                log.warning("cache_copy_corrupt", key=key, path=str(p), error=str(err), action="fetching again")
+                self.discard(p)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".part")
         self.store.get_file(key, tmp)
@@ -447,9 +458,21 @@ class ReadCache:
             raise VerificationError(f"{key} from {self.store.url} has sha256 {got}, catalog says {sha256}")
         os.replace(tmp, p)
         fsync_dir(p.parent)
+        integrity.mark_checked(p, sha256)
         self._pin(p)
         self._evict(keep=p)
         return p
+
+    def discard(self, path: Path) -> bool:
+        """Delete a cached copy found damaged, so that the next read fetches the object again."""
+        from engine import integrity
+
+        path = Path(path)
+        if self.root not in path.parents:
+            return False
+        integrity.forget(path)
+        path.unlink(missing_ok=True)
+        return True
 
     def _evict(self, keep: Path) -> None:
         files = [(f.stat().st_atime, f.stat().st_size, f) for f in self.root.rglob("*.parquet")]

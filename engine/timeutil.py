@@ -7,6 +7,7 @@ import re
 import time
 
 NS = 1_000_000_000
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def to_ns(value, *, name: str = "time") -> int | None:
@@ -19,7 +20,8 @@ def to_ns(value, *, name: str = "time") -> int | None:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.timezone.utc)
-        return int(value.timestamp()) * NS + value.microsecond * 1000
+        # exact integer arithmetic: int(timestamp()) truncates towards zero, wrong before 1970
+        return (value - _EPOCH) // dt.timedelta(microseconds=1) * 1000
     if isinstance(value, dt.date):
         return to_ns(dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc))
     if isinstance(value, str):

@@ -13,7 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import fsio, schema
+from engine.errors import CorruptFileError
 from engine.fsio import atomic_path, sha256_file
+
+__all__ = ["CorruptFileError", "parquet_format", "read_parquet", "write_parquet"]
 
 ROW_GROUP_ROWS = 128 * 1024  # small enough for time-range pruning and fast point-in-time reads
 _DELTA = ("ts", "recv_ts", "seq", "start_ts", "end_ts")
@@ -35,6 +38,7 @@ def _parquet_options(table: str) -> dict:
         column_encoding=encoding,
         write_statistics=[c for c in names if c not in _NO_STATS],
         write_page_index=True,
+        write_page_checksum=True,  # CRC32 per page: readers verify it, so a flipped byte is an error, not a price
         row_group_size=ROW_GROUP_ROWS,
     )
 
@@ -170,7 +174,7 @@ class StreamWriter:
     def read_back(self) -> pa.Table:
         """Close and read what was written (the buffer fell out of order and must be sorted)."""
         self._w.close()
-        t = pq.read_table(self.tmp)
+        t = pq.read_table(self.tmp, page_checksum_verification=True)
         self.tmp.unlink(missing_ok=True)
         return t
 
@@ -189,14 +193,16 @@ class StreamWriter:
 
 
 def read_parquet(path: Path, key: str, columns=None, filters=None) -> pa.Table:
-    """Read one lake file; a damaged file raises CorruptFileError naming its key."""
+    """Read one lake file, page checksums verified; a damaged file raises CorruptFileError naming its key."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters, schema=None)
+        return pq.read_table(path, columns=columns, filters=filters, schema=None, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptFileError(key, str(e)) from None
 
 
-class CorruptFileError(IOError):
-    def __init__(self, key: str, why: str):
-        super().__init__(f"corrupt or unreadable lake file {key}: {why} (run `data-engine catalog verify`)")
-        self.key = key
+def parquet_format():
+    """Dataset format that verifies page checksums (pyarrow skips the check by default)."""
+    import pyarrow.dataset as pads
+
+    return pads.ParquetFileFormat(
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(page_checksum_verification=True))

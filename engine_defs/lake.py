@@ -20,11 +20,11 @@ import msgspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine import schema
 from engine.catalog import FileEntry, Op
 from engine.timeutil import NS, now_ns, to_ns
+from engine.writer import read_parquet
 
 RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
@@ -153,7 +153,7 @@ def _entry_figures(st: PartStats, files: list[FileEntry]) -> None:
 def read_column(eng, files: list[FileEntry], col: str) -> np.ndarray:
     arrays = []
     for e in files:
-        t = pq.read_table(eng.local_path(e), columns=[col])
+        t = read_parquet(eng.local_path(e), e.key, columns=[col])
         arrays.append(t.column(col).to_numpy())
     return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
 
@@ -203,7 +203,7 @@ def recorded_gaps(eng, source: str, market: str, date: str) -> pl.DataFrame:
     tables = []
     for d in (prev, date):
         for e in eng.catalog.files_in(("gaps", source, market, d)):
-            tables.append(pq.read_table(eng.local_path(e)).select(schema.GAPS_SCHEMA.names))
+            tables.append(read_parquet(eng.local_path(e), e.key).select(schema.GAPS_SCHEMA.names))
     cols = ["instrument", "kind", "start_ts", "end_ts", "detail"]
     if not tables:
         return pl.DataFrame(schema={"instrument": pl.String, "kind": pl.String, "start_ts": pl.Int64,
@@ -364,8 +364,8 @@ def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, sour
     return Integrity(table, t.num_rows, expected_rows, schema_ok, sorted_ok, dups, outside, problems, examples)
 
 
-def integrity_of_file(table: str, path: Path, **kw) -> Integrity:
-    t = pq.read_table(path)
+def integrity_of_file(table: str, path: Path, key: str | None = None, **kw) -> Integrity:
+    t = read_parquet(path, key or str(path))
     return integrity(table, t.replace_schema_metadata(None), **kw)
 
 
@@ -390,7 +390,7 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
     report: list[Integrity] = []
 
     def gate(path: Path, key: str) -> None:
-        r = integrity_of_file(table, path, expected_rows=expected, source=source, market=market, date=date)
+        r = integrity_of_file(table, path, key, expected_rows=expected, source=source, market=market, date=date)
         report.append(r)
         if not r.passed:
             raise IntegrityError(r, key)

@@ -19,6 +19,7 @@ _AWS_FIELDS = {
     "aws_endpoint_url": "AWS_ENDPOINT_URL",
     "aws_region": "AWS_DEFAULT_REGION",
 }
+_SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key")
 _env_lock = threading.Lock()
 
 
@@ -56,6 +57,17 @@ class EngineResource(dg.ConfigurableResource):
     aws_region: str | None = None
 
     _engines: dict = PrivateAttr(default_factory=dict)
+
+    def __repr_args__(self):
+        """repr() and str() never show a credential given as a plain string (an EnvVar shows its name)."""
+        from engine.log import redact
+
+        for name, value in super().__repr_args__():
+            if name in _SECRET_FIELDS and isinstance(value, str) and not isinstance(value, dg.EnvVar):
+                value = "***"
+            elif isinstance(value, str):
+                value = redact(value)
+            yield name, value
 
     @classmethod
     def from_env(cls) -> "EngineResource":

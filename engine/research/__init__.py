@@ -124,10 +124,13 @@ def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=N
     parts = []
     for e in entries:
         path = str(eng.local_path(e))
-        rgs = _row_groups(path, plain, start, end)
-        if not rgs:
-            continue
-        t = pq.ParquetFile(path).read_row_groups(rgs, columns=need)
+        try:
+            rgs = _row_groups(path, plain, start, end)
+            if not rgs:
+                continue
+            t = pq.ParquetFile(path, page_checksum_verification=True).read_row_groups(rgs, columns=need)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise eng.corrupt(e.key, path, str(err)) from None
         t = t.replace_schema_metadata(None)
         fast = None
         if plain is not None and filter_expr is not None:
