@@ -200,7 +200,7 @@ class Query:
                     try:
                         t = pads.dataset([path], schema=sp.schema, format=parquet_format()).to_table(filter=expr)
                     except (pa.ArrowInvalid, OSError) as err:
-                        raise CorruptFileError(e.key, str(err)) from None
+                        raise eng.corrupt(e.key, path, str(err)) from None
                 df = pl.from_arrow(t)
                 if regex is not None:
                     df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(regex))
