@@ -134,7 +134,7 @@ def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_p
     from engine.cli import main
 
     home = tmp_path / "h"
-    eng = Engine.open(home, s3_env, background=False)
+    eng = Engine.open(home, s3_env, background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))
     eng.flush()
     assert eng.upload()["uploaded"] == 1
@@ -166,7 +166,7 @@ def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_p
 def test_verify_repair_local_store_object_damaged(tmp_path):
     from engine import Engine, synth
 
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))
     eng.flush()
     assert eng.upload()["uploaded"] == 1
