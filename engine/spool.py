@@ -86,6 +86,19 @@ def _frame(key: str, batch_id: int, t: pa.Table, lo: int, hi: int) -> list:
     return [MAGIC, head, meta, payload, meta, head, END]
 
 
+def _write_all(fd: int, parts: list[memoryview]) -> None:
+    """writev until every part is written (no copy into one buffer; a short write resumes)."""
+    while parts:
+        n = os.writev(fd, parts[:1024])
+        while n:
+            if n >= parts[0].nbytes:
+                n -= parts.pop(0).nbytes
+            else:
+                parts[0], n = parts[0][n:], 0
+        while parts and not parts[0].nbytes:
+            parts.pop(0)
+
+
 class Spool:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -115,7 +128,8 @@ class Spool:
     def write(self, table: str, records: list[tuple[str, int, pa.Table, int, int]]) -> None:
         """Append one record per (buffer key, batch id, rows, min, max part time), all or nothing:
         a failed write (disk full) is cut off again so the segment stays a clean sequence."""
-        data = memoryview(b"".join(p for r in records for p in _frame(*r)))
+        parts = [memoryview(p) for r in records for p in _frame(*r)]
+        size = sum(p.nbytes for p in parts)
         with self._lock:
             seg = self._current.get(table)
             if seg is None:
@@ -123,13 +137,11 @@ class Spool:
                 self._next_no += 1
                 self._current[table] = seg
             try:
-                done = 0
-                while done < len(data):
-                    done += os.write(seg.fd, data[done:])
+                _write_all(seg.fd, parts)
             except BaseException:
                 os.ftruncate(seg.fd, seg.size)
                 raise
-            seg.size += len(data)
+            seg.size += size
             for key, bid, *_ in records:
                 seg.maxids[key] = max(seg.maxids.get(key, -1), bid)
             seg.dirty = True
