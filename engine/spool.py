@@ -353,9 +353,15 @@ def _read_legacy(path: Path, table: str) -> Iterator[Record]:
                     raise ValueError(f"schema differs from table {table}'s")
                 t = pa.Table.from_batches([batch])
                 mm = pc.min_max(t.column(schema.spec(table).part_col))
-                prev = {"key": meta[b"bufkey"].decode(), "batch": int(meta[b"batch"]), "rows": t.num_rows,
-                        "lo": mm["min"].as_py(), "hi": mm["max"].as_py()}
-                yield table, prev["key"], prev["batch"], t
+                m = {"key": meta[b"bufkey"].decode(), "batch": int(meta[b"batch"]), "rows": t.num_rows,
+                     "lo": mm["min"].as_py(), "hi": mm["max"].as_py()}
+                faults = schema.row_faults(table, t)  # e.g. a name too long for a file, stored before it was refused
+                if faults:
+                    yield Damaged(path.name, table, f.tell(), b"".join(map(bytes, _frame(m["key"], m["batch"], t, m["lo"], m["hi"]))),
+                                  f"rows refused: column {faults[0][0]} {faults[0][1]}"[:300], m)
+                    continue
+                prev = m
+                yield table, m["key"], m["batch"], t
     except (pa.ArrowException, ValueError, OSError, KeyError) as e:
         raw = path.read_bytes()
         yield Damaged(path.name, table, 0, raw, f"legacy segment unreadable after batch "

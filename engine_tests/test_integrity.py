@@ -236,7 +236,8 @@ def test_spool_torn_tail_unidentified_record_and_old_format(tmp_path, fuzz_spool
     """A record cut short at the end (a crash mid-write: never acknowledged) is dropped with a
     warning, the rest recovered. A record whose header and trailer are both damaged is reported
     by `corrupt` gaps of the markets around it, over the time between them. A segment in the
-    previous format (plain IPC stream) is still recovered."""
+    previous format (plain IPC stream) is still recovered, less a batch stored with a 300-character
+    market (it held every later open hostage): that one is quarantined."""
     pristine, layout = fuzz_spool
     by_seg = {}
     for b in layout:
@@ -254,8 +255,12 @@ def test_spool_torn_tail_unidentified_record_and_old_format(tmp_path, fuzz_spool
     (homes["legacy"] / "spool").mkdir(parents=True)
     with open(homes["legacy"] / "spool" / "0000000000.l2.arrow", "wb") as f:
         w = pa.ipc.new_stream(f, fuzz_batch(0)[2].schema)
-        for i in legacy:
-            _, market, t = fuzz_batch(i)
+        for i in legacy + [99]:
+            if i == 99:
+                market = "M" * 300
+                t = synth.l2_rows("coinbase", market, START, 10, 10**9, seq_start=99_000)
+            else:
+                _, market, t = fuzz_batch(i)
             for b in t.to_batches():
                 w.write_batch(b, custom_metadata={"bufkey": f"l2|coinbase|{market}", "batch": str(i)})
     results, crashes = _run_trials([str(h) for h in homes.values()])
@@ -274,6 +279,7 @@ def test_spool_torn_tail_unidentified_record_and_old_format(tmp_path, fuzz_spool
 
     r = results[str(homes["legacy"])]
     assert {int(i) for i, st in r["status"].items() if st == "ok"} == set(legacy) and r["corrupt"] == []
+    assert len(list((homes["legacy"] / "spool" / "quarantine").glob("*.bad"))) == 1
 
 
 # ------------------------------------------------------------------------------------------ append: all or nothing
