@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -18,9 +22,9 @@ from engine.buffer import Buffer
 from engine.catalog import Catalog, FileEntry
 from engine.fsio import tmp_path_for
 from engine.log import get_logger
-from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_key, parse_key
+from engine.paths import Layout, date_of_ns, default_home, file_key, key_part_problem, parse_key
 from engine.schema import NS_PER_HOUR
-from engine.spool import Spool, SpoolLockedError
+from engine.spool import Damaged, Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
 from engine.timeutil import iso, now_ns
 from engine.writer import write_parquet
@@ -30,6 +34,9 @@ log = get_logger(component="engine")
 DEFAULT_FLUSH_ROWS = 5_000_000
 HOUR_CLOSE_GRACE_S = 2.0
 APPEND_LAG_NS = 60 * 10**9  # rows a collector received but has not appended yet are at most this old
+FLUSH_RETRY_S = 30.0  # a buffer that could not be written is retried in the background this often
+# the lake home takes no writes at all: opening fails with the error rather than running without a disk
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 class SyncBoundaryWarning(UserWarning):
@@ -51,6 +58,39 @@ class ReadOnlyError(RuntimeError):
 
 def _bufkey(table: str, source: str, market: str) -> str:
     return f"{table}|{source}|{market}"
+
+
+class FlushError(OSError):
+    """Buffers that could not be written; their rows stay buffered and in the spool, and the next
+    flush (or start) writes them. Carries the errno of the first OS error behind it."""
+
+    def __init__(self, failed: list[tuple[str, BaseException]]):
+        first = next((e for _, e in failed if isinstance(e, OSError) and e.errno), None)
+        msg = (f"{len(failed)} buffer(s) not written, rows kept buffered and in the spool: "
+               + "; ".join(f"{k}: {e}" for k, e in failed))[:2000]
+        super().__init__(*((first.errno, msg) if first is not None else (msg,)))
+        self.failed = failed
+
+
+@dataclass
+class _Group:
+    """Rows of one append for one buffer: one (table, source, market, hour)."""
+
+    table: str
+    key: str
+    source: str
+    market: str
+    hour: int
+    rows: pa.Table
+    lo: int
+    hi: int
+
+
+def _group(table: str, t: pa.Table) -> _Group:
+    source, market = _first(t.column("source")), _first(t.column("market"))
+    mm = pc.min_max(t.column(schema.spec(table).part_col))
+    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    return _Group(table, _bufkey(table, source, market), source, market, lo // NS_PER_HOUR, t, lo, hi)
 
 
 class Engine:
@@ -86,7 +126,9 @@ class Engine:
         self.flush_age_s = flush_age_s if flush_age_s is not None else (float(env_age) if env_age else None)
         self.book_anchors = book_anchors  # collectors and ingest turn this on (design: Book anchors)
         self._lock = threading.RLock()
-        self._buffers: dict[str, Buffer] = {}
+        self._buffers: dict[str, Buffer] = {}  # the buffer rows of each key go to now
+        self._closing: dict[str, list[Buffer]] = {}  # older buffers of a key not written yet, oldest first
+        self._retry_at: dict[str, float] = {}
         self._spool: Spool | None = None
         self._next_batch = 0
         self._background = background
@@ -174,6 +216,7 @@ class Engine:
                         self._spool.close(rotate=False)
                         self._spool = None
                         self._buffers.clear()
+                        self._closing.clear()
                         raise
                     self._sweep_staging()
                     if self._background:
@@ -182,22 +225,61 @@ class Engine:
         return self._spool
 
     def _recover(self) -> None:
+        """Replay the spool into buffers and write them. Damaged records are quarantined and
+        reported; a buffer that cannot be written stays (retried later) unless the disk takes no
+        writes at all."""
         sp = self._spool
         hw = self.catalog.spool_hw
         recovered = skipped = 0
         max_id = max(hw.values(), default=-1)
-        for table, key, bid, t in sp.replay():
+        damaged: list[Damaged] = []
+        for rec in sp.replay():
+            if isinstance(rec, Damaged):
+                damaged.append(rec)
+                continue
+            table, key, bid, t = rec
             max_id = max(max_id, bid)
             if bid <= hw.get(key, -1):
                 skipped += t.num_rows
                 continue
-            self._add_rows(table, t, bid, spool=False)
+            self._buffer(_group(table, t), bid)
             recovered += t.num_rows
-        self._next_batch = max(max_id, sp.max_batch_id()) + 1
+        self._next_batch = max([max_id, sp.max_batch_id()] + [d.meta["batch"] for d in damaged if d.meta]) + 1
         if recovered or skipped:
-            log.info("spool_recovered", rows=recovered, already_durable_rows=skipped)
-        self._flush_all()
+            log.info("spool_recovered", rows=recovered, already_durable_rows=skipped, damaged_records=len(damaged))
+        self._report_damage(damaged)
+        _, failed = self._flush_all()
+        if any(isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS for _, e in failed):
+            raise FlushError(failed)
         sp.collect(self.catalog.spool_hw)
+
+    def _report_damage(self, damaged: list[Damaged]) -> None:
+        """Each damaged spool record: a `corrupt` gap over its rows (made durable first), its bytes
+        in spool/quarantine/, one log line. A record found in quarantine was reported before."""
+        sp, hw = self._spool, self.catalog.spool_hw
+        gaps: dict[int, list[dict]] = {}  # id of each newly found record → its gap rows
+        for d in damaged:
+            if sp.quarantine_path(d).exists():
+                continue
+            durable = d.meta is not None and d.meta["batch"] <= hw.get(d.meta["key"], -1)  # rows already in a file
+            gaps[id(d)] = [] if durable else _corrupt_gaps(d, sp.quarantine_path(d).name)
+        rows = [r for g in gaps.values() for r in g]
+        if rows:
+            plain = pa.schema([pa.field(f.name, pa.string() if pa.types.is_dictionary(f.type) else f.type)
+                               for f in schema.GAPS_SCHEMA])
+            self._ingest("gaps", schema.check_rows("gaps", schema.validate("gaps", pa.Table.from_pylist(rows, schema=plain))))
+            self._spool.sync()
+        for d in damaged:
+            m = d.meta or {}
+            table, source, market = (m.get("key") or f"{d.table}|?|?").split("|")
+            fields = dict(segment=d.segment, offset=d.offset, bytes=len(d.raw), why=d.why, table=table, source=source,
+                          market=market, batch=m.get("batch"), rows=m.get("rows"))
+            if id(d) in gaps:
+                log.error("spool_record_quarantined", quarantined=str(sp.quarantine(d)),
+                          gaps=[(g["market"], g["start_ts"], g["end_ts"]) for g in gaps[id(d)]], **fields)
+            else:
+                log.warning("spool_record_already_quarantined", **fields)
+        sp.release()
 
     def _sweep_staging(self) -> None:
         """Remove what a killed writer left in staging: temp files and files never catalogued.
@@ -221,11 +303,14 @@ class Engine:
         self._stop.set()
         if self._bg is not None:
             self._bg.join(timeout=30)
-        if self._spool is not None:
-            self.flush()
-            self._spool.close()
-        self._encoder.shutdown(wait=True)
-        self._closed = True
+        try:
+            if self._spool is not None:
+                self.flush()  # a FlushError is raised after the spool is closed: its rows stay there
+        finally:
+            if self._spool is not None:
+                self._spool.close()
+            self._encoder.shutdown(wait=True)
+            self._closed = True
 
     def __enter__(self):
         return self
@@ -235,69 +320,100 @@ class Engine:
 
     # ---- write path ----------------------------------------------------------------------
     def append(self, table: str, data) -> int:
-        """Validate, spool (durable within a second) and buffer `data`; returns rows accepted."""
+        """Validate, spool (durable within a second) and buffer `data`; returns rows accepted.
+
+        All or nothing: the whole batch is checked before any row is spooled, and once spooled it
+        is accepted (a buffer that cannot be written now is kept and retried, never raised here),
+        so a refused batch can be fixed and sent again without duplicates."""
         if table not in schema.RAW_TABLES:
             raise schema.SchemaError(f"unknown table {table!r} for append; raw tables are: {', '.join(schema.RAW_TABLES)}")
         self.require_writer("append")
-        t = schema.validate(table, data)
+        t = schema.check_rows(table, schema.validate(table, data))
         if t.num_rows == 0:
             return 0
         self._writer()
-        sp = schema.spec(table)
         with self._lock:
-            for group in _split(t, sp.part_col):
-                self._add_rows(table, group, None, spool=True)
-            if table == "gaps":  # a hole: the carried book is stale until the exchange's fresh snapshot
-                for src, mkt in set(zip(t.column("source").to_pylist(), t.column("market").to_pylist())):
-                    self._books.pop(_bufkey("l2", src, mkt), None)
+            self._ingest(table, t)
         return t.num_rows
 
-    def _add_rows(self, table: str, t: pa.Table, batch_id: int | None, spool: bool) -> None:
-        """Add rows of one (source, market, hour) to their buffer, flushing the previous hour first."""
-        sp = schema.spec(table)
-        source, market = _first(t.column("source")), _first(t.column("market"))
-        check_key_part("source", source)
-        check_key_part("market", market)
-        mm = pc.min_max(t.column(sp.part_col))
-        lo, hi = mm["min"].as_py(), mm["max"].as_py()
-        hour = lo // NS_PER_HOUR
-        key = _bufkey(table, source, market)
-        buf = self._buffers.get(key)
-        if buf is not None and buf.hour != hour and buf.rows:
-            self._flush_key(key)
+    def _ingest(self, table: str, t: pa.Table) -> None:
+        """Spool and buffer validated rows (caller holds the lock)."""
+        groups = [_group(table, g) for g in _split(t, schema.spec(table).part_col)]
+        first = self._next_batch
+        self._spool.write(table, [(g.key, first + i, g.rows, g.lo, g.hi) for i, g in enumerate(groups)])
+        self._next_batch += len(groups)
+        for i, g in enumerate(groups):
+            self._buffer(g, first + i)
+        if table == "gaps":  # a hole: the carried book is stale until the exchange's fresh snapshot
+            for g in groups:
+                self._books.pop(_bufkey("l2", g.source, g.market), None)
+
+    def _buffer(self, g: _Group, batch_id: int) -> None:
+        """Add one group's rows (already spooled) to its buffer; an hour change or a full buffer
+        hands the buffer over to be written."""
+        buf = self._buffers.get(g.key)
+        if buf is not None and buf.hour != g.hour:
+            self._close_buffer(g.key)
             buf = None
-        if buf is None or buf.hour != hour:
-            buf = self._new_buffer(key, table, source, market, hour)
-        if batch_id is None:
-            batch_id = self._next_batch
-            self._next_batch += 1
-        if spool:
-            self._spool.write(table, key, batch_id, t)
-        buf.add(t, batch_id, lo, hi)
+        if buf is None:
+            buf = self._buffers[g.key] = self._new_buffer(g.key, g.table, g.source, g.market, g.hour)
+        buf.add(g.rows, batch_id, g.lo, g.hi)
         if buf.rows >= self.flush_rows:
+            self._close_buffer(g.key)
+
+    def _close_buffer(self, key: str) -> None:
+        """Queue the key's buffer to be written and write the key's queue now if possible; a failure
+        is logged and retried later (the rows are in the spool)."""
+        self._closing.setdefault(key, []).append(self._buffers.pop(key))
+        try:
             self._flush_key(key)
+        except Exception as e:  # noqa: BLE001 - logged; the buffer stays queued for a retry
+            self._retry_at[key] = time.monotonic() + FLUSH_RETRY_S
+            log.error("flush_failed", key=key, error=str(e), hint="rows stay buffered and in the spool; retried later")
+
+    def _pending(self) -> Iterator[Buffer]:
+        return itertools.chain(self._buffers.values(), *self._closing.values())
 
     def flush(self) -> int:
-        """Write every buffer to Parquet now; returns the number of files written."""
+        """Write every buffer to Parquet now; returns the number of files written. Buffers that
+        cannot be written do not stop the others; they are reported together (FlushError)."""
         self.require_writer("flush")
         if self._spool is None:
             return 0
         with self._lock:
-            return self._flush_all()
-
-    def _flush_all(self) -> int:
-        n = 0
-        for key in list(self._buffers):
-            if self._buffers[key].rows:
-                n += self._flush_key(key)
+            n, failed = self._flush_all()
+        if failed:
+            raise FlushError(failed)
         return n
 
+    def _flush_all(self) -> tuple[int, list[tuple[str, BaseException]]]:
+        n, failed = 0, []
+        for key in list(dict.fromkeys([*self._closing, *self._buffers])):
+            try:
+                n += self._flush_key(key)
+            except Exception as e:  # noqa: BLE001 - one buffer must not block the others
+                failed.append((key, e))
+                self._retry_at[key] = time.monotonic() + FLUSH_RETRY_S
+                log.error("flush_failed", key=key, error=str(e), hint="rows stay buffered and in the spool")
+        return n, failed
+
     def _flush_key(self, key: str) -> int:
+        """Write the key's queued buffers, oldest first, then its current one. Stops at the first
+        failure (raised), so the spool's high-water mark never passes rows not yet in a file."""
+        n = 0
+        while self._closing.get(key):
+            n += self._write(key, self._closing[key][0])
+        self._closing.pop(key, None)
+        if key in self._buffers:
+            n += self._write(key, self._buffers[key])
+        self._retry_at.pop(key, None)
+        return n
+
+    def _write(self, key: str, buf: Buffer) -> int:
         """Write one buffer as a catalogued file. On any failure the buffer stays (and its rows stay
         in the spool), so a later flush or a restart writes them: a failed flush loses nothing."""
-        buf = self._buffers[key]
         if not buf.rows:
-            del self._buffers[key]
+            self._swap(key, buf, None)
             return 0
         date = date_of_ns(buf.hour * NS_PER_HOUR)
         path, fkey = self._free_path(buf.table, buf.source, buf.market, date)
@@ -308,14 +424,14 @@ class Engine:
             log.error("flush_failed_rebuilding_from_spool", key=fkey, error=str(e), table=buf.table,
                       source=buf.source, market=buf.market)
             buf.discard()
-            buf = self._rebuild_from_spool(key, buf)
+            buf = self._swap(key, buf, self._rebuild_from_spool(key, buf))
             wf = buf.finish(path)  # a second failure propagates; the rebuilt buffer stays for a retry
         entry = FileEntry(
             key=fkey, table=buf.table, source=buf.source, market=buf.market, date=date, rows=wf.rows,
             bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
         )
         self.catalog.add_file(entry, spool_key=key, spool_upto=buf.last_batch)
-        del self._buffers[key]
+        self._swap(key, buf, None)
         if buf.book is not None:  # only l2 buffers of an anchoring engine track their book
             self._books[key] = buf.book
         self.flush_count += 1
@@ -327,14 +443,34 @@ class Engine:
         return 1
 
     def _new_buffer(self, key: str, table: str, source: str, market: str, hour: int, stream: bool = True) -> Buffer:
-        """A buffer for one hour; l2 files open with the carried book (design: Book anchors).
-        `stream=False`: never written as rows arrive (a rebuild after a failed stream)."""
+        """A buffer for one hour; l2 files open with the carried book (design: Book anchors), known
+        only once every older buffer of the key is written. `stream=False`: never written as rows
+        arrive (a rebuild after a failed stream)."""
         anchors = table == "l2" and self.book_anchors
+        anchor = self._books.get(key) if anchors and stream and not self._closing.get(key) else None
+        if anchors and stream and self._closing.get(key):
+            log.warning("book_anchor_unavailable", key=key, hint="an older buffer of this market is not written yet")
+        elif anchors and not stream:  # a rebuild is always of the oldest unwritten buffer
+            anchor = self._books.get(key)
         first = self.layout.staged(file_key(table, source, market, date_of_ns(hour * NS_PER_HOUR), 0))
-        buf = Buffer(table, source, market, hour, self._encoder, stream_tmp=tmp_path_for(first) if stream else None,
-                     anchor=self._books.get(key) if anchors else None, track_book=anchors)
-        self._buffers[key] = buf
-        return buf
+        return Buffer(table, source, market, hour, self._encoder, stream_tmp=tmp_path_for(first) if stream else None,
+                      anchor=anchor, track_book=anchors)
+
+    def _swap(self, key: str, old: Buffer, new: Buffer | None) -> Buffer | None:
+        """Put `new` where `old` was (current or queued); None removes `old`."""
+        if self._buffers.get(key) is old:
+            if new is None:
+                del self._buffers[key]
+            else:
+                self._buffers[key] = new
+        else:
+            q = self._closing[key]
+            i = next(i for i, b in enumerate(q) if b is old)
+            if new is None:
+                del q[i]
+            else:
+                q[i] = new
+        return new
 
     def _free_path(self, table: str, source: str, market: str, date: str) -> tuple[Path, str]:
         """The next file name of a partition: never one catalogued, retired or left on disk."""
@@ -357,8 +493,7 @@ class Engine:
         for bid, t in self._spool.batches(key, failed.first_batch, failed.last_batch):
             mm = pc.min_max(t.column(schema.spec(failed.table).part_col))
             buf.add(t, bid, mm["min"].as_py(), mm["max"].as_py())
-        if buf.rows != failed.rows:
-            self._buffers[key] = failed  # never flush a partial buffer: that would mark the rest durable
+        if buf.rows != failed.rows:  # never flush a partial buffer: that would mark the rest durable
             raise RuntimeError(f"spool holds {buf.rows} of the {failed.rows} buffered rows of {key}; "
                                "they stay in the spool and are written at the next start")
         return buf
@@ -367,7 +502,7 @@ class Engine:
         """Sealed watermark: below the oldest buffered row of the source, else past everything seen."""
         if flushed_max is not None:
             self._seen_max[source] = max(self._seen_max.get(source, flushed_max), flushed_max)
-        pending = [b.min_recv_ts for b in self._buffers.values() if b.source == source and b.rows]
+        pending = [b.min_recv_ts for b in self._pending() if b.source == source and b.rows]
         seen = self._seen_max.get(source)
         if pending:
             wm = min(pending)
@@ -377,20 +512,24 @@ class Engine:
             self.catalog.set_watermark(source, wm)
 
     def _background_loop(self) -> None:
-        """Flush buffers whose UTC hour has closed by the wall clock and went quiet, or that are too old."""
+        """Flush buffers whose UTC hour has closed by the wall clock and went quiet, or that are too
+        old, and retry buffers that could not be written; one failing key never stops the others."""
         while not self._stop.wait(1.0):
-            try:
-                now_hour = now_ns() // NS_PER_HOUR
-                with self._lock:
-                    for key, buf in list(self._buffers.items()):
-                        if not buf.rows:
-                            continue
-                        closed = buf.hour < now_hour and time.monotonic() - buf.touched > HOUR_CLOSE_GRACE_S
-                        old = self.flush_age_s is not None and time.monotonic() - buf.created >= self.flush_age_s
-                        if closed or old:
-                            self._flush_key(key)
-            except Exception as e:  # noqa: BLE001 - the loop must survive; error logged
-                log.error("background_flush_failed", error=str(e))
+            now_hour = now_ns() // NS_PER_HOUR
+            with self._lock:
+                now = time.monotonic()
+                due = [k for k in self._closing if now >= self._retry_at.get(k, 0.0)]
+                for key, buf in self._buffers.items():
+                    closed = buf.hour < now_hour and now - buf.touched > HOUR_CLOSE_GRACE_S
+                    old = self.flush_age_s is not None and now - buf.created >= self.flush_age_s
+                    if buf.rows and (closed or old) and now >= self._retry_at.get(key, 0.0):
+                        due.append(key)
+                for key in dict.fromkeys(due):
+                    try:
+                        self._flush_key(key)
+                    except Exception as e:  # noqa: BLE001 - the loop must survive; error logged
+                        self._retry_at[key] = time.monotonic() + FLUSH_RETRY_S
+                        log.error("background_flush_failed", key=key, error=str(e))
 
     def sealed_until(self, source: str) -> int:
         """Receive time below which every row of `source` is in a catalogued file.
@@ -414,17 +553,17 @@ class Engine:
 
     def last_recv_ts(self, source: str) -> int | None:
         """Newest receive time catalogued or buffered for `source` (the start of a `restart` gap)."""
-        vals = [b.max_recv_ts for b in self._buffers.values() if b.source == source and b.rows]
+        vals = [b.max_recv_ts for b in self._pending() if b.source == source and b.rows]
         cat = self.catalog.last_recv_ts(source)
         if cat is not None:
             vals.append(cat)
         return max(vals) if vals else None
 
     def buffered_rows(self) -> int:
-        return sum(b.rows for b in self._buffers.values())
+        return sum(b.rows for b in self._pending())
 
     def buffer_bytes(self) -> int:
-        return sum(b.nbytes() for b in self._buffers.values())
+        return sum(b.nbytes() for b in self._pending())
 
     # ---- file access ---------------------------------------------------------------------
     def local_path(self, e: FileEntry) -> Path:
@@ -562,3 +701,27 @@ def _split(t: pa.Table, part_col: str):
     for n in sizes:
         yield t.slice(off, n)
         off += n
+
+
+def _corrupt_gaps(d: Damaged, quarantined: str) -> list[dict]:
+    """Gap rows for a damaged spool record: its own market and time range when its header or
+    trailer survived, else every market of the records around it, between them."""
+    where = f"spool {d.segment}@{d.offset} ({d.why}); bytes in spool/quarantine/{quarantined}"
+    if d.meta is not None:
+        spans = [(d.meta["key"], d.meta["lo"], d.meta["hi"],
+                  f"damaged spool record: {d.meta['rows']} {d.table} row(s) of batch {d.meta['batch']} lost; {where}")]
+    else:  # between the records around it: any of their markets may have lost rows
+        prev, nxt = d.near
+        ends = ([prev["hi"]] if prev else []) + ([nxt["lo"]] if nxt else [])
+        keys = dict.fromkeys(m["key"] for m in (prev, nxt) if m)
+        spans = [(k, min(ends), max(ends), f"unidentified damaged spool record ({d.table}) after batch "
+                  f"{prev['batch'] if prev else None} lost; {where}") for k in keys]
+    out = []
+    for key, lo, hi, detail in spans:
+        table, source, market = key.split("|")
+        if key_part_problem(source) or key_part_problem(market):
+            log.error("corrupt_gap_not_recordable", key=key, hint="names not valid for a partition")
+            continue
+        out.append({"source": source, "market": market, "instrument": None, "start_ts": lo, "end_ts": max(hi, lo),
+                    "kind": "corrupt", "detail": detail[:500]})
+    return out

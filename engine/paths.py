@@ -12,7 +12,8 @@ from pathlib import Path
 _PART_RE = re.compile(
     r"^data/(?P<table>[a-z0-9_]+)/source=(?P<source>[^/]+)/market=(?P<market>[^/]+)/date=(?P<date>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)\.parquet$"
 )
-_SAFE = re.compile(r"^[A-Za-z0-9._\-]+$")
+_SAFE = re.compile(r"[A-Za-z0-9._\-]+")
+KEY_PART_MAX = 64  # a path segment (`market=...`) far below the 255-byte file-name limit
 
 
 def is_pattern(pattern: str | None) -> bool:
@@ -35,10 +36,19 @@ def default_home() -> Path:
     return Path(os.environ.get("ENGINE_HOME", "./lake")).resolve()
 
 
+def key_part_problem(value: str) -> str | None:
+    """Why `value` cannot be a source or market (they become path segments and partition keys), or None."""
+    if len(value) > KEY_PART_MAX:
+        return f"longer than {KEY_PART_MAX} characters ({len(value)})"
+    if not _SAFE.fullmatch(value):  # fullmatch: `$` would accept a trailing newline
+        return "empty or not only letters, digits, '.', '_' and '-'"
+    return None
+
+
 def check_key_part(kind: str, value: str) -> str:
-    """Sources and markets become path segments and partition keys: keep them plain."""
-    if not value or not _SAFE.match(value):
-        raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' and '-' only")
+    problem = key_part_problem(value)
+    if problem:
+        raise ValueError(f"invalid {kind} {value[:80]!r}: {problem}")
     return value
 
 

@@ -12,15 +12,24 @@ order they were written; readers that re-sort (books, quotes) sort stably too.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.paths import key_part_problem
 
 SCHEMA_VERSION = 1
 WRITER = "data-engine"
 NS_PER_HOUR = 3_600_000_000_000
 NS_PER_DAY = 24 * NS_PER_HOUR
+MIN_TS_NS = 10**17  # 1973-03-03 in ns; the present in µs or ms stays below it until the year 5138
+MAX_SKEW_NS = NS_PER_DAY  # an exchange time this far from its receive time is not a time of this row
+INSTRUMENT_MAX = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Side(str, enum.Enum):
@@ -38,6 +47,7 @@ class GapKind(str, enum.Enum):
     SEQUENCE = "sequence"
     RESTART = "restart"
     STALE = "stale"
+    CORRUPT = "corrupt"  # a damaged spool record, quarantined at recovery
 
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -245,14 +255,106 @@ def validate(table: str, data: Any) -> pa.Table:
         cols.append(col)
     out = pa.Table.from_arrays(cols, schema=ts.schema)
     for name, allowed in ts.enums.items():
-        values = set(out.column(name).unique().dictionary_decode().to_pylist()) if out.num_rows else set()
-        values.discard(None)
-        bad = values - allowed
-        if bad:
+        bad = _dict_values(out.column(name)) - allowed
+        if bad and _rows_with(out.column(name), bad) is not None:
+            bad = set(out.column(name).unique().dictionary_decode().to_pylist()) - allowed - {None}
             raise SchemaError(
                 f"table {table}, column {name}: invalid value(s) {sorted(bad)}; allowed: {sorted(allowed)}"
             )
-    for name in ("source", "market"):
-        if out.num_rows and "" in set(out.column(name).unique().dictionary_decode().to_pylist()):
-            raise SchemaError(f"table {table}, column {name}: empty string is not a valid {name}")
     return out
+
+
+def check_rows(table: str, t: pa.Table) -> pa.Table:
+    """Refuse rows no lake table takes (see `row_faults`); the error names the table, each column
+    and how many rows fail it. Run by append on every batch (validated first)."""
+    faults = row_faults(table, t)
+    if faults:
+        raise SchemaError("; ".join(f"table {table}, column {c}: {int(m.sum())} row(s) {what}" for c, what, m in faults))
+    return t
+
+
+def _name_problem(column: str, v: str) -> str | None:
+    if column != "instrument":
+        return key_part_problem(v)
+    if len(v) > INSTRUMENT_MAX:
+        return f"longer than {INSTRUMENT_MAX} characters ({len(v)})"
+    if not v or _CONTROL.search(v):
+        return "empty or with a control character"
+    return None
+
+
+def _dict_values(col: pa.ChunkedArray) -> set[str]:
+    """Values of a dictionary column's dictionaries: a superset of the values in use, read
+    without touching the rows (the fast path; `_rows_with` confirms any suspect value)."""
+    return {v for c in col.chunks for v in c.dictionary.to_pylist() if v is not None}
+
+
+def _rows_with(col: pa.ChunkedArray, values) -> np.ndarray | None:
+    """Mask of the rows holding any of `values`, or None when no row does."""
+    if not values:
+        return None
+    mask = _np(pc.is_in(col.cast(pa.string()), value_set=pa.array(list(values), pa.string()))).astype(bool)
+    return mask if mask.any() else None
+
+
+def _np(col: pa.ChunkedArray) -> np.ndarray:
+    return (col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)).to_numpy(zero_copy_only=False)
+
+
+def row_faults(table: str, t: pa.Table) -> list[tuple[str, str, np.ndarray]]:
+    """(column, problem, mask of the rows at fault) for every check rows of `t` fail; [] if none.
+
+    Vectorized (names are checked once per distinct value), so append and the collectors can run
+    it on every batch. `t` has the canonical schema of `table`."""
+    out: list[tuple[str, str, np.ndarray]] = []
+    if not t.num_rows:
+        return out
+    for name in ("source", "market", "instrument"):
+        if name not in t.column_names:
+            continue
+        col = t.column(name)
+        bad = {v: p for v in _dict_values(col) if (p := _name_problem(name, v))}
+        mask = _rows_with(col, bad)
+        if mask is not None:
+            v = next(v for v in bad if v in set(pc.unique(col.filter(pa.array(mask))).dictionary_decode().to_pylist()))
+            out.append((name, f"named {v[:80]!r}{'...' if len(v) > 80 else ''}: {bad[v]}", mask))
+    for name in ("price", "size"):
+        if name in t.column_names:
+            x = _np(t.column(name))
+            if not ((x >= 0.0) & (x < np.inf)).all():  # one pass in the common case; NaN fails both
+                finite = np.isfinite(x)
+                if not finite.all():
+                    out.append((name, "not finite (NaN or inf)", ~finite))
+                if (finite & (x < 0)).any():
+                    out.append((name, "negative", finite & (x < 0)))
+    times = {c: _np(t.column(c)) for c in ("ts", "recv_ts", "start_ts", "end_ts") if c in t.column_names}
+    for name, x in times.items():
+        early = x < MIN_TS_NS
+        if early.any():
+            out.append((name, f"before 1973 (< 10^17 ns, first {int(x[early][0])}): negative, or in ms or µs instead of ns",
+                        early))
+    if "ts" in times and "recv_ts" in times:
+        far = np.abs(times["recv_ts"] - times["ts"]) >= MAX_SKEW_NS
+        if far.any():
+            out.append(("ts", "a day or more away from recv_ts", far))
+    if "start_ts" in times and "end_ts" in times:
+        back = times["end_ts"] < times["start_ts"]
+        if back.any():
+            out.append(("end_ts", "before start_ts", back))
+    return out
+
+
+def drop_faulty_rows(table: str, t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """`t` without the rows `row_faults` finds, and how many went per `{table}_{column}` of the
+    first check each failed (for collectors, which skip such rows and count them)."""
+    faults = row_faults(table, t)
+    if not faults:
+        return t, {}
+    seen = np.zeros(t.num_rows, bool)
+    counts: dict[str, int] = {}
+    for column, _, mask in faults:
+        n = int((mask & ~seen).sum())
+        if n:
+            counts[f"{table}_{column}"] = counts.get(f"{table}_{column}", 0) + n
+        seen |= mask
+    return t.filter(pa.array(~seen)), counts

@@ -26,7 +26,7 @@ def l2_rows(source: str, market: str, start_ns: int, n: int, span_ns: int, seed:
     base = BASE_PRICE.get(market, 0.5 if market.startswith("KX") else 100.0)
     tick = 0.01
     side = rng.integers(0, 2, n)
-    offset = rng.integers(1, 200, n) * tick
+    offset = rng.integers(1, min(200, int(base / tick * 0.9)), n) * tick  # prices stay positive (Kalshi: 0-1)
     price = np.round(np.where(side == 0, base - offset, base + offset), 2)
     size = np.where(rng.random(n) < 0.2, 0.0, np.round(rng.random(n) * 3, 8))
     return pa.table(

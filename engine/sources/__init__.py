@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.log import get_logger
-from engine.schema import GAPS_SCHEMA, L2_SCHEMA, TRADES_SCHEMA
+from engine.schema import GAPS_SCHEMA, L2_SCHEMA, TRADES_SCHEMA, drop_faulty_rows
 
 NS = 1_000_000_000
 CHUNK_ROWS = 65_536
@@ -498,17 +498,38 @@ class BaseNormalizer:
         c.skipped_frames += 1
         key = reason.split(":", 1)[0]
         c.skip_reasons[key] = c.skip_reasons.get(key, 0) + 1
-        now = time.monotonic()
-        if now - self._skip_log_window > 60.0:
-            self._skip_log_window, self._skip_logged = now, 0
-        self._skip_logged += 1
-        if self._skip_logged <= 20:
+        if self._may_log():
             head = frame[:200] if isinstance(frame, (str, bytes)) else repr(frame)[:200]
             if isinstance(head, bytes):
                 head = head.decode("utf-8", "replace")
             self.log.warning("frame_skipped", reason=reason, error=repr(exc)[:200] if exc else None, frame_head=head)
-        elif self._skip_logged == 21:
+
+    def _may_log(self) -> bool:
+        """At most 20 skip lines a minute (then one saying so); the counters keep every skip."""
+        now = time.monotonic()
+        if now - self._skip_log_window > 60.0:
+            self._skip_log_window, self._skip_logged = now, 0
+        self._skip_logged += 1
+        if self._skip_logged == 21:
             self.log.warning("frame_skipped_suppressed", note="more skipped frames this minute; see counters")
+        return self._skip_logged <= 20
+
+    def admit(self, table: str, t: pa.Table | None) -> pa.Table | None:
+        """`t` without the rows append would refuse (a name no partition takes, a value no table
+        takes), each counted as a skipped row with its reason: one bad row never costs its chunk.
+        One vectorized pass per chunk; the per-message checks stay the fast first line."""
+        if t is None or not t.num_rows:
+            return t
+        t, dropped = drop_faulty_rows(table, t)
+        for what, n in dropped.items():
+            key = f"refused_{what}"
+            self.c.skip_reasons[key] = self.c.skip_reasons.get(key, 0) + n
+            self.c.skipped_rows += n
+            if table == "trades":
+                self.c.rows_trades -= n  # counted when parsed; never stored
+            if self._may_log():
+                self.log.warning("rows_skipped", reason=key, rows=n, table=table)
+        return t
 
     def bad_run(self, run: tuple, reason: str) -> None:
         """A message whose rows failed the bulk checks at conversion: counted as a skipped frame."""
@@ -568,14 +589,15 @@ class BaseNormalizer:
         self.c.ts_fallbacks = self.l2.ts_fallbacks
         if self.l2.last_lag is not None:
             self.c.feed_lag_ns = self.l2.last_lag
-        g = self.gaps.take()
-        if g is not None:
+        g = self.admit("gaps", self.gaps.take())
+        if g is not None and g.num_rows:
             out["gaps"] = g
+        l2 = self.admit("l2", l2)
         if l2 is not None and l2.num_rows:
             out["l2"] = l2
             self.c.rows_l2 += l2.num_rows
-        t = self.trades.take()
-        if t is not None:
+        t = self.admit("trades", self.trades.take())
+        if t is not None and t.num_rows:
             out["trades"] = t
         return out
 
