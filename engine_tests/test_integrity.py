@@ -71,7 +71,7 @@ WRITER = textwrap.dedent(r"""
     sys.path.insert(0, {root!r})
     from engine import Engine
     from engine_tests.test_integrity import fuzz_batch, FUZZ_BATCHES
-    eng = Engine.open(sys.argv[1], background=False, flush_rows=10**9)
+    eng = Engine.open(sys.argv[1], background=False, writer=True, flush_rows=10**9)
     spool = eng.layout.spool
     sizes = {{}}
     for i in range(FUZZ_BATCHES):
@@ -94,7 +94,7 @@ RECOVER = textwrap.dedent(r"""
     for home in sys.argv[1:]:
         print(json.dumps({{"home": home, "started": True}}), flush=True)
         try:
-            eng = Engine.open(home, background=False)
+            eng = Engine.open(home, background=False, writer=True)
         except Exception as e:
             print(json.dumps({{"home": home, "error": repr(e)[:300]}}), flush=True)
             continue
@@ -287,7 +287,7 @@ def test_spool_torn_tail_unidentified_record_and_old_format(tmp_path, fuzz_spool
 def test_append_is_all_or_nothing(tmp_path):
     """A batch whose second group (market) is bad is refused whole: no row of the good group is
     spooled or buffered, so retrying the good rows stores them exactly once (also after a restart)."""
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     good = synth.l2_rows("coinbase", "BTC-USD", START, 5, 10**9)
     bad = synth.l2_rows("coinbase", "Z/BAD", START, 5, 10**9, seq_start=5)
     mixed = pa.concat_tables([good, bad]).unify_dictionaries()
@@ -314,7 +314,7 @@ def test_append_is_all_or_nothing(tmp_path):
     ("instrument", "I" * 300, "longer than 128"),
 ])
 def test_bad_names_refused(tmp_path, column, value, why):
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     t = synth.l2_rows("coinbase", "BTC-USD", START, 4, 10**9)
     t = t.set_column(t.schema.get_field_index(column), column,
                      pa.array([value] * 4).dictionary_encode().cast(t.schema.field(column).type))
@@ -331,7 +331,7 @@ def test_flush_failure_of_one_buffer_blocks_neither_the_others_nor_open(tmp_path
     writes BTC-USD and SOL-USD and then reports ETH-USD; closing and reopening (recovery) works;
     once the obstacle is gone every row is stored exactly once."""
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     blocker = home / "staging" / "data" / "l2" / "source=coinbase" / "market=ETH-USD"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way")
@@ -347,12 +347,12 @@ def test_flush_failure_of_one_buffer_blocks_neither_the_others_nor_open(tmp_path
     assert eng.append("l2", late) == 100
     with pytest.raises(Exception, match="ETH-USD"):
         eng.close()
-    eng = Engine.open(home, background=False)  # recovery: the stuck buffer stays, open goes on
+    eng = Engine.open(home, background=False, writer=True)  # recovery: the stuck buffer stays, open goes on
     assert eng.buffered_rows() == 1100
     blocker.unlink()
     eng.flush()
     eng.close()
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     got = eng.l2()
     assert got.height == 3100 and got["seq"].n_unique() == 3100
     assert not list(eng.layout.spool.glob("*.arrow"))
@@ -396,7 +396,7 @@ def _bad_value_cases():
 @pytest.mark.parametrize("case", list(_bad_value_cases()), ids=lambda c: c[0])
 def test_bad_values_refused_with_table_column_and_count(tmp_path, case):
     _, table, t, column, n, why = case
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     with pytest.raises(SchemaError, match=rf"table {table}, column {column}: {n} row\(s\) .*{why}"):
         eng.append(table, t)
     assert eng.buffered_rows() == 0
@@ -405,7 +405,7 @@ def test_bad_values_refused_with_table_column_and_count(tmp_path, case):
 
 def test_edge_values_accepted(tmp_path):
     """Zero sizes (level removed), ts just under a day from recv_ts, an instrument with spaces."""
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     t = _l2()
     recv = t.column("recv_ts").to_numpy()
     t = _with(_with(t, "size", [0.0] * 10), "ts", recv - NS_PER_DAY + 1)
@@ -434,6 +434,6 @@ def test_collector_counts_refused_rows_and_keeps_the_rest(tmp_path):
     assert out["l2"].num_rows == 2 and out["trades"].num_rows == 2
     assert n.c.skipped_rows == 4
     assert n.c.skip_reasons == {"refused_l2_market": 3, "refused_trades_ts": 1}
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     assert append_tables(eng, out) == 4
     eng.close()
