@@ -61,6 +61,40 @@ class Op(msgspec.Struct, kw_only=True, omit_defaults=True):
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(Op)
 
+# What each op must carry to be applied; valid JSON can still lack it (a hand edit, a foreign writer).
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "add": ("file",), "compact": ("file",), "remote": ("key",), "local_deleted": (),
+    "purged": ("keys",), "watermark": ("source", "ts"),
+}
+
+
+class BadLine(ValueError):
+    """A log line that cannot be applied: torn, not JSON, or missing what its op needs."""
+
+
+def problem(op: Op) -> str | None:
+    """Why a decoded op cannot be applied, or None."""
+    if op.op not in _NEEDS:
+        return f"unknown op {op.op!r}"
+    missing = [f for f in _NEEDS[op.op] if getattr(op, f) is None]
+    if op.op == "local_deleted" and op.key is None and op.keys is None:
+        missing.append("key or keys")
+    if (op.spool_key is None) != (op.spool_upto is None):
+        missing.append("spool_key with spool_upto")
+    return f"{op.op} without {', '.join(missing)}" if missing else None
+
+
+def decode_op(line: bytes) -> Op:
+    """One log line as an Op; raises BadLine for a line that cannot be applied."""
+    try:
+        op = _dec.decode(line)
+    except msgspec.DecodeError as e:
+        raise BadLine(str(e)) from None
+    why = problem(op)
+    if why is not None:
+        raise BadLine(why)
+    return op
+
 Partition = tuple[str, str, str, str]  # table, source, market, date
 
 
@@ -119,8 +153,8 @@ class Catalog:
                 if not line.strip():
                     continue
                 try:
-                    op = _dec.decode(line)
-                except msgspec.DecodeError as e:
+                    op = decode_op(line)
+                except BadLine as e:
                     self.torn_lines += 1
                     log.warning("catalog_bad_line_ignored", error=str(e), head=line[:120].decode(errors="replace"))
                     continue
