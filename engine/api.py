@@ -17,8 +17,9 @@ from engine.buffer import Buffer
 from engine.catalog import Catalog, FileEntry
 from engine.fsio import tmp_path_for
 from engine.log import get_logger
-from engine.paths import Layout, check_key_part, date_of_ns, default_home, file_key, parse_key
+from engine.paths import Layout, buffer_key, check_key_part, date_of_ns, default_home, file_key, parse_key
 from engine.schema import NS_PER_HOUR
+from engine import staging
 from engine.spool import Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
 from engine.timeutil import now_ns
@@ -29,10 +30,6 @@ log = get_logger(component="engine")
 DEFAULT_FLUSH_ROWS = 5_000_000
 HOUR_CLOSE_GRACE_S = 2.0
 APPEND_LAG_NS = 60 * 10**9  # rows a collector received but has not appended yet are at most this old
-
-
-def _bufkey(table: str, source: str, market: str) -> str:
-    return f"{table}|{source}|{market}"
 
 
 class Engine:
@@ -88,6 +85,7 @@ class Engine:
                 if self._spool is None:
                     self._spool = Spool(self.layout.spool)
                     try:
+                        staging.settle(self, self._spool)  # before replay: an adopted file's batches are durable
                         self._recover()
                     except BaseException:
                         # release the lock: a later open (after the cause is fixed) must recover again
@@ -95,7 +93,6 @@ class Engine:
                         self._spool = None
                         self._buffers.clear()
                         raise
-                    self._sweep_staging()
                     if self._background:
                         self._bg = threading.Thread(target=self._background_loop, name="engine-flush", daemon=True)
                         self._bg.start()
@@ -118,22 +115,6 @@ class Engine:
             log.info("spool_recovered", rows=recovered, already_durable_rows=skipped)
         self._flush_all()
         sp.collect(self.catalog.spool_hw)
-
-    def _sweep_staging(self) -> None:
-        """Remove what a killed writer left in staging: temp files and files never catalogued.
-        Their rows are in the spool (just replayed) or were never acknowledged."""
-        self.catalog.refresh()
-        known = set(self.catalog.by_key) | set(self.catalog.retired)
-        removed = 0
-        for p in self.layout.staging.rglob("*"):
-            if not p.is_file():
-                continue
-            key = str(p.relative_to(self.layout.staging))
-            if (p.name.startswith(".") and ".tmp-" in p.name) or (p.suffix == ".parquet" and key not in known):
-                p.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.warning("staging_swept", files=removed, hint="left by a writer killed mid-flush")
 
     def close(self) -> None:
         if self._closed:
@@ -168,7 +149,7 @@ class Engine:
                 self._add_rows(table, group, None, spool=True)
             if table == "gaps":  # a hole: the carried book is stale until the exchange's fresh snapshot
                 for src, mkt in set(zip(t.column("source").to_pylist(), t.column("market").to_pylist())):
-                    self._books.pop(_bufkey("l2", src, mkt), None)
+                    self._books.pop(buffer_key("l2", src, mkt), None)
         return t.num_rows
 
     def _add_rows(self, table: str, t: pa.Table, batch_id: int | None, spool: bool) -> None:
@@ -180,7 +161,7 @@ class Engine:
         mm = pc.min_max(t.column(sp.part_col))
         lo, hi = mm["min"].as_py(), mm["max"].as_py()
         hour = lo // NS_PER_HOUR
-        key = _bufkey(table, source, market)
+        key = buffer_key(table, source, market)
         buf = self._buffers.get(key)
         if buf is not None and buf.hour != hour and buf.rows:
             self._flush_key(key)
@@ -220,14 +201,15 @@ class Engine:
         date = date_of_ns(buf.hour * NS_PER_HOUR)
         path, fkey = self._free_path(buf.table, buf.source, buf.market, date)
         t0 = time.perf_counter()
+        meta = {staging.SPOOL_KEY: key, staging.SPOOL_UPTO: str(buf.last_batch)}  # lets a lost catalog line be redone
         try:
-            wf = buf.finish(path)
+            wf = buf.finish(path, meta)
         except Exception as e:  # noqa: BLE001 - e.g. disk full: rebuild from the spool, write once more
             log.error("flush_failed_rebuilding_from_spool", key=fkey, error=str(e), table=buf.table,
                       source=buf.source, market=buf.market)
             buf.discard()
             buf = self._rebuild_from_spool(key, buf)
-            wf = buf.finish(path)  # a second failure propagates; the rebuilt buffer stays for a retry
+            wf = buf.finish(path, meta)  # a second failure propagates; the rebuilt buffer stays for a retry
         entry = FileEntry(
             key=fkey, table=buf.table, source=buf.source, market=buf.market, date=date, rows=wf.rows,
             bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
@@ -265,7 +247,7 @@ class Engine:
         while True:
             fkey = file_key(table, source, market, date, seq)
             path = self.layout.staged(fkey)
-            if not path.exists():  # a file left by a crash between write and catalog: never overwrite
+            if not path.exists() and not (self.layout.quarantine / fkey).exists():  # never a name in use
                 return path, fkey
             seq += 1
 

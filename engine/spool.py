@@ -126,6 +126,15 @@ class Spool:
                 yield table, key, bid, t
             self._closed_segments[path] = maxids
 
+    def pending_keys(self, spool_hw: dict[str, int]) -> set[str]:
+        """Buffer keys with spooled batches not yet in a catalogued file (reads, changes nothing)."""
+        out: set[str] = set()
+        for path in self.segment_paths():
+            for _, key, bid, _t in _read_segment(path):
+                if bid > spool_hw.get(key, -1):
+                    out.add(key)
+        return out
+
     def batches(self, bufkey: str, first: int, last: int) -> Iterator[tuple[int, pa.Table]]:
         """Batches of one buffer with ids in [first, last], read back (a flush failed after the
         buffer handed its rows to the encoder; the spool still has them)."""
