@@ -240,7 +240,7 @@ class Engine:
         """The next file name of a partition: never one catalogued, retired or left on disk."""
         part = (table, source, market, date)
         self.catalog.refresh()  # another process (compaction) may have written to this partition
-        existing = [parse_key(k).name for k in self.catalog.parts.get(part, {})]
+        existing = [parse_key(e.key).name for e in self.catalog.files_in(part)]
         existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
                      if (e.table, e.source, e.market, e.date) == part]
         seq = 1 + max((int(n) for n in existing if n.isdigit()), default=0)

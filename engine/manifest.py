@@ -9,7 +9,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.catalog import Catalog, FileEntry, Op, _enc
+from engine.catalog import SNAPSHOT_NAME, Catalog, FileEntry, Op, _enc
 from engine.fsio import atomic_write_bytes
 from engine.log import get_logger
 from engine.paths import MANIFEST_KEY
@@ -65,6 +65,7 @@ def bootstrap_from_manifest(eng) -> bool:
             ops.append(Op(op="add", file=e))
     ops += [Op(op="watermark", source=s, ts=w) for s, w in wms.items()]
     eng.layout.catalog_dir.mkdir(parents=True, exist_ok=True)
+    (eng.layout.catalog_dir / SNAPSHOT_NAME).unlink(missing_ok=True)  # it indexes the old log
     atomic_write_bytes(eng.layout.catalog_log, b"".join(_enc.encode(o) + b"\n" for o in ops))
     log.info("catalog_bootstrapped_from_manifest", files=len(ops), store=eng.store.url)
     return True

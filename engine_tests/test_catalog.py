@@ -59,3 +59,115 @@ def test_incomplete_lines_are_skipped_with_a_warning(tmp_path):
     cat.add_file(entry(2))  # the log stays writable; a fresh open agrees
     again = Catalog(log)
     assert again.torn_lines == bad and sorted(again.by_key) == sorted([entry(0).key, entry(2).key])
+
+
+# ---- snapshot + tail ------------------------------------------------------------------------------
+
+
+def state(cat: Catalog) -> dict:
+    """Everything a catalog answers, as plain values, for comparing two catalogs."""
+    ents = sorted((msgspec.structs.asdict(e) for e in cat.entries()), key=lambda d: d["key"])
+    return {
+        "entries": ents,
+        "count": len(cat.by_key),
+        "lookup": [msgspec.structs.asdict(cat.by_key[d["key"]]) for d in ents],
+        "retired": sorted((k, at, msgspec.structs.asdict(e)) for k, (at, e) in cat.retired.items()),
+        "watermarks": dict(cat.watermarks),
+        "spool_hw": dict(cat.spool_hw),
+        "summary": cat.summary().rows(),
+        "summary_kx": cat.summary(market="E*", start=T0 + 30 * H).rows(),
+        "partitions": cat.partitions(),
+        "partitions_l2": cat.partitions("l2", source="coinbase", market="BTC-USD", start=T0 + 10 * H, end=T0 + 40 * H),
+        "files": [e.key for e in cat.files("l2", market="*", start=T0 + 5 * H, end=T0 + 50 * H)],
+        "files_in": [[e.key for e in cat.files_in(p)] for p in cat.partitions()],
+        "markets": cat.markets(), "markets_trades": cat.markets("trades"),
+        "last_recv": cat.last_recv_ts("coinbase"),
+        "pending": sorted(e.key for e in cat.pending_upload()),
+    }
+
+
+def build_history(cat: Catalog, lo: int, hi: int) -> None:
+    """Every kind of op over entries lo..hi: adds (with spool ranges), uploads, local deletes,
+    a compaction swap, a purge and watermarks."""
+    for i in range(lo, hi):
+        cat.add_file(entry(i, market=("BTC-USD", "ETH-USD")[i % 2]), spool_key=f"l2|coinbase|{i % 2}", spool_upto=i)
+        if i % 3 == 0:
+            cat.add_file(entry(i, table="trades"))
+        if i % 4 == 1:
+            cat.mark_remote(entry(i, market=("BTC-USD", "ETH-USD")[i % 2]).key)
+        if i % 5 == 2:
+            cat.mark_local_deleted([entry(i, table="trades").key])  # not catalogued: ignored
+        if i % 7 == 0:  # keys that do not name their partition (found through the catalog, not the path)
+            cat.add_file(msgspec.structs.replace(entry(i, table="gaps"), key=f"odd/{i}.parquet"))
+            cat.add_file(msgspec.structs.replace(entry(i, table="gaps"), key=entry(i + 1).key.replace("0", "9")))
+            cat.mark_remote(f"odd/{i - 7}.parquet")
+        cat.set_watermark("coinbase", T0 + i * H)
+    day = [e for e in cat.files_in(("l2", "coinbase", "BTC-USD", entry(lo).date))]
+    new = msgspec.structs.replace(day[0], key=day[0].key.replace(".parquet", "-c.parquet"), rows=sum(e.rows for e in day),
+                                  compacted=True, remote=True)
+    cat.swap(new, [e.key for e in day])
+    cat.mark_purged([e.key for e in day[:2]])
+    cat.mark_remote(new.key)
+
+
+def test_snapshot_plus_tail_answers_like_the_whole_log(tmp_path):
+    """A checkpoint then more ops (some changing files the snapshot holds): opening from snapshot
+    + tail answers every question exactly as replaying the whole log does."""
+    log = tmp_path / "catalog" / "log.jsonl"
+    cat = Catalog(log)
+    build_history(cat, 0, 60)
+    assert cat.checkpoint()
+    assert cat.snapshot_path.exists()
+    build_history(cat, 48, 90)  # re-adds, uploads and a swap over partitions the snapshot holds
+    for k in [entry(i).key for i in range(0, 30, 2)]:
+        cat.mark_remote(k)
+    full = state(Catalog(log, snapshot=False))
+    snap = Catalog(log)
+    assert snap.snapshot_offset > 0 and 0 < snap.tail_ops < snap.snapshot_offset
+    assert state(snap) == full
+    assert state(cat) == full  # the process that wrote it keeps answering the same
+    snap.checkpoint()  # a second generation, written from a catalog that loaded the first
+    assert Catalog(log).tail_ops == 0 and state(Catalog(log)) == full
+
+
+def test_checkpoint_every_n_ops_keeps_the_log_append_only(tmp_path):
+    """Appends checkpoint on their own every N ops; log.jsonl is only ever appended to, so a byte
+    cursor (the Dagster sensor's) stays valid across checkpoints."""
+    log = tmp_path / "catalog" / "log.jsonl"
+    cat = Catalog(log, snapshot_every=25)
+    prefixes, cursor, seen = [], 0, 0
+    for i in range(100):
+        cat.add_file(entry(i))
+        prefixes.append(log.read_bytes())
+        r = read_log(log, cursor)
+        cursor, seen = r.offset, seen + len(r.ops)
+    assert seen == 100
+    data = log.read_bytes()
+    assert all(data.startswith(p) for p in prefixes)
+    again = Catalog(log, snapshot_every=25)
+    assert again.snapshot_offset > 0 and again.tail_ops < 25
+    assert state(again) == state(Catalog(log, snapshot=False))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "rewritten", "garbage_snapshot", "torn_snapshot"])
+def test_a_snapshot_that_does_not_match_the_log_is_ignored(tmp_path, damage):
+    """A snapshot is used only for the log it was taken from: a log cut below its offset or
+    rewritten (a rebuild), or a damaged snapshot file, is noticed and the log replayed whole."""
+    log = tmp_path / "catalog" / "log.jsonl"
+    cat = Catalog(log)
+    build_history(cat, 0, 30)
+    cat.checkpoint()
+    snap = cat.snapshot_path
+    if damage == "truncated":
+        data = log.read_bytes()
+        log.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1])  # the last line is lost
+    elif damage == "rewritten":  # rebuilt: other content, the same length and then more
+        lines = log.read_bytes().splitlines(keepends=True)
+        log.write_bytes(b"".join(lines[1:]) + lines[0] + line(Op(op="add", file=entry(77))))
+    elif damage == "garbage_snapshot":
+        snap.write_bytes(b"ARROW1" + b"\0" * 100)
+    else:
+        snap.write_bytes(snap.read_bytes()[: snap.stat().st_size // 2])
+    reopened = Catalog(log)
+    assert reopened.snapshot_offset == 0
+    assert state(reopened) == state(Catalog(log, snapshot=False))
