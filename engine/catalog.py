@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import functools
 import hashlib
 import os
 import threading
@@ -159,7 +160,7 @@ def _names(key: str, part: Partition) -> bool:
 def _part_of(key: str) -> Partition | None:
     try:
         kp = parse_key(key)
-    except ValueError:
+    except (ValueError, TypeError):  # not a data key (or none: `{"op":"local_deleted","keys":[]}`)
         return None
     return kp.table, kp.source, kp.market, kp.date
 
@@ -246,6 +247,17 @@ class _Base:
         return self._df
 
 
+def _locked(fn):
+    """Questions run under the catalog's lock: a checkpoint swaps the index wholesale."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        with self._lock:
+            return fn(self, *a, **kw)
+
+    return wrapper
+
+
 class _Keys(Mapping):
     """`by_key`: every live file by key, looked up through its partition (no global dict to build)."""
 
@@ -253,13 +265,15 @@ class _Keys(Mapping):
         self._cat = cat
 
     def __getitem__(self, key: str) -> FileEntry:
-        e = self._cat._files(self._cat._where(key)).get(key)
+        with self._cat._lock:
+            e = self._cat._files(self._cat._where(key)).get(key)
         if e is None:
             raise KeyError(key)
         return e
 
     def __len__(self) -> int:
-        return int(self._cat._frame()["files"].sum())
+        with self._cat._lock:
+            return int(self._cat._frame()["files"].sum())
 
     def __iter__(self) -> Iterator[str]:
         return (e.key for e in self._cat.entries())
@@ -279,7 +293,8 @@ class Catalog:
         self.retired: dict[str, tuple[int, FileEntry]] = {}  # key → (retired_at, entry), awaiting purge
         self.watermarks: dict[str, int] = {}
         self.spool_hw: dict[str, int] = {}
-        self.torn_lines = 0
+        self._bad_lines = 0  # bad whole lines (kept in the snapshot)
+        self._torn_tail = 0  # a torn last line seen at start-up (the next append cuts it)
         self.snapshot_offset = 0  # log bytes covered by the loaded snapshot
         self.tail_ops = 0  # log lines read since then
         self._reset(None)
@@ -288,6 +303,11 @@ class Catalog:
         self.refresh(startup=True)
         if snapshot and self.tail_ops >= snapshot_every:
             self.checkpoint()
+
+    @property
+    def torn_lines(self) -> int:
+        """Log lines skipped: bad whole lines, and a torn last line seen at start-up."""
+        return self._bad_lines + self._torn_tail
 
     def _reset(self, base: _Base | None) -> None:
         self._base = base
@@ -320,7 +340,7 @@ class Catalog:
         self._reset(base)
         self.retired = base.retired
         self.watermarks, self.spool_hw = dict(m.watermarks), dict(m.spool_hw)
-        self.torn_lines = m.bad_lines
+        self._bad_lines = m.bad_lines
         self._offset = self.snapshot_offset = m.offset
         self.tail_ops = 0
         self.version += 1
@@ -353,8 +373,9 @@ class Catalog:
                     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
                         w.write_table(t)
                 self._install(_Base(self.snapshot_path))
-            except (OSError, pa.ArrowException) as e:
-                log.warning("catalog_checkpoint_failed", path=str(self.snapshot_path), error=str(e),
+            except Exception as e:  # noqa: BLE001 - best effort: the log holds everything, and an append
+                # whose line is durable must not look failed (its caller would write the rows again)
+                log.warning("catalog_checkpoint_failed", path=str(self.snapshot_path), error=repr(e),
                             hint="opening replays more of the log until a checkpoint succeeds")
                 return False
             finally:
@@ -365,7 +386,7 @@ class Catalog:
 
     def _snapshot_table(self) -> pa.Table:
         head, tail = self._log_marks(self._offset)
-        meta = _SnapMeta(_SNAP_FORMAT, self._offset, head, tail, self.torn_lines, self.watermarks, self.spool_hw,
+        meta = _SnapMeta(_SNAP_FORMAT, self._offset, head, tail, self._bad_lines, self.watermarks, self.spool_hw,
                          self._odd)
         retired = [(k, at, msgspec.structs.astuple(e)) for k, (at, e) in self.retired.items()]
         parts = sorted(p for p, d in self._live.items() if d)
@@ -393,7 +414,7 @@ class Catalog:
             end = data.rfind(b"\n") + 1
             tail = data[end:]
             if tail and startup:
-                self.torn_lines += 1
+                self._torn_tail += 1
                 log.warning("catalog_torn_tail_ignored", path=str(self.path), bytes=len(tail))
             n = 0
             for line in data[:end].splitlines():
@@ -403,7 +424,7 @@ class Catalog:
                 try:
                     op = decode_op(line)
                 except BadLine as e:
-                    self.torn_lines += 1
+                    self._bad_lines += 1
                     log.warning("catalog_bad_line_ignored", error=str(e), head=line[:120].decode(errors="replace"))
                     continue
                 self._apply(op)
@@ -602,13 +623,16 @@ class Catalog:
             preds.append(pl.col("min_ts").is_null() | (pl.col("min_ts") < end))
         return df.filter(*preds) if preds else df
 
+    @_locked
     def partitions(self, table=None, source=None, market=None, start=None, end=None) -> list[Partition]:
         self.refresh()
         return self._parts_of(self._filtered(table, source, market, start, end))
 
+    @_locked
     def files_in(self, part: Partition) -> list[FileEntry]:
         return sorted(self._files(part).values(), key=lambda e: e.key)
 
+    @_locked
     def files(self, table: str, source=None, market=None, start=None, end=None) -> list[FileEntry]:
         """Live files of `table` whose [min_ts, max_ts] overlaps [start, end); exact or `*` filters."""
         from engine.timeutil import to_ns
@@ -625,6 +649,7 @@ class Catalog:
         out.sort(key=lambda e: e.key)
         return out
 
+    @_locked
     def pending_upload(self, table=None, source=None, market=None, date=None) -> list[FileEntry]:
         """Live files not yet in the object store, by key (only partitions that have some are read)."""
         self.refresh()
@@ -634,11 +659,13 @@ class Catalog:
         out = [e for p in self._parts_of(df) for e in self._files(p).values() if not e.remote]
         return sorted(out, key=lambda e: e.key)
 
+    @_locked
     def markets(self, table: str | None = None) -> list[tuple[str, str]]:
         self.refresh()
         df = self._filtered(table).select("source", "market").unique()
         return sorted(zip(df["source"].to_list(), df["market"].to_list()))
 
+    @_locked
     def summary(self, table=None, source=None, market=None, start=None, end=None) -> pl.DataFrame:
         """Rows, bytes, files and time range per (table, source, market, date), from the index alone."""
         from engine.timeutil import to_ns
@@ -669,10 +696,12 @@ class Catalog:
         self.refresh()
         return self.watermarks.get(source, 0)
 
+    @_locked
     def last_recv_ts(self, source: str) -> int | None:
         self.refresh()
         return self._frame().filter(pl.col("source") == source)["max_recv_ts"].max()
 
+    @_locked
     def entries(self) -> Iterable[FileEntry]:
         """Every live file (reads every partition: questions about a few should use `files`)."""
         self.refresh()

@@ -47,6 +47,7 @@ def test_incomplete_lines_are_skipped_with_a_warning(tmp_path):
     half = Op(op="add", file=entry(1), spool_key="l2|coinbase|BTC-USD")  # a spool key without its batch
     body = line(Op(op="add", file=entry(0))) + b"\n".join(INCOMPLETE) + b"\n" + line(half)
     body += line(Op(op="watermark", source="coinbase", ts=T0 + H)) + line(Op(op="remote", key=entry(0).key))
+    body += b'{"op":"local_deleted","keys":[]}\n'  # complete, and changes nothing
     log.write_bytes(body)
     cat = Catalog(log)
     bad = len(INCOMPLETE) + 1
@@ -54,11 +55,12 @@ def test_incomplete_lines_are_skipped_with_a_warning(tmp_path):
     assert [e.key for e in cat.entries()] == [entry(0).key] and cat.by_key[entry(0).key].remote
     assert cat.watermark("coinbase") == T0 + H and cat.spool_hw == {}
     r = read_log(log, 0)
-    assert r.bad_lines == bad and [op.op for _, op in r.ops] == ["add", "watermark", "remote"]
+    assert r.bad_lines == bad and [op.op for _, op in r.ops] == ["add", "watermark", "remote", "local_deleted"]
     assert r.offset == len(body)
     cat.add_file(entry(2))  # the log stays writable; a fresh open agrees
     again = Catalog(log)
     assert again.torn_lines == bad and sorted(again.by_key) == sorted([entry(0).key, entry(2).key])
+    assert again.checkpoint() and Catalog(log).torn_lines == bad  # the count survives a checkpoint
 
 
 # ---- snapshot + tail ------------------------------------------------------------------------------
@@ -171,3 +173,21 @@ def test_a_snapshot_that_does_not_match_the_log_is_ignored(tmp_path, damage):
     reopened = Catalog(log)
     assert reopened.snapshot_offset == 0
     assert state(reopened) == state(Catalog(log, snapshot=False))
+
+
+def test_a_failing_checkpoint_never_fails_the_append(tmp_path):
+    """The snapshot cannot be written (a directory holds its name): appends still succeed, the
+    failure is logged, and opening replays the log. An empty catalog checkpoints too."""
+    log = tmp_path / "catalog" / "log.jsonl"
+    empty = Catalog(log)
+    empty.set_watermark("kalshi", T0)
+    assert empty.checkpoint() and state(Catalog(log)) == state(empty)
+    Catalog(log).snapshot_path.unlink()
+    Catalog(log).snapshot_path.mkdir()
+    cat = Catalog(log, snapshot_every=5)
+    for i in range(20):
+        cat.add_file(entry(i))
+    assert not cat.checkpoint()
+    again = Catalog(log)
+    assert again.snapshot_offset == 0 and len(again.by_key) == 20
+    assert state(again) == state(Catalog(log, snapshot=False))
