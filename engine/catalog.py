@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.fsio import atomic_path
+from engine.fsio import atomic_path, tmp_owner_alive
 from engine.log import get_logger
 from engine.paths import is_pattern, parse_key, pattern_regex
 from engine.timeutil import now_ns
@@ -368,6 +368,9 @@ class Catalog:
                 os.close(fd)
                 return False
             try:
+                for old in self.path.parent.glob(f".{SNAPSHOT_NAME}.tmp-*"):  # left by a killed checkpoint
+                    if not tmp_owner_alive(old.name):
+                        old.unlink(missing_ok=True)
                 t = self._snapshot_table()
                 with atomic_path(self.snapshot_path) as tmp:
                     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:

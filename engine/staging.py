@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from engine import schema
 from engine.catalog import FileEntry
-from engine.fsio import fsync_dir, sha256_file
+from engine.fsio import fsync_dir, sha256_file, tmp_owner_alive
 from engine.log import get_logger
 from engine.paths import Layout, buffer_key, date_of_ns, parse_key
 from engine.writer import table_stats
@@ -53,7 +53,7 @@ def settle(eng, spool) -> None:
         if not p.is_file():
             continue
         if p.name.startswith(".") and ".tmp-" in p.name:
-            if not _writer_alive(p.name):
+            if not tmp_owner_alive(p.name):
                 p.unlink(missing_ok=True)
                 swept += 1
             continue
@@ -127,15 +127,3 @@ def quarantine(layout: Layout, path: Path, key: str, why: str) -> Path:
     log.warning("staging_file_quarantined", key=key, path=str(dest), reason=why)
     return dest
 
-
-def _writer_alive(tmp_name: str) -> bool:
-    """Whether the process named in a temporary file's name (`.x.tmp-<pid>-<id>`) still runs:
-    another process (a compaction) may be writing it right now."""
-    try:
-        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True

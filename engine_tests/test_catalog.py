@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import msgspec
 import pytest
 
@@ -10,6 +16,7 @@ from engine.paths import file_key
 from engine.timeutil import to_ns
 from engine_defs.lake import read_log
 
+ROOT = Path(__file__).resolve().parents[1]
 H = 3_600 * 10**9
 T0 = to_ns("2025-03-01")
 _enc = msgspec.json.Encoder()
@@ -191,3 +198,42 @@ def test_a_failing_checkpoint_never_fails_the_append(tmp_path):
     again = Catalog(log)
     assert again.snapshot_offset == 0 and len(again.by_key) == 20
     assert state(again) == state(Catalog(log, snapshot=False))
+
+
+CHILD = textwrap.dedent(r"""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import engine.fsio
+    from engine.catalog import Catalog
+    from engine_tests.test_catalog import entry
+    log, nth = sys.argv[1], int(sys.argv[2])
+    real, calls = engine.fsio.commit, [0]
+    def commit(tmp, path):  # the snapshot is written under its temporary name: die before the rename
+        calls[0] += 1
+        if calls[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(tmp, path)
+    engine.fsio.commit = commit
+    cat = Catalog(log, snapshot_every=10)
+    for i in range(100):
+        cat.add_file(entry(i))
+""")
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_sigkill_while_writing_a_snapshot(tmp_path, nth):
+    """Killed while writing the first (or second) snapshot: the old snapshot, if any, still
+    serves with its tail; the answers equal a whole-log replay; the next checkpoint removes the
+    dead writer's temporary file."""
+    log = tmp_path / "catalog" / "log.jsonl"
+    p = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), str(log), str(nth)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    temps = list(log.parent.glob(".snapshot.arrow.tmp-*"))
+    assert len(temps) == 1
+    cat = Catalog(log)
+    assert (cat.snapshot_offset > 0) == (nth == 2)
+    assert len(cat.by_key) == 10 * nth and state(cat) == state(Catalog(log, snapshot=False))
+    cat.add_file(entry(500))
+    assert cat.checkpoint() and not temps[0].exists()
+    assert state(Catalog(log)) == state(Catalog(log, snapshot=False))
