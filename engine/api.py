@@ -201,7 +201,8 @@ class Engine:
         date = date_of_ns(buf.hour * NS_PER_HOUR)
         path, fkey = self._free_path(buf.table, buf.source, buf.market, date)
         t0 = time.perf_counter()
-        meta = {staging.SPOOL_KEY: key, staging.SPOOL_UPTO: str(buf.last_batch)}  # lets a lost catalog line be redone
+        # the spool batches the file holds: a lost catalog line can be redone without doubling them
+        meta = {staging.SPOOL_KEY: key, staging.SPOOL_FROM: str(buf.first_batch), staging.SPOOL_UPTO: str(buf.last_batch)}
         try:
             wf = buf.finish(path, meta)
         except Exception as e:  # noqa: BLE001 - e.g. disk full: rebuild from the spool, write once more

@@ -4,10 +4,11 @@ A data file is written under a temporary name and renamed, so a `.parquet` name 
 file. When its catalog line never landed (killed between rename and append) or was torn, its rows
 may already have left the spool: deleting it would lose them. So it is verified (footer, every
 row, schema, partition) and adopted. Its footer names the spool batches it holds
-(`engine.spool_key`, `engine.spool_upto`); the adopting catalog line marks them durable, so the
-replay that follows does not write them twice. A file that fails verification is moved to
-quarantine. Only temporary files of dead processes are deleted: they were never complete, and
-their rows are still in the spool.
+(`engine.spool_key`, `engine.spool_from`, `engine.spool_upto`); the adopting catalog line marks
+them durable, so the replay that follows does not write them twice. A file whose batches another
+catalogued file already holds (its catalog append failed, a later flush wrote them again), or that
+fails verification, is moved to quarantine. Only temporary files of dead processes are deleted:
+they were never complete, and their rows are still in the spool.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.writer import table_stats
 log = get_logger(component="staging")
 
 SPOOL_KEY = "engine.spool_key"  # footer: the buffer whose spooled batches the file holds
+SPOOL_FROM = "engine.spool_from"  # footer: the first of those batches
 SPOOL_UPTO = "engine.spool_upto"  # footer: the last of those batches
 
 
@@ -37,6 +39,7 @@ SPOOL_UPTO = "engine.spool_upto"  # footer: the last of those batches
 class Found:
     entry: FileEntry
     spool_key: str | None
+    spool_from: int | None
     spool_upto: int | None
     derived_from: list[str] | None  # compaction output or derived table: its rows are in these files
 
@@ -72,6 +75,10 @@ def settle(eng, spool) -> None:
                             "files and the job that wrote it (compaction, derivation) writes it again")
             else:
                 quarantine(eng.layout, p, key, "derived from files the catalog no longer lists")
+            continue
+        if found.spool_key is not None and cat.spool_hw.get(found.spool_key, -1) >= found.spool_from:
+            quarantine(eng.layout, p, key, f"spool batches {found.spool_from}-{found.spool_upto} of {found.spool_key} are "
+                       "already in catalogued files (its catalog line failed and a later flush wrote them again)")
             continue
         if found.spool_key is None:  # written before files named their spool batches
             if pending is None:
@@ -109,8 +116,9 @@ def inspect(path: Path, key: str) -> Found:
         derived = list(json.loads(meta["engine.replaces"]))
     elif "engine.derived_from" in meta:
         derived = meta["engine.derived_from"].split(",")
-    upto = meta.get(SPOOL_UPTO)
-    return Found(entry, meta.get(SPOOL_KEY), int(upto) if upto is not None else None, derived)
+    upto = int(meta[SPOOL_UPTO]) if SPOOL_UPTO in meta else None
+    first = int(meta[SPOOL_FROM]) if SPOOL_FROM in meta else upto
+    return Found(entry, meta.get(SPOOL_KEY), first, upto, derived)
 
 
 def quarantine(layout: Layout, path: Path, key: str, why: str) -> Path:

@@ -259,6 +259,40 @@ def test_unreadable_uncatalogued_file_is_quarantined_never_deleted(tmp_path):
     _check_lake(home, None, set(range(3 * BATCH))).close()
 
 
+def test_file_whose_catalog_append_failed_is_not_adopted_twice(tmp_path, monkeypatch):
+    """The catalog append fails after the file is in place (the disk filled up just then), the
+    writer carries on and its next flush stores the same rows in another file. The first file's
+    spool batches are then durable: the next writer quarantines it, and no row doubles."""
+    import errno
+
+    home = tmp_path / "h"
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(0))
+    eng.flush()
+    eng.append("l2", _batch(1))
+    real_write = os.write
+
+    def full(fd, data):
+        if data.startswith(b'{"op":"add"'):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        eng.flush()
+    monkeypatch.setattr(os, "write", real_write)
+    eng.append("l2", _batch(2))
+    eng.flush()
+    eng.close()
+    assert _staged_names(home) == ["0001.parquet", "0002.parquet", "0003.parquet"]
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(3))  # the writer role: staging settled
+    eng.flush()
+    assert [p.name for p in (home / "quarantine").rglob("*.parquet")] == ["0002.parquet"]
+    eng.close()
+    _check_lake(home, None, set(range(4 * BATCH))).close()
+
+
 def test_uncatalogued_file_without_spool_range_is_not_adopted_over_a_spool(tmp_path):
     """A file from a writer that did not record its spool batches, while the spool still holds
     rows of its buffer: adopting it and replaying could store rows twice, so it is quarantined and
