@@ -12,14 +12,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import schema
+from engine import schema, staging
 from engine.buffer import Buffer
 from engine.catalog import Catalog, FileEntry
 from engine.fsio import tmp_path_for
 from engine.log import get_logger
 from engine.paths import Layout, buffer_key, check_key_part, date_of_ns, default_home, file_key, parse_key
 from engine.schema import NS_PER_HOUR
-from engine import staging
 from engine.spool import Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
 from engine.timeutil import now_ns
