@@ -33,7 +33,7 @@ import polars as pl  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from engine import Engine, synth  # noqa: E402
-from engine.catalog import Catalog, FileEntry  # noqa: E402
+from engine.catalog import FileEntry  # noqa: E402
 from engine.manifest import build  # noqa: E402
 from engine.paths import MANIFEST_KEY  # noqa: E402
 from engine.timeutil import to_ns  # noqa: E402
@@ -45,17 +45,16 @@ T0 = to_ns("2026-10-01")
 
 def _manifest_of(n: int) -> bytes:
     """A manifest of `n` uploaded files (50 markets, hourly files) without writing them."""
-    cat = Catalog(None)
+    entries = []
     for i in range(n):
         m, h = i % 50, i // 50
         date = time.strftime("%Y-%m-%d", time.gmtime((T0 + h * 3600 * 10**9) // 10**9))
         ts = T0 + h * 3600 * 10**9
-        cat._add(FileEntry(key=f"data/l2/source=coinbase/market=M{m:02d}/date={date}/{h:06d}.parquet", table="l2",
+        entries.append(FileEntry(key=f"data/l2/source=coinbase/market=M{m:02d}/date={date}/{h:06d}.parquet", table="l2",
                            source="coinbase", market=f"M{m:02d}", date=date, rows=100_000, bytes=1_200_000,
                            sha256=hashlib.sha256(b"%d" % i).hexdigest(), min_ts=ts, max_ts=ts + 3599 * 10**9, min_recv_ts=ts,
                            max_recv_ts=ts + 3599 * 10**9, min_seq=1, max_seq=100_000, remote=True, created_ns=ts))
-    cat.watermarks["coinbase"] = T0 + (n // 50 + 1) * 3600 * 10**9
-    return build(cat)
+    return build(entries, {"coinbase": T0 + (n // 50 + 1) * 3600 * 10**9})
 
 
 def bench_open(store: str, home: Path, n: int, repeat: int) -> None:

@@ -17,12 +17,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import schema
+from engine import schema, staging
 from engine.buffer import Buffer
 from engine.catalog import Catalog, FileEntry
 from engine.fsio import tmp_path_for
 from engine.log import get_logger
-from engine.paths import Layout, date_of_ns, default_home, file_key, key_part_problem, parse_key
+from engine.paths import Layout, buffer_key, date_of_ns, default_home, file_key, key_part_problem, parse_key
 from engine.schema import NS_PER_HOUR
 from engine.spool import Damaged, Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
@@ -56,10 +56,6 @@ class ReadOnlyError(RuntimeError):
         self.method = method
 
 
-def _bufkey(table: str, source: str, market: str) -> str:
-    return f"{table}|{source}|{market}"
-
-
 class FlushError(OSError):
     """Buffers that could not be written; their rows stay buffered and in the spool, and the next
     flush (or start) writes them. Carries the errno of the first OS error behind it."""
@@ -90,7 +86,7 @@ def _group(table: str, t: pa.Table) -> _Group:
     source, market = _first(t.column("source")), _first(t.column("market"))
     mm = pc.min_max(t.column(schema.spec(table).part_col))
     lo, hi = mm["min"].as_py(), mm["max"].as_py()
-    return _Group(table, _bufkey(table, source, market), source, market, lo // NS_PER_HOUR, t, lo, hi)
+    return _Group(table, buffer_key(table, source, market), source, market, lo // NS_PER_HOUR, t, lo, hi)
 
 
 class Engine:
@@ -210,6 +206,7 @@ class Engine:
                 if self._spool is None:
                     self._spool = Spool(self.layout.spool)
                     try:
+                        staging.settle(self, self._spool)  # before replay: an adopted file's batches are durable
                         self._recover()
                     except BaseException:
                         # release the lock: a later open (after the cause is fixed) must recover again
@@ -218,7 +215,6 @@ class Engine:
                         self._buffers.clear()
                         self._closing.clear()
                         raise
-                    self._sweep_staging()
                     if self._background:
                         self._bg = threading.Thread(target=self._background_loop, name="engine-flush", daemon=True)
                         self._bg.start()
@@ -281,22 +277,6 @@ class Engine:
                 log.warning("spool_record_already_quarantined", **fields)
         sp.release()
 
-    def _sweep_staging(self) -> None:
-        """Remove what a killed writer left in staging: temp files and files never catalogued.
-        Their rows are in the spool (just replayed) or were never acknowledged."""
-        self.catalog.refresh()
-        known = set(self.catalog.by_key) | set(self.catalog.retired)
-        removed = 0
-        for p in self.layout.staging.rglob("*"):
-            if not p.is_file():
-                continue
-            key = str(p.relative_to(self.layout.staging))
-            if (p.name.startswith(".") and ".tmp-" in p.name) or (p.suffix == ".parquet" and key not in known):
-                p.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.warning("staging_swept", files=removed, hint="left by a writer killed mid-flush")
-
     def close(self) -> None:
         if self._closed:
             return
@@ -346,7 +326,7 @@ class Engine:
             self._buffer(g, first + i)
         if table == "gaps":  # a hole: the carried book is stale until the exchange's fresh snapshot
             for g in groups:
-                self._books.pop(_bufkey("l2", g.source, g.market), None)
+                self._books.pop(buffer_key("l2", g.source, g.market), None)
 
     def _buffer(self, g: _Group, batch_id: int) -> None:
         """Add one group's rows (already spooled) to its buffer; an hour change or a full buffer
@@ -418,14 +398,16 @@ class Engine:
         date = date_of_ns(buf.hour * NS_PER_HOUR)
         path, fkey = self._free_path(buf.table, buf.source, buf.market, date)
         t0 = time.perf_counter()
+        # the spool batches the file holds: a lost catalog line can be redone without doubling them
+        meta = {staging.SPOOL_KEY: key, staging.SPOOL_FROM: str(buf.first_batch), staging.SPOOL_UPTO: str(buf.last_batch)}
         try:
-            wf = buf.finish(path)
+            wf = buf.finish(path, meta)
         except Exception as e:  # noqa: BLE001 - e.g. disk full: rebuild from the spool, write once more
             log.error("flush_failed_rebuilding_from_spool", key=fkey, error=str(e), table=buf.table,
                       source=buf.source, market=buf.market)
             buf.discard()
             buf = self._swap(key, buf, self._rebuild_from_spool(key, buf))
-            wf = buf.finish(path)  # a second failure propagates; the rebuilt buffer stays for a retry
+            wf = buf.finish(path, meta)  # a second failure propagates; the rebuilt buffer stays for a retry
         entry = FileEntry(
             key=fkey, table=buf.table, source=buf.source, market=buf.market, date=date, rows=wf.rows,
             bytes=wf.bytes, sha256=wf.sha256, created_ns=now_ns(), schema_version=schema.SCHEMA_VERSION, **wf.stats,
@@ -476,14 +458,14 @@ class Engine:
         """The next file name of a partition: never one catalogued, retired or left on disk."""
         part = (table, source, market, date)
         self.catalog.refresh()  # another process (compaction) may have written to this partition
-        existing = [parse_key(k).name for k in self.catalog.parts.get(part, {})]
+        existing = [parse_key(e.key).name for e in self.catalog.files_in(part)]
         existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
                      if (e.table, e.source, e.market, e.date) == part]
         seq = 1 + max((int(n) for n in existing if n.isdigit()), default=0)
         while True:
             fkey = file_key(table, source, market, date, seq)
             path = self.layout.staged(fkey)
-            if not path.exists():  # a file left by a crash between write and catalog: never overwrite
+            if not path.exists() and not (self.layout.quarantine / fkey).exists():  # never a name in use
                 return path, fkey
             seq += 1
 

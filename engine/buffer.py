@@ -147,17 +147,18 @@ class Buffer:
         self.book = end_book(t)
 
     # ---- flush (caller's thread) -----------------------------------------------------------
-    def finish(self, path: Path) -> WrittenFile:
-        """Write every buffered row as the file at `path`; raises the encoder's error, if any."""
+    def finish(self, path: Path, extra_meta: dict[str, str] | None = None) -> WrittenFile:
+        """Write every buffered row as the file at `path` (footer with `extra_meta`); raises the
+        encoder's error, if any."""
         self._seal()
         blobs = [b for b in (f.result() for f in self._futures) if b is not None]
         if self.ordered and self.stream is not None:
-            return self.stream.finish(path)
+            return self.stream.finish(path, extra_meta)
         parts = [self.stream.read_back()] if self.stream is not None else []
         with ThreadPoolExecutor(max_workers=2) as ex:  # decompression releases the GIL
             parts += ex.map(lambda b: pa.ipc.open_stream(b, options=_READ_OPTS).read_all(), blobs)
         t = pa.concat_tables(parts).unify_dictionaries() if parts else self.schema.empty_table()
-        return write_parquet(self.table, t, path)
+        return write_parquet(self.table, t, path, extra_meta=extra_meta)
 
     def discard(self) -> None:
         """Drop the partial file of a failed buffer (its rows are still in the spool)."""

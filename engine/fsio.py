@@ -21,6 +21,19 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def tmp_owner_alive(tmp_name: str) -> bool:
+    """Whether the process named in a temporary file's name (`.x.tmp-<pid>-<id>`) still runs:
+    it may be writing the file right now (another process's compaction, checkpoint)."""
+    try:
+        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def commit(tmp: Path, path: Path) -> None:
     """Make a fully written temporary file durable under its final name."""
     fd = os.open(tmp, os.O_RDONLY)

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.catalog import Catalog, FileEntry, Partition, filter_summary
+from engine.catalog import FileEntry, Partition, filter_summary
 from engine.fsio import atomic_write_bytes
 from engine.log import get_logger
 from engine.paths import MANIFEST_KEY
@@ -30,22 +30,23 @@ class ManifestError(StoreError):
     """The store has no usable manifest: a reader must not take that for an empty lake."""
 
 
-def remote_watermarks(cat: Catalog) -> dict[str, int]:
+def remote_watermarks(entries: list[FileEntry], watermarks: dict[str, int]) -> dict[str, int]:
     """Per source: every row received before it is in an uploaded, catalogued object (the writer's
     sealed watermark, held back to the oldest row of any live file not uploaded yet)."""
-    out = dict(cat.watermarks)
-    for e in cat.entries():
+    out = dict(watermarks)
+    for e in entries:
         if not e.remote and e.min_recv_ts is not None and e.source in out:
             out[e.source] = min(out[e.source], e.min_recv_ts)
     return out
 
 
-def build(cat: Catalog) -> bytes:
-    entries = sorted((e for e in cat.entries() if e.remote), key=lambda e: e.key)
+def build(entries: list[FileEntry], watermarks: dict[str, int]) -> bytes:
+    """The manifest of a catalog's live files (`entries`) and its sealed `watermarks`."""
+    remote = sorted((e for e in entries if e.remote), key=lambda e: e.key)
     sch = _schema()
-    t = pa.table({f.name: pa.array([getattr(e, f.name) for e in entries], f.type) for f in sch}, schema=sch)
-    meta = {b"engine.watermarks": msgspec.json.encode(cat.watermarks),
-            b"engine.remote_watermarks": msgspec.json.encode(remote_watermarks(cat)),
+    t = pa.table({f.name: pa.array([getattr(e, f.name) for e in remote], f.type) for f in sch}, schema=sch)
+    meta = {b"engine.watermarks": msgspec.json.encode(watermarks),
+            b"engine.remote_watermarks": msgspec.json.encode(remote_watermarks(entries, watermarks)),
             b"engine.published_ns": str(time.time_ns()).encode()}
     t = t.replace_schema_metadata(meta)
     buf = io.BytesIO()
@@ -70,7 +71,7 @@ def _schema() -> pa.Schema:
 def publish(eng) -> str:
     """Only remote files are listed: the manifest describes what the bucket holds."""
     eng.require_writer("publish_manifest")
-    data = build(eng.catalog)
+    data = build(list(eng.catalog.entries()), eng.catalog.watermarks)
     eng.store.put_bytes(MANIFEST_KEY, data)
     log.info("manifest_published", store=eng.store.url, bytes=len(data), files=len(eng.catalog.by_key))
     return MANIFEST_KEY

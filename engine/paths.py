@@ -60,6 +60,11 @@ def partition_prefix(table: str, source: str, market: str, date: str) -> str:
     return f"data/{table}/source={source}/market={market}/date={date}"
 
 
+def buffer_key(table: str, source: str, market: str) -> str:
+    """The writer's buffer (and spool) key of one table, source and market."""
+    return f"{table}|{source}|{market}"
+
+
 def file_key(table: str, source: str, market: str, date: str, seq: int) -> str:
     return f"{partition_prefix(table, source, market, date)}/{seq:04d}.parquet"
 
@@ -118,6 +123,11 @@ class Layout:
     @property
     def status(self) -> Path:
         return self.home / "status"
+
+    @property
+    def quarantine(self) -> Path:
+        """Uncatalogued files that could not be adopted: kept for inspection, never deleted."""
+        return self.home / "quarantine"
 
     def staged(self, key: str) -> Path:
         return self.staging / key

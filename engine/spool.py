@@ -219,6 +219,18 @@ class Spool:
         """The damage found by `replay` is reported: its segments may be deleted as usual."""
         self._held.clear()
 
+    def pending_keys(self, spool_hw: dict[str, int]) -> set[str]:
+        """Buffer keys with spooled batches not yet in a catalogued file (reads, changes nothing)."""
+        out: set[str] = set()
+        for path in self.segment_paths():
+            for rec in _read_segment(path, quiet=True):
+                if isinstance(rec, Damaged):
+                    if rec.meta and rec.meta["batch"] > spool_hw.get(rec.meta["key"], -1):
+                        out.add(rec.meta["key"])
+                elif rec[2] > spool_hw.get(rec[1], -1):
+                    out.add(rec[1])
+        return out
+
     def batches(self, bufkey: str, first: int, last: int) -> Iterator[tuple[int, pa.Table]]:
         """Batches of one buffer with ids in [first, last], read back (a flush failed after the
         buffer handed its rows to the encoder; the spool still has them)."""

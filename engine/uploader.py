@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from engine.log import get_logger
-from engine.paths import match
 from engine.store import StoreError, StoreUnavailableError
 
 log = get_logger(component="upload")
@@ -19,15 +18,9 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None, 
     from engine.compaction import GRACE_S, purge_retired
 
     eng.require_writer("upload")
-
     done = failed = nbytes = streak = 0
     errors: list[str] = []
-    todo = [
-        e for e in eng.catalog.entries()
-        if not e.remote and (table is None or e.table == table) and (date is None or e.date == date)
-        and match(e.source, source) and match(e.market, market)
-    ]
-    todo.sort(key=lambda e: e.key)
+    todo = eng.catalog.pending_upload(table, source, market, date)
     t0 = time.perf_counter()
     for e in todo:
         path = eng.layout.staged(e.key)

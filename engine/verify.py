@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 from engine import schema
-from engine.catalog import FileEntry, Op, _enc
+from engine.catalog import SNAPSHOT_NAME, FileEntry, Op, _enc
 from engine.fsio import atomic_write_bytes, sha256_file
 from engine.log import get_logger
 from engine.paths import match, parse_key
@@ -144,6 +144,7 @@ def rebuild_from_store(eng) -> int:
     log_path = eng.layout.catalog_log
     if log_path.exists():
         log_path.rename(log_path.with_suffix(f".jsonl.bak-{time.time_ns()}"))
+    (eng.layout.catalog_dir / SNAPSHOT_NAME).unlink(missing_ok=True)  # it indexes the old log
     atomic_write_bytes(log_path, b"".join(_enc.encode(o) + b"\n" for o in ops))
     log.info("catalog_rebuilt", files=len(keys), store=eng.store.url)
     return len(ops)

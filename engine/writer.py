@@ -178,8 +178,10 @@ class StreamWriter:
         self.tmp.unlink(missing_ok=True)
         return t
 
-    def finish(self, path: Path) -> WrittenFile:
-        """Close, fsync and rename onto `path`."""
+    def finish(self, path: Path, extra_meta: dict[str, str] | None = None) -> WrittenFile:
+        """Close (footer with `extra_meta`), fsync and rename onto `path`."""
+        if extra_meta:
+            self._w.add_key_value_metadata(extra_meta)
         self._w.close()
         fsio.commit(self.tmp, path)
         return WrittenFile(path, self.rows, os.path.getsize(path), sha256_file(path), self.stats)

@@ -16,13 +16,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from engine import schema
-from engine.catalog import FileEntry, Op
+from engine.catalog import BadLine, FileEntry, Op, decode_op
 from engine.timeutil import NS, now_ns, to_ns
 from engine.writer import read_parquet
 
@@ -30,8 +29,6 @@ RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
 DAY_NS = 86_400 * NS
 SILENCE_S = float(os.environ.get("ENGINE_DAGSTER_SILENCE_S", "300"))  # coverage: silence longer than this is a hole
-
-_dec = msgspec.json.Decoder(Op)
 
 
 # ---- catalog log ---------------------------------------------------------------------------------
@@ -70,8 +67,8 @@ def read_log(path: Path, offset: int, max_bytes: int = 4 << 20, max_ops: int | N
         if not line.strip():
             continue
         try:
-            op = _dec.decode(line)
-        except msgspec.DecodeError:
+            op = decode_op(line)
+        except BadLine:  # torn or incomplete: counted, like the catalog skips it
             bad += 1
             continue
         out.append((offset + pos, op))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from engine import Engine, synth
@@ -138,7 +140,9 @@ def _check_lake(home: Path, store: str | None, want: set[int]) -> Engine:
 @pytest.mark.parametrize("point,nth", [("parquet_write", 2), ("catalog_add", 2), ("catalog_line", 2)])
 def test_sigkill_inside_parquet_write_and_catalog_add(tmp_path, point, nth):
     """Killed while writing the 2nd file (inside the write / before its catalog line / mid-line):
-    zero rows lost, none duplicated; the orphan file is never catalogued, never read, and swept."""
+    zero rows lost, none duplicated. A half-written temp file is swept (its rows come back from the
+    spool); a complete file whose catalog line is missing is adopted under its own name, and the
+    spool batches its footer names are not replayed a second time."""
     home = tmp_path / "h"
     rc, out = _run_child(home, None, point, nth)
     assert rc == -signal.SIGKILL and out == [], out  # died at the hook, before the end of the appends
@@ -157,9 +161,9 @@ def test_sigkill_inside_parquet_write_and_catalog_add(tmp_path, point, nth):
         assert Catalog(home / "catalog" / "log.jsonl").torn_lines == 0
     staged = sorted(p.name for p in (home / "staging").rglob("*.parquet"))
     catalogued = sorted(e.key.rsplit("/", 1)[1] for e in eng.catalog.entries())
-    # recovery sweeps what the killed writer left: the renamed-but-uncatalogued file (catalog_add)
-    # and the half-written temp file (parquet_write); their rows came back from the spool
-    assert sorted(set(staged) - set(catalogued)) == [], (staged, catalogued)
+    want = ["0001.parquet", "0002.parquet"] + (["0003.parquet"] if point == "catalog_line" else [])  # + batch 99
+    assert catalogued == want, catalogued  # 0002: adopted, or (parquet_write) written from the spool
+    assert staged == catalogued, (staged, catalogued)
     assert [p.name for p in (home / "staging").rglob(".*tmp*")] == []
     eng.close()
 
@@ -186,6 +190,133 @@ def test_catalog_log_truncated_mid_line_tolerated_and_repaired(tmp_path):
     eng.close()
     eng = _check_lake(home, None, set(range(5 * BATCH)))
     eng.close()
+
+
+def _cut_last_add_line(log: Path) -> None:
+    """Cut the log in the middle of its last `add` line (what follows it goes too)."""
+    data = log.read_bytes()
+    start = data.rfind(b'{"op":"add"')
+    end = data.index(b"\n", start)
+    log.write_bytes(data[: start + (end - start) // 2])
+
+
+def _staged_names(home: Path) -> list[str]:
+    return sorted(p.name for p in (home / "staging").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_torn_last_add_line_file_is_adopted_not_deleted(tmp_path, snapshot):
+    """The catalog line of a complete file is torn after its rows left the spool: the next writer
+    adopts the file (verified) instead of deleting it, and never reuses its name. A catalog
+    snapshot that covered the lost line no longer matches the log and is not used."""
+    home = tmp_path / "h"
+    eng = Engine.open(home, background=False)
+    for i in range(4):
+        eng.append("l2", _batch(i))
+        if i % 2:
+            eng.flush()  # two files, the spool emptied after each
+    if snapshot:
+        assert eng.catalog.checkpoint()
+    eng.close()
+    assert not list((home / "spool").glob("*.arrow"))
+    _cut_last_add_line(home / "catalog" / "log.jsonl")
+    eng = Engine.open(home, background=False)
+    assert eng.catalog.torn_lines == 1 and len(eng.catalog.entries()) == 1
+    eng.append("l2", _batch(4))  # takes the writer role: staging is settled first
+    eng.flush()
+    keys = sorted(e.key.rsplit("/", 1)[1] for e in eng.catalog.entries())
+    assert keys == ["0001.parquet", "0002.parquet", "0003.parquet"], keys  # 0002 adopted, 0003 new
+    assert _staged_names(home) == keys
+    eng.close()
+    _check_lake(home, None, set(range(5 * BATCH))).close()
+
+
+def test_unreadable_uncatalogued_file_is_quarantined_never_deleted(tmp_path):
+    """Uncatalogued files that cannot be adopted (not Parquet, another table's rows) are moved to
+    quarantine, byte for byte; their names are not reused. A readable one is adopted."""
+    from engine.writer import write_parquet
+
+    home = tmp_path / "h"
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(0))
+    eng.flush()
+    part = eng.layout.staged(eng.catalog.entries()[0].key).parent
+    eng.close()
+    junk = b"PAR1 this is not a parquet file"
+    (part / "0002.parquet").write_bytes(junk)
+    trades = synth.trade_rows("coinbase", "BTC-USD", START, 100, 60 * 10**9, seed=1)
+    write_parquet("trades", trades, part / "0003.parquet")  # a trades file in an l2 partition
+    write_parquet("l2", _batch(1), part / "0004.parquet")  # readable, no spool range: an older writer's
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(2))
+    eng.flush()
+    q = home / "quarantine" / part.relative_to(home / "staging")
+    assert sorted(p.name for p in q.iterdir()) == ["0002.parquet", "0003.parquet"]
+    assert (q / "0002.parquet").read_bytes() == junk
+    keys = sorted(e.key.rsplit("/", 1)[1] for e in eng.catalog.entries())
+    assert keys == ["0001.parquet", "0004.parquet", "0005.parquet"], keys
+    eng.close()
+    _check_lake(home, None, set(range(3 * BATCH))).close()
+
+
+def test_file_whose_catalog_append_failed_is_not_adopted_twice(tmp_path, monkeypatch):
+    """The catalog append fails after the file is in place (the disk filled up just then), the
+    writer carries on and its next flush stores the same rows in another file. The first file's
+    spool batches are then durable: the next writer quarantines it, and no row doubles."""
+    import errno
+
+    home = tmp_path / "h"
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(0))
+    eng.flush()
+    eng.append("l2", _batch(1))
+    real_write = os.write
+
+    def full(fd, data):
+        if data.startswith(b'{"op":"add"'):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        eng.flush()
+    monkeypatch.setattr(os, "write", real_write)
+    eng.append("l2", _batch(2))
+    eng.flush()
+    eng.close()
+    assert _staged_names(home) == ["0001.parquet", "0002.parquet", "0003.parquet"]
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(3))  # the writer role: staging settled
+    eng.flush()
+    assert [p.name for p in (home / "quarantine").rglob("*.parquet")] == ["0002.parquet"]
+    eng.close()
+    _check_lake(home, None, set(range(4 * BATCH))).close()
+
+
+def test_uncatalogued_file_without_spool_range_is_not_adopted_over_a_spool(tmp_path):
+    """A file from a writer that did not record its spool batches, while the spool still holds
+    rows of its buffer: adopting it and replaying could store rows twice, so it is quarantined and
+    the rows come back from the spool once."""
+    from engine.writer import write_parquet
+
+    home = tmp_path / "h"
+    eng = Engine.open(home, background=False)
+    eng.append("l2", _batch(0))
+    eng._spool.sync()
+    shutil.copytree(home / "spool", tmp_path / "spool")  # the crash state: rows spooled, none catalogued
+    shutil.copy(home / "catalog" / "log.jsonl", tmp_path / "log.jsonl")
+    eng.close()
+    [e] = eng.catalog.entries()
+    path = eng.layout.staged(e.key)
+    write_parquet("l2", pq.read_table(path), path)  # the same file as an older writer wrote it (no spool range)
+    shutil.rmtree(home / "spool")
+    shutil.copytree(tmp_path / "spool", home / "spool")
+    shutil.copy(tmp_path / "log.jsonl", home / "catalog" / "log.jsonl")
+    eng = Engine.open(home, background=False)  # recovers the spool
+    assert [p.name for p in (home / "quarantine").rglob("*.parquet")] == ["0001.parquet"]
+    assert [e.key.rsplit("/", 1)[1] for e in eng.catalog.entries()] == ["0002.parquet"]
+    eng.close()
+    _check_lake(home, None, set(range(BATCH))).close()
 
 
 # ------------------------------------------------------------------------------------------ kills in upload / compaction
