@@ -210,7 +210,7 @@ def test_torn_last_add_line_file_is_adopted_not_deleted(tmp_path, snapshot):
     adopts the file (verified) instead of deleting it, and never reuses its name. A catalog
     snapshot that covered the lost line no longer matches the log and is not used."""
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     for i in range(4):
         eng.append("l2", _batch(i))
         if i % 2:
@@ -220,7 +220,7 @@ def test_torn_last_add_line_file_is_adopted_not_deleted(tmp_path, snapshot):
     eng.close()
     assert not list((home / "spool").glob("*.arrow"))
     _cut_last_add_line(home / "catalog" / "log.jsonl")
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     assert eng.catalog.torn_lines == 1 and len(eng.catalog.entries()) == 1
     eng.append("l2", _batch(4))  # takes the writer role: staging is settled first
     eng.flush()
@@ -237,7 +237,7 @@ def test_unreadable_uncatalogued_file_is_quarantined_never_deleted(tmp_path):
     from engine.writer import write_parquet
 
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     eng.append("l2", _batch(0))
     eng.flush()
     part = eng.layout.staged(eng.catalog.entries()[0].key).parent
@@ -247,7 +247,7 @@ def test_unreadable_uncatalogued_file_is_quarantined_never_deleted(tmp_path):
     trades = synth.trade_rows("coinbase", "BTC-USD", START, 100, 60 * 10**9, seed=1)
     write_parquet("trades", trades, part / "0003.parquet")  # a trades file in an l2 partition
     write_parquet("l2", _batch(1), part / "0004.parquet")  # readable, no spool range: an older writer's
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     eng.append("l2", _batch(2))
     eng.flush()
     q = home / "quarantine" / part.relative_to(home / "staging")
@@ -266,7 +266,7 @@ def test_file_whose_catalog_append_failed_is_not_adopted_twice(tmp_path, monkeyp
     import errno
 
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     eng.append("l2", _batch(0))
     eng.flush()
     eng.append("l2", _batch(1))
@@ -285,7 +285,7 @@ def test_file_whose_catalog_append_failed_is_not_adopted_twice(tmp_path, monkeyp
     eng.flush()
     eng.close()
     assert _staged_names(home) == ["0001.parquet", "0002.parquet", "0003.parquet"]
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     eng.append("l2", _batch(3))  # the writer role: staging settled
     eng.flush()
     assert [p.name for p in (home / "quarantine").rglob("*.parquet")] == ["0002.parquet"]
@@ -300,7 +300,7 @@ def test_uncatalogued_file_without_spool_range_is_not_adopted_over_a_spool(tmp_p
     from engine.writer import write_parquet
 
     home = tmp_path / "h"
-    eng = Engine.open(home, background=False)
+    eng = Engine.open(home, background=False, writer=True)
     eng.append("l2", _batch(0))
     eng._spool.sync()
     shutil.copytree(home / "spool", tmp_path / "spool")  # the crash state: rows spooled, none catalogued
@@ -312,7 +312,7 @@ def test_uncatalogued_file_without_spool_range_is_not_adopted_over_a_spool(tmp_p
     shutil.rmtree(home / "spool")
     shutil.copytree(tmp_path / "spool", home / "spool")
     shutil.copy(tmp_path / "log.jsonl", home / "catalog" / "log.jsonl")
-    eng = Engine.open(home, background=False)  # recovers the spool
+    eng = Engine.open(home, background=False, writer=True)  # recovers the spool
     assert [p.name for p in (home / "quarantine").rglob("*.parquet")] == ["0001.parquet"]
     assert [e.key.rsplit("/", 1)[1] for e in eng.catalog.entries()] == ["0002.parquet"]
     eng.close()
