@@ -206,3 +206,19 @@ def test_large_object_goes_up_in_parts_and_verifies(tmp_path, s3_env):
     out = tmp_path / "back.bin"
     w.store.get_file("data/big.bin", out)
     assert sha256_file(out) == sha
+
+
+@pytest.mark.slow
+def test_unresponsive_endpoint_with_default_timeouts_fails_within_a_minute(tmp_path, moto_server, monkeypatch):
+    """The shipped defaults (5 s connect, 15 s read, 3 botocore attempts), not a test's short ones."""
+    for k, v in moto_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("ENGINE_STORE_READ_TIMEOUT_S", raising=False)
+    with FaultProxy(moto_server.port) as px:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", px.endpoint)
+        px.set_mode("hang")
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="did not answer"):
+            Engine.open(tmp_path / "laptop", "s3://hang/lake")
+        took = time.monotonic() - t0
+    assert took < 60, took
