@@ -120,6 +120,7 @@ class Query:
                 raise QueryError(f"table {table}: unknown column(s) {', '.join(bad)}; columns: {', '.join(sp.columns)}")
         files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed)
         self.eng.cache.check_fits(self._remote_bytes(files), f"this {table} query")
+        self._prefetch(files)
         paths = [str(self.eng.local_path(e)) for e in files]
         inside = all(
             (start is None or (e.min_ts is not None and e.min_ts >= start))
@@ -130,6 +131,10 @@ class Query:
         expr = self._filter_expr(table, instrument, None if inside else start, None if inside else end,
                                  {} if inside else clamp)
         return ReadPlan(table, files, paths, expr, instrument, columns)
+
+    def _prefetch(self, files) -> None:
+        if not self.eng.store.is_local:
+            self.eng.cache.prefetch([(e.key, e.sha256) for e in files if not self.eng.layout.staged(e.key).exists()])
 
     def _remote_bytes(self, files) -> int:
         """Bytes of the files that can only come through the read cache."""
@@ -270,6 +275,7 @@ class Query:
             if table in used:  # a table the statement never names cannot be read by it: no files to open
                 selected.append((table, *self.select(table, source, market, start, end, allow_unsealed)))
         self.eng.cache.check_fits(sum(self._remote_bytes(f) for _, f, *_ in selected), "this sql() statement")
+        self._prefetch([f for _, files, *_ in selected for f in files])
         for table, files, s, e, clamp in selected:
             sp = schema.spec(table)
             paths = [str(self._checked_path(f)) for f in files]

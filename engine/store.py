@@ -396,6 +396,7 @@ class ReadCache:
         self._pins: dict[Path, int] = {}  # path -> open pin scopes (all threads)
         self._pin_lock = threading.Lock()
         self._tls = threading.local()  # this thread's open pin scopes
+        self._total: int | None = None  # bytes cached, once walked (other processes may add: approximate)
 
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.parquet"
@@ -474,7 +475,24 @@ class ReadCache:
         path.unlink(missing_ok=True)
         return True
 
+    def prefetch(self, wanted: list[tuple[str, str]], workers: int = 8) -> None:
+        """Fetch (key, sha256) objects not cached yet, several at a time: a cold read of a day of hourly
+        files is bound by round trips, not bandwidth. `get` then finds (and pins) them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = list({sha: key for key, sha in wanted if not self.path_for(sha).exists()}.items())
+        if len(todo) > 1:
+            with ThreadPoolExecutor(min(workers, len(todo)), thread_name_prefix="cache-fetch") as ex:
+                list(ex.map(lambda t: self.get(t[1], t[0]), todo))
+
     def _evict(self, keep: Path) -> None:
+        """Drop least recently used unpinned copies once the cache is over its size. The total is
+        kept up to date in memory; the directory is walked only when it may be over."""
+        with self._pin_lock:
+            if self._total is not None:
+                self._total += keep.stat().st_size
+                if self._total <= self.max_bytes:
+                    return
         files = [(f.stat().st_atime, f.stat().st_size, f) for f in self.root.rglob("*.parquet")]
         total = sum(s for _, s, _ in files)
         for _, size, f in sorted(files):
@@ -485,3 +503,5 @@ class ReadCache:
             if f != keep and not pinned:
                 f.unlink(missing_ok=True)
                 total -= size
+        with self._pin_lock:
+            self._total = total
