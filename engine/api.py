@@ -60,7 +60,7 @@ class Engine:
 
     def __init__(self, home: Path, store=None, *, flush_rows: int = DEFAULT_FLUSH_ROWS, background: bool = True,
                  cache_bytes: int = 2 << 30, book_anchors: bool = False, flush_age_s: float | None = None,
-                 writer: bool = False, refresh_s: float = 60.0):
+                 writer: bool = False, refresh_s: float = 60.0, from_store: bool | None = None):
         self.home = Path(home).resolve()
         self.writer = writer
         self.layout = Layout(self.home)
@@ -70,7 +70,9 @@ class Engine:
         self.refresh_s = refresh_s
         self._manifest = None
         self._warned: dict[str, int] = {}
-        if not writer and self._reads_from_store():
+        if from_store if from_store is not None else (not writer and self._reads_from_store()):
+            if writer:
+                raise ValueError("a writer keeps its own catalog log: from_store=True is for readers")
             from engine.manifest import ManifestReader
 
             # a home that never wrote, on a shared store: the bucket's manifest is the catalog
@@ -113,9 +115,10 @@ class Engine:
         return eng
 
     def _reads_from_store(self) -> bool:
-        log_path = self.layout.catalog_log
-        if log_path.exists() and log_path.stat().st_size:
-            return False  # the writer's own home: its log is the truth
+        """`from_store=None`: a home where no writer ever opened (no catalog log), on a store that is
+        not the home's own directory, is a second machine and reads the store's manifest."""
+        if self.layout.catalog_log.exists():
+            return False  # a writer's home: its log is the truth, even before the first file
         return not (self.store.is_local and self.store.root == self.layout.default_store.resolve())
 
     @property

@@ -50,7 +50,7 @@ def _engine(args, writer: bool = False):
 def cmd_catalog(args) -> int:
     import polars as pl
 
-    eng = _engine(args, writer=args.action in ("rebuild", "publish"))
+    eng = _engine(args, writer=args.action in ("rebuild", "publish") or (args.action == "verify" and args.repair))
     if args.action == "summary":
         df = eng.catalog.summary(table=args.table, source=args.source, market=args.market)
         with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200):

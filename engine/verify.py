@@ -31,6 +31,8 @@ def verify(eng, table=None, source=None, market=None, progress=None, repair: boo
     `repair`: a store object that is missing or differs is uploaded again (verified) from a good
     local copy; the problem is still reported, marked repaired.
     """
+    if repair:
+        eng.require_writer("verify(repair=True)")
     problems: list[Problem] = []
     entries = [e for e in eng.catalog.entries() if table is None or e.table == table]
     entries = sorted((e for e in entries if match(e.source, source) and match(e.market, market)), key=lambda e: e.key)

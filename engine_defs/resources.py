@@ -101,7 +101,8 @@ class EngineResource(dg.ConfigurableResource):
         with _env_overlay(self._credentials()):
             # Engine(...) rather than Engine.open(writer=True): that recovers a crashed spool, which
             # would take the collector's lock and make its restart fail; the collector recovers it.
-            return Engine(Path(self.home), self.store, background=False, writer=writer)
+            # Dagster runs beside the collector: it reads the writer's catalog log, never the manifest
+            return Engine(Path(self.home), self.store, background=False, writer=writer, from_store=False)
 
     def engine(self, writer: bool = False):
         """The engine of this resource for one role, opened once and reused (per run, or per notebook)."""

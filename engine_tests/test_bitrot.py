@@ -40,7 +40,7 @@ def flip_in_data_page(path: Path, column: str = "price") -> None:
 
 
 def lake(home: Path, store=None) -> tuple[Engine, object]:
-    eng = Engine.open(home, store, background=False)
+    eng = Engine.open(home, store, background=False, writer=True)
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", START, 20_000, HOUR, seed=3))
     eng.flush()
     (e,) = eng.catalog.entries()

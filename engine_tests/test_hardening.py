@@ -52,11 +52,11 @@ def test_redact_masks_url_credentials():
 def test_endpoint_credentials_stay_out_of_logs_and_errors():
     from engine_tests.conftest import free_port
 
-    port = free_port()  # nothing listens: every call retries, logs store_retry, then fails
+    port = free_port()  # nothing listens: every call fails after botocore's retries (StoreUnavailableError)
     code = (
         "import json\n"
         "from engine.store import S3Store, StoreError\n"
-        "st = S3Store('bkt', 'p', attempts=2, timeout_s=0.5)\n"
+        "st = S3Store('bkt', 'p', attempts=2, connect_timeout_s=0.5, read_timeout_s=0.5)\n"
         "msgs = []\n"
         "for fn in (lambda: st.put_bytes('k', b'x'), lambda: st.head('k'), lambda: st.get_bytes('k')):\n"
         "    try:\n"
@@ -71,12 +71,9 @@ def test_endpoint_credentials_stay_out_of_logs_and_errors():
     assert r.returncode == 0, r.stderr[-2000:]
     msgs = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(msgs) == 3
-    retries = [e for e in _events(r.stderr) if e.get("event") == "store_retry"]
-    assert retries, r.stderr
     for text in msgs + [r.stderr]:
         assert "Url5ecretPw" not in text and "alice" not in text, text
-    assert all(f"***@127.0.0.1:{port}" in m for m in msgs), msgs  # still says where it failed
-    assert all(f"***@127.0.0.1:{port}" in e["error"] for e in retries), retries
+    assert all(f"***@127.0.0.1:{port}" in m and "did not answer" in m for m in msgs), msgs  # still says where
 
 
 def test_engine_resource_repr_hides_plain_secrets():
@@ -134,7 +131,7 @@ def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_p
     from engine.cli import main
 
     home = tmp_path / "h"
-    eng = Engine.open(home, s3_env, background=False)
+    eng = Engine.open(home, s3_env, background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))
     eng.flush()
     assert eng.upload()["uploaded"] == 1
@@ -166,7 +163,7 @@ def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_p
 def test_verify_repair_local_store_object_damaged(tmp_path):
     from engine import Engine, synth
 
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))
     eng.flush()
     assert eng.upload()["uploaded"] == 1

@@ -17,7 +17,7 @@ RUNAWAY = "SELECT sum(hash(range)) FROM range(1000000000000)"  # 1e12 rows: hour
 
 
 def _lake(tmp_path) -> Engine:
-    eng = Engine.open(tmp_path / "h", background=False)
+    eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 100, 3600 * 10**9))
     eng.flush()
     return eng

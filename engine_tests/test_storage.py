@@ -493,6 +493,7 @@ def test_failed_stream_is_rebuilt_from_the_spool(tmp_path):
     buf._stream_tmp.mkdir(parents=True)  # the encoder's ParquetWriter will fail to open it
     for off in range(1000, t.num_rows, 50_000):
         eng.append("l2", t.slice(off, 50_000))
+    eng._encoder.submit(lambda: None).result()  # the encoder (one thread) has run every job queued before
     assert buf._error is not None
     assert eng.flush() == 1
     assert _rows_of(eng).equals(canon(pl.from_arrow(t), "l2"))
