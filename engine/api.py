@@ -498,6 +498,12 @@ class Engine:
         """Lazy: files are read (and fetched from the store) one at a time when collected."""
         return self._q().scan(table, raw_ns=raw_ns, **kw)
 
+    def scan_l2(self, **kw) -> pl.LazyFrame:
+        return self.scan("l2", **kw)
+
+    def scan_trades(self, **kw) -> pl.LazyFrame:
+        return self.scan("trades", **kw)
+
     # ---- research toolkit (engine.research; each function takes the engine first) --------
     def quotes(self, *args, **kw) -> pl.DataFrame:
         from engine.research.quotes import quotes

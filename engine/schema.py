@@ -260,6 +260,8 @@ def validate(table: str, data: Any) -> pa.Table:
     cols = []
     for field in ts.schema:
         col = t.column(field.name)
+        if pa.types.is_timestamp(col.type) and field.name in TIME_COLS.get(table, ()):
+            col = col.cast(pa.timestamp("ns", col.type.tz)).cast(pa.int64())  # a query result appended back
         if not _compatible(field.type, col.type):
             raise SchemaError(f"table {table}, column {field.name}: expected {field.type}, got {col.type}")
         if col.type != field.type:
