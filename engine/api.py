@@ -26,7 +26,7 @@ from engine.paths import Layout, buffer_key, date_of_ns, default_home, file_key,
 from engine.schema import NS_PER_HOUR
 from engine.spool import Damaged, Spool, SpoolLockedError
 from engine.store import ReadCache, open_store
-from engine.timeutil import iso, now_ns
+from engine.timeutil import iso, now_ns, result_times
 from engine.writer import write_parquet
 
 log = get_logger(component="engine")
@@ -596,24 +596,28 @@ class Engine:
         self._maybe_refresh()
         return Query(self)
 
-    def l2(self, **kw) -> pl.DataFrame:
-        return self._q().table("l2", **kw)
+    # Results carry time columns as Datetime("ns", "UTC"); raw_ns=True gives the stored int64 ns
+    # (what the engine's own code asks for: its arithmetic is on ints).
+    def l2(self, *, raw_ns: bool = False, **kw) -> pl.DataFrame:
+        return self.read("l2", raw_ns=raw_ns, **kw)
 
-    def trades(self, **kw) -> pl.DataFrame:
-        return self._q().table("trades", **kw)
+    def trades(self, *, raw_ns: bool = False, **kw) -> pl.DataFrame:
+        return self.read("trades", raw_ns=raw_ns, **kw)
 
-    def gaps(self, **kw) -> pl.DataFrame:
-        return self._q().table("gaps", **kw)
+    def gaps(self, *, raw_ns: bool = False, **kw) -> pl.DataFrame:
+        return self.read("gaps", raw_ns=raw_ns, **kw)
 
-    def read(self, table: str, **kw) -> pl.DataFrame:
-        return self._q().table(table, **kw)
+    def read(self, table: str, *, raw_ns: bool = False, **kw) -> pl.DataFrame:
+        return result_times(self._q().table(table, **kw), schema.time_cols(table), raw_ns=raw_ns)
 
-    def sql(self, query: str, **filters) -> pl.DataFrame:
-        return self._q().sql(query, **filters)
+    def sql(self, query: str, *, raw_ns: bool = False, **filters) -> pl.DataFrame:
+        """Int64 result columns named `ts` or `*_ts` are the time columns (views hold int64 ns)."""
+        df = self._q().sql(query, **filters)
+        return result_times(df, [c for c in df.columns if schema.is_time_name(c)], raw_ns=raw_ns)
 
-    def scan(self, table: str, **kw) -> pl.LazyFrame:
+    def scan(self, table: str, *, raw_ns: bool = False, **kw) -> pl.LazyFrame:
         """Lazy: files are read (and fetched from the store) one at a time when collected."""
-        return self._q().scan(table, **kw)
+        return self._q().scan(table, raw_ns=raw_ns, **kw)
 
     def scan_l2(self, **kw) -> pl.LazyFrame:
         return self.scan("l2", **kw)

@@ -664,16 +664,18 @@ class Catalog:
         return sorted(zip(df["source"].to_list(), df["market"].to_list()))
 
     @_locked
-    def summary(self, table=None, source=None, market=None, start=None, end=None) -> pl.DataFrame:
-        """Rows, bytes, files and time range per (table, source, market, date), from the index alone."""
-        from engine.timeutil import to_ns
+    def summary(self, table=None, source=None, market=None, start=None, end=None, raw_ns: bool = False) -> pl.DataFrame:
+        """Rows, bytes, files and time range per (table, source, market, date), from the index alone;
+        min_ts/max_ts as Datetime("ns", "UTC") (int64 ns with `raw_ns=True`)."""
+        from engine.schema import time_cols
+        from engine.timeutil import result_times, to_ns
 
         self.refresh()
         if not (self._summary_cache and self._summary_cache[0] == self.version):
             cols = ("table", "source", "market", "date", "rows", "bytes", "files", "min_ts", "max_ts")
             self._summary_cache = (self.version, self._frame().select(cols))
-        return filter_summary(self._summary_cache[1], table, source, market, to_ns(start, name="start"),
-                              to_ns(end, name="end"))
+        return result_times(filter_summary(self._summary_cache[1], table, source, market, to_ns(start, name="start"),
+                                           to_ns(end, name="end")), time_cols("summary"), raw_ns=raw_ns)
 
     def replacement(self, key: str) -> FileEntry | None:
         """The live file holding a retired file's rows now (following later compactions), or None."""

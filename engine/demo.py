@@ -61,7 +61,7 @@ def cli(argv: list[str]) -> int:
     print(f"compacted {len(res)} closed partitions into one sorted file each")
     with pl.Config(tbl_rows=40, tbl_cols=12, tbl_width_chars=160, fmt_str_lengths=30):
         print("\ncatalog summary (no data read):")
-        print(eng.catalog.summary().with_columns(pl.from_epoch("min_ts", "ns"), pl.from_epoch("max_ts", "ns")))
+        print(eng.catalog.summary())  # min_ts/max_ts come as UTC datetimes
         print("\nSQL: trades per market, last 24h:")
         day_ago = time.time_ns() - NS_PER_DAY
         print(eng.sql("SELECT source, market, count(*) AS trades, round(sum(price*size), 2) AS notional "

@@ -69,7 +69,7 @@ def seed_coinbase_trades(eng, norm, lookback_ns: int = 2 * 86400 * NS) -> None:
     if last is None:
         return
     try:
-        df = eng.trades(source="coinbase", start=last - lookback_ns, allow_unsealed=True)
+        df = eng.trades(source="coinbase", start=last - lookback_ns, allow_unsealed=True, raw_ns=True)
     except Exception as e:  # noqa: BLE001 - a lake without trades or a query error must not stop collection
         log.warning("trade_seed_failed", error=repr(e)[:200])
         return

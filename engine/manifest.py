@@ -161,14 +161,16 @@ class FrameCatalog:
                              .sort("table", "source", "market", "date"))
         return self._summary
 
-    def summary(self, table=None, source=None, market=None, start=None, end=None) -> pl.DataFrame:
-        from engine.timeutil import to_ns
+    def summary(self, table=None, source=None, market=None, start=None, end=None, raw_ns: bool = False) -> pl.DataFrame:
+        """As `Catalog.summary`: min_ts/max_ts as Datetime("ns", "UTC"), int64 ns with `raw_ns=True`."""
+        from engine.schema import time_cols
+        from engine.timeutil import result_times, to_ns
 
-        return filter_summary(self._summary_all(), table, source, market, to_ns(start, name="start"),
-                              to_ns(end, name="end"))
+        return result_times(filter_summary(self._summary_all(), table, source, market, to_ns(start, name="start"),
+                                           to_ns(end, name="end")), time_cols("summary"), raw_ns=raw_ns)
 
     def partitions(self, table=None, source=None, market=None, start=None, end=None) -> list[Partition]:
-        df = self.summary(table, source, market, start, end)
+        df = self.summary(table, source, market, start, end, raw_ns=True)
         return sorted(df.select("table", "source", "market", "date").iter_rows())
 
     def markets(self, table: str | None = None) -> list[tuple[str, str]]:

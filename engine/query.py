@@ -20,7 +20,7 @@ from engine.catalog import FileEntry
 from engine.errors import QueryError, QueryMemoryError, QueryTimeoutError
 from engine.log import get_logger
 from engine.paths import is_pattern, match, pattern_regex
-from engine.timeutil import iso, to_ns
+from engine.timeutil import iso, result_times, to_ns
 from engine.writer import CorruptFileError, parquet_format
 
 log = get_logger(component="query")
@@ -184,15 +184,17 @@ class Query:
         return pl.from_arrow(self.arrow(table, **kw))
 
     def scan(self, table: str, source=None, market=None, instrument=None, start=None, end=None,
-             allow_unsealed=False) -> pl.LazyFrame:
+             allow_unsealed=False, raw_ns: bool = True) -> pl.LazyFrame:
         """A LazyFrame over the exact catalogued files, read one file at a time when collected: a
         remote file is fetched through the cache only when the scan reaches it, and released after,
-        so a month of l2 can be filtered and aggregated in bounded memory."""
+        so a month of l2 can be filtered and aggregated in bounded memory. Time columns are cast per
+        file (`raw_ns=False`: Datetime), so predicates on them still reach each file's read."""
         sp = schema.spec(table)
         files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed)
         expr = self._filter_expr(table, None if is_pattern(instrument) else instrument, start, end, clamp)
         regex = pattern_regex(instrument) if is_pattern(instrument) else None
-        polars_schema = pl.from_arrow(sp.schema.empty_table()).schema
+        tcols = schema.time_cols(table)
+        polars_schema = result_times(pl.from_arrow(sp.schema.empty_table()), tcols, raw_ns=raw_ns).schema
         eng = self.eng
 
         def source_fn(with_columns, predicate, n_rows, batch_size):
@@ -206,7 +208,7 @@ class Query:
                         t = pads.dataset([path], schema=sp.schema, format=parquet_format()).to_table(filter=expr)
                     except (pa.ArrowInvalid, OSError) as err:
                         raise eng.corrupt(e.key, path, str(err)) from None
-                df = pl.from_arrow(t)
+                df = result_times(pl.from_arrow(t), tcols, raw_ns=raw_ns)
                 if regex is not None:
                     df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(regex))
                 if predicate is not None:

@@ -171,6 +171,33 @@ TABLES: dict[str, TableSpec] = {
 
 RAW_TABLES = ("l2", "trades", "gaps")
 
+# Columns holding int64 ns times, per table and per derived result. Storage and the engine's own
+# code keep them int64; the public query API hands them out as Datetime("ns", "UTC") (raw_ns=True: int64).
+TIME_COLS: dict[str, tuple[str, ...]] = {
+    "l2": ("ts", "recv_ts"),
+    "trades": ("ts", "recv_ts"),
+    "gaps": ("start_ts", "end_ts"),
+    "quotes": ("ts", "recv_ts"),
+    "book": ("ts", "snapshot_ts", "book_ts"),  # book() and books()
+    "bars": ("ts", "end_ts"),
+    "valid": ("start_ts", "end_ts"),  # valid() spans
+    "coverage": ("hour",),
+    "summary": ("min_ts", "max_ts"),  # catalog.summary()
+}
+
+
+def time_cols(kind: str) -> tuple[str, ...]:
+    """The time columns of a table or result kind (see TIME_COLS)."""
+    try:
+        return TIME_COLS[kind]
+    except KeyError:
+        raise SchemaError(f"no time columns known for {kind!r}; known: {', '.join(TIME_COLS)}") from None
+
+
+def is_time_name(name: str) -> bool:
+    """A result column named like the lake's time columns (`ts`, `*_ts`): how sql() picks them."""
+    return name == "ts" or name.endswith("_ts")
+
 
 class SchemaError(ValueError):
     """Input that does not fit a canonical table; the message names table, column and problem."""
@@ -243,6 +270,8 @@ def validate(table: str, data: Any) -> pa.Table:
     cols = []
     for field in ts.schema:
         col = t.column(field.name)
+        if pa.types.is_timestamp(col.type) and field.name in TIME_COLS.get(table, ()):
+            col = col.cast(pa.timestamp("ns", col.type.tz)).cast(pa.int64())  # a query result appended back
         if not _compatible(field.type, col.type):
             raise SchemaError(f"table {table}, column {field.name}: expected {field.type}, got {col.type}")
         if col.type != field.type:

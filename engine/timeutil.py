@@ -1,8 +1,10 @@
-"""Time arguments as users write them (dates, ISO strings, datetimes, int ns) → int ns UTC."""
+"""Time arguments as users write them (dates, ISO strings, datetimes, int ns) → int ns UTC, and result
+time columns from int ns (storage, engine code) to Datetime("ns", "UTC") (what researchers get)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import numbers
 import re
 import time
 
@@ -11,12 +13,22 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def to_ns(value, *, name: str = "time") -> int | None:
+    """Int ns UTC of a time argument; a time without a zone (naive datetime, ISO string without
+    offset, NumPy datetime64) is read as UTC, never as the machine's local time."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise TypeError(f"{name}: expected a date, datetime, ISO string or int ns, got bool")
-    if isinstance(value, int):
-        return value
+    if isinstance(value, numbers.Integral):  # int, NumPy integers
+        return int(value)
+    if type(value).__name__ == "Timestamp" and isinstance(getattr(value, "value", None), int):
+        return value.value  # pandas: ns since the epoch (UTC when aware, the wall time as UTC when naive)
+    if type(value).__name__ == "datetime64":  # NumPy scalar (zone-less by definition)
+        import numpy as np
+
+        if np.isnat(value):
+            raise ValueError(f"{name}: NaT is not a time")
+        return int(value.astype("datetime64[ns]").astype(np.int64))
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.timezone.utc)
@@ -33,6 +45,33 @@ def to_ns(value, *, name: str = "time") -> int | None:
         except ValueError:
             raise ValueError(f"{name}: cannot parse {value!r}; use YYYY-MM-DD, an ISO datetime, a datetime or int ns") from None
     raise TypeError(f"{name}: expected a date, datetime, ISO string or int ns, got {type(value).__name__}")
+
+
+def result_times(frame, cols, *, raw_ns: bool = False):
+    """`frame` (Polars DataFrame or LazyFrame) with its time columns `cols` as Datetime("ns", "UTC"),
+    what researchers expect (int64 ns → Datetime ns is a free reinterpretation), or as int64 ns with
+    `raw_ns=True`, what the engine computes with. Either form is accepted; zone-less datetimes are UTC."""
+    import polars as pl  # lazily: collectors import this module and never need Polars here
+
+    want = pl.Datetime("ns", "UTC")
+    sch = frame.collect_schema() if isinstance(frame, pl.LazyFrame) else frame.schema
+    exprs = []
+    for c in cols:
+        t = sch.get(c)
+        if t is None:
+            continue
+        if isinstance(t, pl.Datetime):
+            e = pl.col(c) if t.time_zone else pl.col(c).dt.replace_time_zone("UTC")
+            if raw_ns:
+                exprs.append(e.dt.epoch("ns"))
+            elif t != want:
+                exprs.append(e.dt.convert_time_zone("UTC").dt.cast_time_unit("ns"))
+        elif t.is_integer():
+            if not raw_ns:
+                exprs.append(pl.col(c).cast(pl.Int64).cast(want))
+            elif t != pl.Int64:
+                exprs.append(pl.col(c).cast(pl.Int64))
+    return frame.with_columns(exprs) if exprs else frame
 
 
 def now_ns() -> int:

@@ -48,7 +48,8 @@ def _open(home: Path):
 def _tables(home: Path):
     eng = _open(home)
     try:
-        return (eng.l2(allow_unsealed=True), eng.trades(allow_unsealed=True), eng.gaps(allow_unsealed=True))
+        return (eng.l2(allow_unsealed=True, raw_ns=True), eng.trades(allow_unsealed=True, raw_ns=True),
+                eng.gaps(allow_unsealed=True, raw_ns=True))  # int ns: the checks below do arithmetic
     finally:
         eng.close()
 

@@ -421,7 +421,7 @@ def test_compact_job_on_generated_coinbase_capture(tmp_path):
 
 def test_integrity_blocks_replayed_l2_message(tmp_path):
     eng = _coinbase_capture_lake(tmp_path)
-    l2 = eng.l2(source="coinbase", market="BTC-USD", allow_unsealed=True)
+    l2 = eng.l2(source="coinbase", market="BTC-USD", allow_unsealed=True, raw_ns=True)
     seq = l2.filter(~pl.col("snapshot"))["seq"][500]
     msg = l2.filter((pl.col("seq") == seq) & ~pl.col("snapshot"))
     # the exchange sends the message again a second later (e.g. after a reconnect) and it is stored again

@@ -639,7 +639,8 @@ def _status(home: Path) -> dict:
 def _tables(home: Path):
     eng = Engine.open(home)
     try:
-        return eng.l2(allow_unsealed=True), eng.trades(allow_unsealed=True), eng.gaps(allow_unsealed=True)
+        return (eng.l2(allow_unsealed=True, raw_ns=True), eng.trades(allow_unsealed=True, raw_ns=True),
+                eng.gaps(allow_unsealed=True, raw_ns=True))  # int ns: the checks below do arithmetic
     finally:
         eng.close()
 

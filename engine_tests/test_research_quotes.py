@@ -86,7 +86,8 @@ def gaps_table(gaps) -> pa.Table:
 
 
 def rows_of(df: pl.DataFrame) -> list[dict]:
-    return df.with_columns(pl.col(pl.Categorical).cast(pl.String)).to_dicts()
+    """Plain dicts with int ns times: the reference computes on ints (a Python datetime keeps only µs)."""
+    return df.with_columns(pl.col(pl.Categorical).cast(pl.String), pl.col(pl.Datetime).dt.epoch("ns")).to_dicts()
 
 
 # ---- the reference: plain Python dicts, one row at a time ---------------------------------------
@@ -302,7 +303,7 @@ def test_book_equals_reference_and_refuses_across_gaps(lake):
         assert got_b == bids[:5] and got_a == asks[:5], (inst, at)
         assert b.height == max(len(bids[:5]), len(asks[:5]))
         if b.height:
-            assert b["snapshot_ts"][0] == snap
+            assert b["snapshot_ts"].dt.epoch("ns")[0] == snap
             is_crossed = bool(bids and asks and bids[0][0] >= asks[0][0])
             assert b["crossed"][0] == is_crossed
             crossed += is_crossed
@@ -312,7 +313,7 @@ def test_book_equals_reference_and_refuses_across_gaps(lake):
 
 def test_book_top_equals_quotes_asof(lake):
     eng, rows, gaps = lake
-    q = eng.quotes("src", "MKT", instrument="A")
+    q = eng.quotes("src", "MKT", instrument="A", raw_ns=True)  # ints: `at` below must keep its nanoseconds
     for r in q.sample(25, seed=1).iter_rows(named=True):
         bids, asks, snap = ref_book(rows, "A", r["ts"])
         if ref_gap_blocks(gaps, "A", snap, r["ts"]):
@@ -327,7 +328,7 @@ def test_books_series_equals_reference(lake):
     eng, rows, gaps = lake
     lo = rows[0]["ts"] - 10**9
     start, end = lo + 3000 * 10**9, lo + 3000 * 10**9 + 400 * 10**9
-    s = eng.books("src", "MKT", "C", start=start, end=end, every="10s", depth=3)
+    s = eng.books("src", "MKT", "C", start=start, end=end, every="10s", depth=3, raw_ns=True)
     assert s["ts"].n_unique() == 40
     for t_, grp in s.group_by("ts", maintain_order=True):
         at = t_[0]

@@ -96,13 +96,13 @@ def test_asof_cross_source_kalshi_trades_vs_coinbase_quotes(xlake):
     j = eng.asof(("trades", {"source": "kalshi", "market": "KXBTC"}), ("quotes", {"source": "coinbase", "market": "BTC-USD"}),
                  by=None, tolerance="5s")
     trades = eng.trades(source="kalshi")
-    q = eng.quotes("coinbase", "BTC-USD")
+    q = eng.quotes("coinbase", "BTC-USD", raw_ns=True)
     assert j.height == trades.height
     assert {"instrument", "instrument_right", "bid_price", "ask_price", "ts_right"} <= set(j.columns)
     assert set(j["instrument_right"].drop_nulls().cast(pl.String)) == {"BTC-USD"}
     # spot-check against the quotes: the latest quote at or before each trade
     qts, qbid = q["ts"].to_numpy(), q["bid_price"].to_numpy()
-    for r in j.sample(40, seed=3).iter_rows(named=True):
+    for r in j.with_columns(pl.col("ts").dt.epoch("ns")).sample(40, seed=3).iter_rows(named=True):
         i = np.searchsorted(qts, r["ts"], side="right") - 1
         want = qbid[i] if i >= 0 and r["ts"] - qts[i] <= 5 * S else None
         assert r["bid_price"] == want
@@ -157,7 +157,7 @@ def test_time_bars_equal_reference_with_empty_intervals(every):
     df = _trades()
     step = parse_duration(every)
     lo, hi = T0 - 90 * S, T0 + 3700 * S
-    got = bars(None, data=df, every=every, start=lo, end=hi)
+    got = bars(None, data=df, every=every, start=lo, end=hi, raw_ns=True)
     want = ref_time_bars(df.to_dicts(), step, lo, hi)
     assert got.height == len(want)
     assert (got["ts"] % step == 0).all()  # aligned to UTC multiples
@@ -177,7 +177,7 @@ def test_volume_and_tick_bars_equal_reference():
 
     df = _trades(1)
     V = 25.0
-    got = bars(None, data=df, volume=V)
+    got = bars(None, data=df, volume=V, raw_ns=True)
     for inst in ("X", "Y"):
         rows = sorted((t for t in df.to_dicts() if t["instrument"] == inst), key=lambda t: (t["ts"], t["seq"]))
         groups, cum = {}, 0.0
@@ -225,19 +225,21 @@ def test_windows_across_restart_invalid_after_fresh_snapshot_valid(tmp_path):
     tr = synth.trade_rows("coinbase", "BTC-USD", T0, 3000, 400 * S, seed=4)
     eng.append("trades", tr)
     eng.flush()
-    spans = eng.valid("coinbase", "BTC-USD", T0, T0 + 400 * S, window="30s")
+    spans = eng.valid("coinbase", "BTC-USD", T0, T0 + 400 * S, window="30s", raw_ns=True)
     assert spans.select("start_ts", "end_ts").rows() == [(T0 + 30 * S, T0 + 100 * S), (T0 + 191 * S, T0 + 400 * S)]
-    trades = eng.trades(source="coinbase")
+    trades = eng.trades(source="coinbase", raw_ns=True)
     m = mark_valid(eng, trades, window="30s")
     assert m.height == trades.height and m["trade_id"].to_list() == trades["trade_id"].to_list()
     t = m["ts"].to_numpy()
     want = ((t >= T0 + 30 * S) & (t < T0 + 100 * S)) | ((t >= T0 + 191 * S) & (t < T0 + 400 * S))
     assert m["valid"].to_list() == want.tolist()
     assert eng.valid(trades, window="30s")["valid"].to_list() == want.tolist()  # the Engine one-liner
+    dated = eng.valid(eng.trades(source="coinbase"), window="30s")  # Datetime times: same answer, types kept
+    assert dated["valid"].to_list() == want.tolist() and dated.schema["ts"] == pl.Datetime("ns", "UTC")
     # a window straddling the restart is invalid even though both of its ends hold data
     assert not m.filter((pl.col("ts") > T0 + 170 * S) & (pl.col("ts") < T0 + 190 * S))["valid"].any()
     # without the snapshot requirement only the gap matters
-    spans2 = eng.valid("coinbase", "BTC-USD", T0, T0 + 400 * S, window="30s", require_snapshot=False)
+    spans2 = eng.valid("coinbase", "BTC-USD", T0, T0 + 400 * S, window="30s", require_snapshot=False, raw_ns=True)
     assert spans2.select("start_ts", "end_ts").rows() == [(T0, T0 + 100 * S), (T0 + 190 * S, T0 + 400 * S)]
     eng.close()
 
@@ -253,7 +255,7 @@ def test_coverage_numbers_and_png(tmp_path):
     eng.append("gaps", synth.gap_rows([dict(source="coinbase", market="BTC-USD", instrument=None, start_ts=T0 + 3600 * S + 600 * S,
                                             end_ts=T0 + 3600 * S + 1500 * S, kind="disconnect", detail="x")]))
     eng.flush()
-    cov = eng.coverage(T0, T0 + 3 * 3600 * S)
+    cov = eng.coverage(T0, T0 + 3 * 3600 * S, raw_ns=True)
     got = {(m, (h - T0) // (3600 * S)): c for m, h, c in cov.select("market", "hour", "covered").iter_rows()}
     assert got[("BTC-USD", 1)] == pytest.approx(0.75, abs=1e-3)
     assert got[("BTC-USD", 0)] == pytest.approx(1.0, abs=1e-3) and got[("BTC-USD", 2)] == pytest.approx(1.0, abs=1e-3)
@@ -261,7 +263,7 @@ def test_coverage_numbers_and_png(tmp_path):
     assert cov.filter(pl.col("market") == "BTC-USD")["gaps"].to_list() == [0, 1, 0]
     # the picture shows these numbers: each cell's pixel has the colour of its value
     png = tmp_path / "cov.png"
-    drawn = cov_mod.plot(cov, png, eng.gaps())
+    drawn = cov_mod.plot(eng.coverage(T0, T0 + 3 * 3600 * S), png, eng.gaps())  # takes Datetime frames too
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 

@@ -353,7 +353,7 @@ def test_watermark_clamp_prefix_filters_and_errors(tmp_path):
     eng.flush()
     eng.append("l2", t.slice(600))  # buffered: not yet sealed
     wm = eng.catalog.watermark("kalshi")
-    sealed = eng.l2(source="kalshi")
+    sealed = eng.l2(source="kalshi", raw_ns=True)
     assert sealed.height == 700 and sealed["recv_ts"].max() < wm
     assert eng.l2(allow_unsealed=True).height == 700  # buffered rows are not in files yet
     eng.flush()

@@ -2,6 +2,9 @@
 
 Every function takes an `Engine` first and returns Polars; `Engine` delegates to them
 (`eng.quotes`, `eng.book`, `eng.books`, `eng.asof`, `eng.bars`, `eng.valid`, `eng.coverage`).
+Times are computed on int64 ns: a function reading through the engine (`eng.gaps`, `eng.trades`,
+another research function) asks for `raw_ns=True`, and only its own result is converted to
+`Datetime("ns", "UTC")` (unless its caller passed `raw_ns=True`), so no arithmetic sees datetimes.
 
 Book semantics shared by quotes and books (see `engine.research.quotes`):
 rows of one instrument are applied in arrival order — (`recv_ts`, `ts`, `seq`), ties in stored

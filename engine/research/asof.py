@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from engine import schema
 from engine.research import parse_duration
-from engine.timeutil import to_ns
+from engine.timeutil import result_times, to_ns
 
 DIRECTIONS = ("backward", "forward", "nearest")
 
@@ -48,19 +48,20 @@ def _spec(x, filters):
     return x, None, False
 
 
-def _read(eng, table: str, filters: dict) -> pl.DataFrame:
+def _read(eng, table: str, filters: dict, raw_ns: bool) -> pl.DataFrame:
     if table == "quotes":
-        return eng.quotes(**filters)
+        return eng.quotes(**{**filters, "raw_ns": raw_ns})
     if table not in schema.TABLES:
         raise ValueError(f"asof: unknown table {table!r}; tables: {', '.join(schema.TABLES)}")
-    return eng.read(table, **filters)
+    return eng.read(table, **{**filters, "raw_ns": raw_ns})
 
 
 def _window(left: pl.DataFrame, on: str, tol: int | None, direction: str) -> dict:
     """Time filter for a right side read from the lake: the rows that can match left's [lo, hi]."""
     if left.height == 0:
         return {}
-    lo, hi = int(left[on].min()), int(left[on].max())
+    t = result_times(left.select(on), [on], raw_ns=True).to_series()  # Datetime or int ns
+    lo, hi = int(t.min()), int(t.max())
     back = direction in ("backward", "nearest")
     fwd = direction in ("forward", "nearest")
     start = (lo - tol if tol is not None else None) if back else lo
@@ -100,23 +101,30 @@ def _align_by(l: pl.DataFrame, r: pl.DataFrame, by: list[str]):
 
 def asof(eng, left, right, on: str = "ts", by="instrument", tolerance=None, direction: str = "backward", *,
          left_filter: dict | None = None, right_filter: dict | None = None, suffix: str = "_right",
-         keep_right_on: bool = True) -> pl.DataFrame:
-    """As-of join (see module doc). Returns left's rows in left's order with right's columns added."""
+         keep_right_on: bool = True, raw_ns: bool = False) -> pl.DataFrame:
+    """As-of join (see module doc). Returns left's rows in left's order with right's columns added.
+
+    Sides read from the lake carry Datetime("ns", "UTC") times (int64 ns with `raw_ns=True`); a time
+    `on` column is brought to that same type on both sides, so frames of either kind join; other
+    columns of a frame passed in keep their types."""
     if direction not in DIRECTIONS:
         raise ValueError(f"asof: direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     tol = parse_duration(tolerance, name="tolerance")
     by = [by] if isinstance(by, str) else list(by or [])
     lx, lf, l_lake = _spec(left, left_filter)
     rx, rf, r_lake = _spec(right, right_filter)
-    l_df = _read(eng, lx, lf) if l_lake else _frame(lx)
+    l_df = _read(eng, lx, lf, raw_ns) if l_lake else _frame(lx)
     if r_lake:
         win = {} if ("start" in rf or "end" in rf) else _window(l_df, on, tol, direction)
-        r_df = _read(eng, rx, {**win, **rf})
+        r_df = _read(eng, rx, {**win, **rf}, raw_ns)
     else:
         r_df = _frame(rx)
     for name, df in (("left", l_df), ("right", r_df)):
         if on not in df.columns:
             raise ValueError(f"asof: column {on!r} missing on the {name} side")
+    lake_times = {c for x, lake in ((lx, l_lake), (rx, r_lake)) if lake for c in schema.time_cols(x)}
+    if on in lake_times or any(isinstance(df.schema[on], pl.Datetime) for df in (l_df, r_df)):
+        l_df, r_df = (result_times(df, [on], raw_ns=raw_ns) for df in (l_df, r_df))  # one type; ns: int tolerance is ns
     l_df, r_df = _align_by(l_df, r_df, by)
     if keep_right_on:
         r_df = r_df.with_columns(pl.col(on).alias(f"{on}{suffix}"))

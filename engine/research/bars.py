@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from engine import schema
 from engine.research import parse_duration
-from engine.timeutil import to_ns
+from engine.timeutil import result_times, to_ns
 
 KEYS = ["source", "market", "instrument"]
 
@@ -33,8 +34,14 @@ def _aggs():
 
 def bars(eng, table: str = "trades", every=None, *, volume: float | None = None, ticks: int | None = None,
          source=None, market=None, instrument=None, start=None, end=None, data: pl.DataFrame | None = None,
-         allow_unsealed: bool = False) -> pl.DataFrame:
-    """OHLCV, VWAP and trade count per bar (see module doc). Exactly one of every/volume/ticks."""
+         allow_unsealed: bool = False, raw_ns: bool = False) -> pl.DataFrame:
+    """OHLCV, VWAP and trade count per bar (see module doc). Exactly one of every/volume/ticks.
+    `ts`/`end_ts` are Datetime("ns", "UTC"); int64 ns with `raw_ns=True`."""
+    out = _bars(eng, table, every, volume, ticks, source, market, instrument, start, end, data, allow_unsealed)
+    return result_times(out, schema.time_cols("bars"), raw_ns=raw_ns)
+
+
+def _bars(eng, table, every, volume, ticks, source, market, instrument, start, end, data, allow_unsealed) -> pl.DataFrame:
     if sum(x is not None for x in (every, volume, ticks)) != 1:
         raise ValueError("bars: give exactly one of every= (e.g. '1m'), volume= or ticks=")
     if table != "trades" and data is None:
@@ -43,9 +50,9 @@ def bars(eng, table: str = "trades", every=None, *, volume: float | None = None,
     if data is None:
         df = eng.trades(source=source, market=market, instrument=instrument, start=start, end=end,
                         columns=["ts", "source", "market", "instrument", "side", "price", "size", "seq"],
-                        allow_unsealed=allow_unsealed)
+                        allow_unsealed=allow_unsealed, raw_ns=True)
     else:
-        df = data
+        df = result_times(data, ["ts"], raw_ns=True)  # a frame of Datetime or int ns times
         if start is not None:
             df = df.filter(pl.col("ts") >= start)
         if end is not None:

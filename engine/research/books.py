@@ -22,7 +22,7 @@ from engine import schema
 from engine.log import get_logger
 from engine.research import clamp_for, parse_duration, read_entries
 from engine.research.quotes import _codes, _is_sorted_keys, _np
-from engine.timeutil import iso, to_ns
+from engine.timeutil import iso, result_times, to_ns
 
 log = get_logger(component="books")
 
@@ -109,7 +109,7 @@ def _gaps(eng, source, market, instrument, lo, hi) -> pl.DataFrame:
     from engine.query import UnknownMarketError
 
     try:
-        g = eng.gaps(source=source, market=market, end=hi, allow_unsealed=True)
+        g = eng.gaps(source=source, market=market, end=hi, allow_unsealed=True, raw_ns=True)
     except UnknownMarketError:
         return pl.DataFrame(schema={"start_ts": pl.Int64, "end_ts": pl.Int64, "kind": pl.String, "detail": pl.String})
     g = g.with_columns(pl.col(c).cast(pl.String) for c in ("instrument", "kind"))
@@ -152,13 +152,13 @@ def _frame(instrument, at, bids, asks, depth, *, snapshot_ts, book_ts, valid=Tru
 
 
 def book(eng, source: str, market: str, instrument: str, at, depth: int = 10, *, allow_unsealed: bool = False,
-         check_gaps: bool = True) -> pl.DataFrame:
+         check_gaps: bool = True, raw_ns: bool = False) -> pl.DataFrame:
     """The book of `instrument` at `at`: one row per level (0 = best) with bid/ask price and size.
 
     Columns: instrument, ts (= at), level, bid_price, bid_size, ask_price, ask_size, crossed (best
     bid >= best ask), snapshot_ts (effective ts of the snapshot replayed from; null when the data
-    hold none and the book is built from the first row), book_ts (ts of the last row applied).
-    Raises BookGapError when a gap lies between that snapshot and `at`, NoBookError without data.
+    hold none and the book is built from the first row), book_ts (ts of the last row applied); times
+    are Datetime("ns", "UTC"), int64 ns with `raw_ns=True`. Raises BookGapError when a gap lies between that snapshot and `at`, NoBookError without data.
     """
     at = to_ns(at, name="at")
     if depth < 1:
@@ -179,11 +179,12 @@ def book(eng, source: str, market: str, instrument: str, at, depth: int = 10, *,
     bids, asks = _levels(r, depth)
     if bids and asks and bids[0][0] >= asks[0][0]:
         log.warning("crossed_book", instrument=instrument, at=iso(at), bid=bids[0][0], ask=asks[0][0])
-    return _frame(instrument, at, bids, asks, depth, snapshot_ts=snap_ts, book_ts=int(r["eff"][-1]))
+    out = _frame(instrument, at, bids, asks, depth, snapshot_ts=snap_ts, book_ts=int(r["eff"][-1]))
+    return result_times(out, schema.time_cols("book"), raw_ns=raw_ns)
 
 
 def books(eng, source: str, market: str, instrument: str, start, end, every="1s", depth: int = 10, *,
-          allow_unsealed: bool = False) -> pl.DataFrame:
+          allow_unsealed: bool = False, raw_ns: bool = False) -> pl.DataFrame:
     """Book snapshots every `every` (UTC-aligned multiples) in [start, end): one row per (ts, level).
 
     Same columns as `book` plus `valid`; a sample inside a gap (no snapshot since) has valid = False
@@ -196,7 +197,8 @@ def books(eng, source: str, market: str, instrument: str, start, end, every="1s"
     first = -(-start // step) * step
     samples = np.arange(first, end, step, dtype=np.int64)
     if len(samples) == 0:
-        return _frame(instrument, 0, [], [], depth, snapshot_ts=None, book_ts=None).with_columns(valid=pl.lit(True))
+        out = _frame(instrument, 0, [], [], depth, snapshot_ts=None, book_ts=None).with_columns(valid=pl.lit(True))
+        return result_times(out, schema.time_cols("book"), raw_ns=raw_ns)
     r0, _ = _prepared(eng, source, market, instrument, int(samples[0]), allow_unsealed)
     lo = int(r0["ts"].min()) if r0 is not None and len(r0["ts"]) else None
     hi = int(samples[-1]) + TS_SLACK_NS + 1
@@ -214,7 +216,8 @@ def books(eng, source: str, market: str, instrument: str, start, end, every="1s"
                                        "bid_size": pl.Float64, "ask_price": pl.Float64, "ask_size": pl.Float64,
                                        "crossed": pl.Boolean, "snapshot_ts": pl.Int64, "book_ts": pl.Int64,
                                        "valid": pl.Boolean}, orient="row")
-    return out.select(pl.lit(instrument).alias("instrument"), pl.all())
+    out = out.select(pl.lit(instrument).alias("instrument"), pl.all())
+    return result_times(out, schema.time_cols("book"), raw_ns=raw_ns)
 
 
 def _replay_samples(r: dict, samples: np.ndarray, depth: int, gs, ge) -> list[tuple]:

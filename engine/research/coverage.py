@@ -19,7 +19,7 @@ import polars as pl
 
 from engine import schema
 from engine.paths import match
-from engine.timeutil import iso, to_ns
+from engine.timeutil import iso, result_times, to_ns
 
 H = schema.NS_PER_HOUR
 SCHEMA = {"source": pl.String, "market": pl.String, "hour": pl.Int64, "covered": pl.Float64,
@@ -64,9 +64,14 @@ def _per_hour(iv, hours: np.ndarray) -> np.ndarray:
     return np.clip(np.minimum(b, h0 + H) - np.maximum(a, h0), 0, None).sum(axis=1).astype(np.float64)
 
 
-def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: float = 60.0) -> pl.DataFrame:
+def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: float = 60.0,
+             raw_ns: bool = False) -> pl.DataFrame:
     """One row per (source, market, hour) in [start, end): covered fraction, collected and gap seconds,
-    number of gaps touching the hour. `hour` is the hour's start in int ns (UTC)."""
+    number of gaps touching the hour. `hour` is the hour's start, Datetime("ns", "UTC") (int ns with `raw_ns=True`)."""
+    return result_times(_coverage(eng, start, end, source, market, join_s), schema.time_cols("coverage"), raw_ns=raw_ns)
+
+
+def _coverage(eng, start, end, source, market, join_s: float) -> pl.DataFrame:
     start, end = to_ns(start, name="start"), to_ns(end, name="end")
     extents: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for e in eng.catalog.entries():
@@ -86,7 +91,7 @@ def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: flo
         from engine.query import UnknownMarketError
 
         try:
-            g = eng.gaps(source=s, market=m, allow_unsealed=True).select("start_ts", "end_ts")
+            g = eng.gaps(source=s, market=m, allow_unsealed=True, raw_ns=True).select("start_ts", "end_ts")
         except UnknownMarketError:
             g = pl.DataFrame(schema={"start_ts": pl.Int64, "end_ts": pl.Int64})
         gaps = [(a, b) for a, b in g.iter_rows()]
@@ -103,7 +108,11 @@ def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: flo
 def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int = 100) -> dict:
     """Draw `cov` as a market x hour heat map into PNG `path`. Returns what was drawn: `matrix`
     (rows = markets, cols = hours), `rows`, `hours`, and `centers` (pixel x, y of each cell centre in
-    the PNG, y from the top) so callers can check the picture against the numbers."""
+    the PNG, y from the top) so callers can check the picture against the numbers. Times may be
+    Datetime or int ns."""
+    cov = result_times(cov, schema.time_cols("coverage"), raw_ns=True)
+    if gaps is not None:
+        gaps = result_times(gaps, schema.time_cols("gaps"), raw_ns=True)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +175,7 @@ def cli(argv: list[str]) -> int:
 
     eng = Engine.open(a.home, a.store, background=False)
     try:
-        cov = coverage(eng, a.start, a.end, source=a.source, market=a.market)
+        cov = coverage(eng, a.start, a.end, source=a.source, market=a.market, raw_ns=True)
         if cov.height == 0:
             print("no l2 or trades files in the catalog for these filters", file=sys.stderr)
             return 1
@@ -179,7 +188,7 @@ def cli(argv: list[str]) -> int:
             g = []
             for s, m in summ.select("source", "market").iter_rows():
                 try:
-                    g.append(eng.gaps(source=s, market=m, allow_unsealed=True).select("source", "market", "start_ts", "end_ts"))
+                    g.append(eng.gaps(source=s, market=m, allow_unsealed=True, raw_ns=True).select("source", "market", "start_ts", "end_ts"))
                 except Exception:  # noqa: BLE001 - a market without a gaps table just has no bars
                     pass
             gaps = pl.concat([x.with_columns(pl.col("source", "market").cast(pl.String)) for x in g]) if g else None

@@ -31,7 +31,7 @@ from engine import schema
 from engine.log import get_logger
 from engine.paths import is_pattern, pattern_regex
 from engine.research import clamp_for, read_entries
-from engine.timeutil import to_ns
+from engine.timeutil import result_times, to_ns
 
 log = get_logger(component="quotes")
 
@@ -363,13 +363,19 @@ def filter_instrument(t: pa.Table, instrument) -> pa.Table:
 
 
 def quotes(eng, source=None, market=None, instrument=None, start=None, end=None, *, allow_unsealed: bool = False,
-           derive_missing: bool = True) -> pl.DataFrame:
+           derive_missing: bool = True, raw_ns: bool = False) -> pl.DataFrame:
     """Best bid/ask per change for (source, market[, instrument]) with `ts` in [start, end).
 
     Stored partitions that are current are read; the others are derived from their l2 day
     partition (whole day up to `end`, so the book state at `start` is right). Sorted like the
     stored table: (instrument, ts, seq) within each partition, partitions in date order.
+    `ts`/`recv_ts` are Datetime("ns", "UTC"); int64 ns with `raw_ns=True`.
     """
+    return result_times(_quotes(eng, source, market, instrument, start, end, allow_unsealed, derive_missing),
+                        schema.time_cols("quotes"), raw_ns=raw_ns)
+
+
+def _quotes(eng, source, market, instrument, start, end, allow_unsealed: bool, derive_missing: bool) -> pl.DataFrame:
     from engine.query import Query
 
     start, end = to_ns(start, name="start"), to_ns(end, name="end")

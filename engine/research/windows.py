@@ -20,7 +20,7 @@ import polars as pl
 
 from engine import schema
 from engine.research import parse_duration
-from engine.timeutil import to_ns
+from engine.timeutil import result_times, to_ns
 
 SNAPSHOT_LOOKBACK_NS = schema.NS_PER_DAY  # hourly anchors: a snapshot is never far back
 _INF = np.iinfo(np.int64).max
@@ -32,7 +32,7 @@ def _gaps(eng, source, market, end) -> pl.DataFrame:
     from engine.query import UnknownMarketError
 
     try:
-        g = eng.gaps(source=source, market=market, end=end, allow_unsealed=True)
+        g = eng.gaps(source=source, market=market, end=end, allow_unsealed=True, raw_ns=True)
     except UnknownMarketError:
         return pl.DataFrame(schema={"instrument": pl.String, "start_ts": pl.Int64, "end_ts": pl.Int64})
     return g.select(pl.col("instrument").cast(pl.String), "start_ts", "end_ts")
@@ -83,8 +83,9 @@ def _spans(starts: np.ndarray, gs: np.ndarray, ge: np.ndarray, w: int) -> list[t
 
 def valid(eng, source, market: str | None = None, start=None, end=None, window="30s", *,
           instrument: str | None = None, require_snapshot: bool = True, allow_unsealed: bool = False,
-          on: str = "ts", col: str = "valid") -> pl.DataFrame:
-    """Spans [start_ts, end_ts) of window-end times t whose trailing `window` is valid (module doc).
+          on: str = "ts", col: str = "valid", raw_ns: bool = False) -> pl.DataFrame:
+    """Spans [start_ts, end_ts) of window-end times t whose trailing `window` is valid (module doc),
+    as Datetime("ns", "UTC") (int64 ns with `raw_ns=True`).
 
     Given a DataFrame instead of a source (`eng.valid(trades, window="30s")`), returns it with the
     boolean column `col` from `mark_valid` — the one-liner for features.
@@ -116,7 +117,7 @@ def valid(eng, source, market: str | None = None, start=None, end=None, window="
             b = min(b, end) if end is not None else b
             if a < b:
                 rows.append((source, market, inst, int(a), int(b)))
-    return pl.DataFrame(rows, schema=SPAN_SCHEMA, orient="row")
+    return result_times(pl.DataFrame(rows, schema=SPAN_SCHEMA, orient="row"), schema.time_cols("valid"), raw_ns=raw_ns)
 
 
 def mark_valid(eng, df: pl.DataFrame, window="30s", *, on: str = "ts", require_snapshot: bool = True,
@@ -131,16 +132,18 @@ def mark_valid(eng, df: pl.DataFrame, window="30s", *, on: str = "ts", require_s
     for k in keys:
         if k not in df.columns:
             raise ValueError(f"mark_valid: column {k!r} missing (needed to find the market's gaps and snapshots)")
-    lo, hi = int(df[on].min()), int(df[on].max()) + 1
+    t = result_times(df.select(pl.col(on).alias("__t")), ["__t"], raw_ns=True).to_series()  # Datetime or int ns
+    lo, hi = int(t.min()), int(t.max()) + 1
     spans = []
     for s, m in df.select(pl.col("source").cast(pl.String), pl.col("market").cast(pl.String)).unique().iter_rows():
-        spans.append(valid(eng, s, m, lo, hi, window, require_snapshot=require_snapshot, allow_unsealed=allow_unsealed))
+        spans.append(valid(eng, s, m, lo, hi, window, require_snapshot=require_snapshot, allow_unsealed=allow_unsealed,
+                           raw_ns=True))
     sp = pl.concat(spans) if spans else pl.DataFrame(schema=SPAN_SCHEMA)
     if not require_snapshot:
         sp = sp.drop("instrument")
-    sp = sp.rename({"start_ts": "__vs", "end_ts": "__ve"}).with_columns(pl.col("__vs").alias(on)).sort(keys + [on])
-    left = df.with_columns(pl.col(k).cast(pl.String).alias(f"__k_{k}") for k in keys)
+    sp = sp.rename({"start_ts": "__vs", "end_ts": "__ve"}).with_columns(pl.col("__vs").alias("__t")).sort(keys + ["__t"])
+    left = df.with_columns(*(pl.col(k).cast(pl.String).alias(f"__k_{k}") for k in keys), t)
     right = sp.rename({k: f"__k_{k}" for k in keys})
-    j = asof(eng, left, right, on=on, by=[f"__k_{k}" for k in keys], keep_right_on=False)
-    j = j.with_columns(((pl.col("__ve").is_not_null()) & (pl.col(on) < pl.col("__ve"))).alias(col))
+    j = asof(eng, left, right, on="__t", by=[f"__k_{k}" for k in keys], keep_right_on=False, raw_ns=True)
+    j = j.with_columns(((pl.col("__ve").is_not_null()) & (pl.col("__t") < pl.col("__ve"))).alias(col))
     return j.drop([c for c in j.columns if c.startswith("__")])
