@@ -56,7 +56,7 @@ def fuzz_batch(i: int) -> tuple[str, str, pa.Table]:
 
 
 def batch_rows(eng: Engine, table: str, i: int) -> pl.DataFrame:
-    df = eng.read(table, allow_unsealed=True)
+    df = eng.read(table, allow_unsealed=True, raw_ns=True)
     if df.height == 0:
         return df
     df = df.with_columns(pl.col(pl.Categorical).cast(pl.String))
@@ -109,7 +109,7 @@ RECOVER = textwrap.dedent(r"""
                 want = want if table == "gaps" else want.sort("seq")
                 status[i] = "ok" if got.select(want.columns).equals(want) else (
                     "partial" if got.height < want.height else "altered")
-        gaps = eng.gaps(allow_unsealed=True).with_columns(pl.col(pl.Categorical).cast(pl.String))
+        gaps = eng.gaps(allow_unsealed=True, raw_ns=True).with_columns(pl.col(pl.Categorical).cast(pl.String))
         corrupt = gaps.filter(pl.col("kind") == "corrupt").select("source", "market", "start_ts", "end_ts", "detail")
         eng.close()
         print(json.dumps({{"home": home, "status": status, "corrupt": corrupt.to_dicts()}}), flush=True)
