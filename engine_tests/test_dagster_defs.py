@@ -477,7 +477,7 @@ def test_flush_job_signals_running_collector(tmp_path):
     marker = tmp_path / "flushed"
     code = ("import signal,time,pathlib,sys; p=pathlib.Path(sys.argv[1]); "
             "signal.signal(signal.SIGUSR1, lambda *a: p.write_text('x')); "
-            "print('ready', flush=True); [time.sleep(0.05) for _ in range(200)]  # fake collector")
+            "print('ready', flush=True); [time.sleep(0.05) for _ in range(200)]")  # a fake collector's 10 s of life
     proc = subprocess.Popen([sys.executable, "-c", code, str(marker)], stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == b"ready"
