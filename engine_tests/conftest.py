@@ -1,4 +1,5 @@
-"""Shared fixtures: a real moto S3 server on 127.0.0.1 (subprocess), lake homes, fixture paths."""
+"""Shared fixtures: a real moto S3 server on 127.0.0.1 (subprocess), lake homes. Exchange messages
+(recorded ones from ../shared/fixtures when present, the project's own otherwise): exchange_fixtures.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
 def free_port() -> int:
@@ -89,10 +89,3 @@ def s3_env(moto_server, monkeypatch, request):
     for k, v in moto_server.env().items():
         monkeypatch.setenv(k, v)
     return f"s3://{bucket}/lake"
-
-
-@pytest.fixture
-def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"recorded exchange fixtures not present at {FIXTURES}")
-    return FIXTURES

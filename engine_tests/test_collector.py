@@ -33,12 +33,6 @@ def _cmd(home: Path, *args: str) -> list[str]:
             "--backoff-max", "0.3", "--status-interval", "0.3", *args]
 
 
-def _run(home: Path, *args: str, timeout: float = 40, env=None) -> subprocess.CompletedProcess:
-    p = subprocess.run(_cmd(home, *args), capture_output=True, text=True, timeout=timeout, env=env or _env(), cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
 def _open(home: Path):
     from engine import Engine
 
@@ -121,12 +115,12 @@ def test_live_equals_offline_malformed_frames_and_kalshi_skipped(cb_capture, cb_
     home, cap = tmp_path / "live", tmp_path / "cap"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=0,
                                     faults=["malformed@900:1000"]) as srv:
-        p = _run(home, "--source", "coinbase", "kalshi", "--coinbase-url", srv.ws_url, "--capture-dir", str(cap),
-                 "--for", "3", "--coinbase-stall", "30")
+        err = _collect_all(home, srv, "--source", "coinbase", "kalshi", "--coinbase-url", srv.ws_url,
+                           "--capture-dir", str(cap), "--coinbase-stall", "30")
         assert srv.stats()["malformed_sent"] == 1000
         shift = srv.stats()["shift_ns"]
     # Kalshi without credentials: one clear line, Coinbase ran anyway
-    assert p.stderr.count('"kalshi_skipped"') == 1
+    assert err.count('"kalshi_skipped"') == 1
     st = json.loads((home / "status" / "coinbase.json").read_text())
     assert st["skipped_frames"] == 1000 and st["skip_reasons"] == {"malformed_json": 1000}
     assert st["gaps"] == 0 and st["reconnects"] == 0
@@ -162,7 +156,7 @@ def test_capture_stamped_30_days_ago_plays_at_the_present(tmp_path):
     cap = list(generate_coinbase(seconds=6, rate=60, seed=21, depth=30, start_ns=old))
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="coinbase", capture=cap, speed=0) as srv:
-        _run(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--for", "3", "--coinbase-stall", "30")
+        _collect_all(home, srv, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "30")
         shift = srv.stats()["shift_ns"]
     assert shift > 29 * 86400 * 10**9
     st = _status(home, "coinbase")
@@ -192,7 +186,7 @@ def test_faults_drop_close_stall_give_gaps_and_resync(cb_capture, cb_reference, 
         proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "1.2"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         try:
-            _wait_caught_up(home, srv)
+            _wait_reconnect_after_end(srv)
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=30)
@@ -229,30 +223,78 @@ def _status(home: Path, source: str) -> dict:
         return {}
 
 
-def _wait_caught_up(home: Path, srv, source: str = "coinbase", timeout: float = 40) -> None:
-    """Until the capture is exhausted and the collector has read everything the server sent.
-
-    Coinbase: proven by a `stale` reconnect after the end (the feed went silent for the collector,
-    so its socket buffer was drained). Kalshi (no JSON heartbeats): the frame count stays put.
-    """
+def _wait_read_all(home: Path, srv, source: str = "coinbase", timeout: float = 40) -> dict:
+    """Counter handshake: until the capture is exhausted (`srv.done`) and the collector's status
+    counts every frame the exchange sent (`frames` == `frames_sent`), on two status writes in a
+    row with nothing more sent in between (a frame still queued on the server would have gone out
+    by the second). Returns that status. For runs on one connection only: frames sent on a
+    connection the collector dropped are not all read."""
     end = time.monotonic() + timeout
-    while not srv.done.is_set() and time.monotonic() < end:
-        time.sleep(0.1)
-    time.sleep(0.4)
-    base = _status(home, source)
-    stable_since, last = time.monotonic(), base.get("frames")
+    matched = None  # (updated_ns, frames) of the status that first equalled frames_sent
+    st: dict = {}
     while time.monotonic() < end:
-        time.sleep(0.2)
+        if srv.done.is_set():
+            sent = srv.stats()["frames_sent"]
+            st = _status(home, source)
+            if st.get("frames") == sent:
+                if matched is not None and matched[1] == sent and st["updated_ns"] > matched[0]:
+                    return st
+                if matched is None or matched[1] != sent:
+                    matched = (st["updated_ns"], sent)
+            else:
+                matched = None
+        time.sleep(0.05)
+    raise AssertionError(f"collector read {st.get('frames')} frames, the exchange sent {srv.stats()['frames_sent']} "
+                         f"(capture exhausted: {srv.done.is_set()})")
+
+
+def _wait_reconnect_after_end(srv, timeout: float = 40) -> None:
+    """Until the capture is exhausted and the collector, connected at that point, has connected again.
+
+    For runs whose faults make the collector drop connections (frames sent on a dropped connection
+    are never read, so frame counts cannot be compared). Once the capture is over the exchange sends
+    nothing, so the next connection follows the collector's `stale` watchdog (a short
+    --coinbase-stall) on a connection whose every frame it had read."""
+    end = time.monotonic() + timeout
+    n0 = None
+    while time.monotonic() < end:
+        s = srv.stats()
+        if n0 is None:
+            if srv.done.is_set() and s["clients"] >= 1:
+                n0 = s["connections"]
+        elif s["connections"] > n0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no reconnect after the end of the capture (done: {srv.done.is_set()}, {srv.stats()})")
+
+
+def _collect_all(home: Path, srv, *args: str, source: str = "coinbase", env=None) -> str:
+    """Run a collector until it has read every frame the exchange sent (`_wait_read_all`), then
+    SIGTERM it; returns its stderr (a file, not a pipe nobody reads while it runs)."""
+    errf = home.parent / f"{home.name}-collector.err"
+    with open(errf, "w") as ef:
+        proc = subprocess.Popen(_cmd(home, *args), stdout=subprocess.DEVNULL, stderr=ef, text=True,
+                                env=env or _env(), cwd=ROOT)
+        try:
+            _wait_read_all(home, srv, source)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    err = errf.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _wait_status_where(home: Path, pred, what: str, timeout: float = 20, source: str = "coinbase") -> dict:
+    """Until the collector's status file satisfies `pred` (bounded); returns that status."""
+    end = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < end:
         st = _status(home, source)
-        if source == "coinbase":
-            if st.get("gaps", 0) > base.get("gaps", 0):
-                return
-        else:
-            if st.get("frames") != last:
-                stable_since, last = time.monotonic(), st.get("frames")
-            elif time.monotonic() - stable_since > 1.5:
-                return
-    raise AssertionError("collector did not catch up with the replay exchange")
+        if st and pred(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"collector status never showed {what}: {st}")
 
 
 def _wait_status(home: Path, key: str, minimum: int, timeout: float = 20, source: str = "coinbase") -> dict:
@@ -287,11 +329,14 @@ def test_flush_request_status_and_sigterm(cb_capture, tmp_path):
             end = time.monotonic() + 10
             while len(_parquet_files(home)) < 6 and time.monotonic() < end:  # l2 + trades x 3 products
                 time.sleep(0.1)
-            time.sleep(0.3)
+            # the flush has started: a row received from now on is appended after it, into a new buffer
+            t_flushed = time.time_ns()
             n_flushed = len(_parquet_files(home))
             assert n_flushed >= 6
             assert status_cli(["--home", str(home)]) == 0
-            time.sleep(0.5)
+            # handshake: rows keep arriving after the requested flush (only the final flush stores them)
+            _wait_status_where(home, lambda st: (st.get("last_recv_ns") or 0) > t_flushed and st["rows_trades"] > 0,
+                               "a frame received after the requested flush")
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=30)
@@ -299,6 +344,7 @@ def test_flush_request_status_and_sigterm(cb_capture, tmp_path):
     assert len(_parquet_files(home)) > n_flushed  # the final flush on SIGTERM
     st = json.loads((home / "status" / "coinbase.json").read_text())
     l2, tr, gaps = _tables(home)
+    assert l2.filter(pl.col("recv_ts") > t_flushed).height > 0  # rows only the final flush wrote
     # every row the collector produced is stored (l2 also holds the engine's book anchor at the top
     # of the second file)
     assert tr.height == st["rows_trades"]
@@ -312,14 +358,26 @@ def test_sigkill_then_restart_recovers_spool_and_records_restart_gap(cb_capture,
         proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         try:
-            st = _wait_status(home, "rows", 2000)
-            time.sleep(1.5)  # the spool is synced at least once a second
+            # handshake: a status written after the rows it counts were appended (the status is written
+            # right after pending rows are handed to the appender; no append pending = all in the spool)
+            st = _wait_status_where(home, lambda st: st.get("rows", 0) >= 2000 and st["pending_appends"] == 0,
+                                    "2000 rows, all appended to the spool")
         finally:
             proc.kill()
             proc.communicate(timeout=10)
         assert _parquet_files(home) == []  # nothing was flushed: the rows live only in the spool
         first_rows = st["rows_l2"]
-        _run(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--for", "1.5")
+        # the restart, until it has reconnected once on its own (a `stale` reconnect: the exchange sent
+        # nothing for 1 s, so the restart connection and its snapshots were read to the end)
+        proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "1"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        try:
+            _wait_status_where(home, lambda st: st.get("pid") == proc.pid and st.get("reconnects", 0) >= 1,
+                               "a reconnect of the restarted collector", timeout=40)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
     l2, tr, gaps = _tables(home)
     g = gaps.with_columns(pl.col("kind").cast(pl.Utf8))
     restart = g.filter(pl.col("kind") == "restart")
@@ -350,7 +408,7 @@ def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
                  "--no-use-yes-price"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         try:
-            _wait_caught_up(home, srv, "kalshi")
+            _wait_read_all(home, srv, "kalshi")
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=30)
@@ -393,7 +451,15 @@ def test_looped_capture_reads_as_fresh_data(cb_capture, cb_reference, tmp_path):
     span = (l2_ref["ts"].max() - l2_ref["ts"].min()) / 1e9
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=0, loop_capture=True) as srv:
-        _run(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--for", "4", "--coinbase-stall", "30")
+        proc = subprocess.Popen(_cmd(home, "--source", "coinbase", "--coinbase-url", srv.ws_url, "--coinbase-stall", "30"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        try:  # handshake: until the collector holds more than two passes' trades
+            _wait_status_where(home, lambda st: st.get("rows_trades", 0) > 2 * tr_ref.height,
+                               "more than two passes of trades", timeout=40)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-2000:]
         loops = srv.stats()["loops"]
     assert loops >= 2, loops
     st = _status(home, "coinbase")

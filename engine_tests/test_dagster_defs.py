@@ -475,6 +475,8 @@ def test_flush_job_signals_running_collector(tmp_path):
     from engine_defs.jobs import flush_job
 
     marker = tmp_path / "flushed"
+    # a fake collector living 10 s (scenario sleeps); "collector" in its command line (the comment at
+    # the end of the code) is what request_flush's check of the pid file looks for
     code = ("import signal,time,pathlib,sys; p=pathlib.Path(sys.argv[1]); "
             "signal.signal(signal.SIGUSR1, lambda *a: p.write_text('x')); "
             "print('ready', flush=True); [time.sleep(0.05) for _ in range(200)]  # fake collector")

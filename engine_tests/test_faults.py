@@ -448,7 +448,7 @@ def _s3_gone(tmp_path, proxied, outage_s: float):
         attempts += 1
         assert r["uploaded"] == 0 and r["failed"] >= 1
         assert "Could not connect" in r["errors"][0] or "Connect" in r["errors"][0], r["errors"]
-        time.sleep(0.2)
+        time.sleep(0.2)  # scenario, not synchronization: collection goes on at a pace for outage_s of real time
     assert attempts >= 2
     assert all(eng.layout.staged(e.key).exists() for e in eng.catalog.entries())
     px.set_mode("pass")
@@ -674,7 +674,7 @@ def test_collector_sigkill_ten_times_in_a_row(tmp_path):
                 if st.get("pid") == proc.pid and st.get("rows", 0) > 0 and st.get("updated_ns", 0) > before:
                     break
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.3, 1.8))
+            time.sleep(rng.uniform(0.3, 1.8))  # scenario: the kill lands at a random moment of live collection
             kills.append(time.time_ns())
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
@@ -771,10 +771,22 @@ def test_exchange_sends_duplicate_frames(tmp_path):
         proc = subprocess.Popen(_collect_cmd(home, srv.ws_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, env=_env(), cwd=ROOT)
         try:
+            # handshake: the capture is exhausted and the collector counted every frame sent (two
+            # status writes in a row agreeing with an unchanged frames_sent; one connection throughout)
             deadline = time.monotonic() + 40
-            while not srv.done.is_set() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(0.8)
+            matched, st = None, {}
+            while time.monotonic() < deadline:
+                if srv.done.is_set():
+                    sent, st = srv.stats()["frames_sent"], _status(home)
+                    if st.get("frames") != sent:
+                        matched = None
+                    elif matched is not None and matched[1] == sent and st["updated_ns"] > matched[0]:
+                        break
+                    elif matched is None or matched[1] != sent:
+                        matched = (st["updated_ns"], sent)
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"collector read {st.get('frames')} of {srv.stats()['frames_sent']} frames")
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)

@@ -1,26 +1,19 @@
-"""Kalshi normalization: real demo/production frames, exact dollar prices, seq gaps, legacy fields."""
+"""Kalshi normalization: demo/production frames (the recordings in ../shared when present, the
+project's hand-written samples otherwise), exact dollar prices, seq gaps, legacy fields."""
 
 from __future__ import annotations
 
 import json
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 from engine.sources import parse_ts
 from engine.sources.kalshi import KalshiNormalizer, fetch_markets, open_tickers, p4, q2
+from engine_tests import exchange_fixtures as fx
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "kalshi"
 T0 = 1_795_712_400_000_000_000
 TK = "KXBTC-26NOV2617-B97500"
-
-
-def _lines(name: str) -> list[dict]:
-    p = FIX / name
-    if not p.is_file():
-        pytest.skip(f"fixture not present: {p}")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def snap(seq, yes=None, no=None, tk=TK, sid=1, **extra):
@@ -46,11 +39,12 @@ def book_of(n: KalshiNormalizer, t: str):
     return dict(bids), dict(asks)
 
 
-# ---- real demo capture: snapshot + deltas == later get_snapshot --------------------------------------
+# ---- a demo capture: snapshot + deltas == later get_snapshot --------------------------------------
 
 
 def test_demo_snapshot_plus_deltas_reproduce_get_snapshot():
-    lines = _lines("demo-orderbook-get-snapshot-2026-08-17.jsonl")
+    sample = fx.kalshi_get_snapshot()
+    lines, facts = sample.items, sample.facts
     n = KalshiNormalizer()
     n.on_connect(parse_ts(lines[0]["recv_at"]), conn=1, use_yes_price=True)  # the capturing client set it
     checked = 0
@@ -87,17 +81,18 @@ def test_demo_snapshot_plus_deltas_reproduce_get_snapshot():
         out = n.take()
         if "l2" in out:
             all_rows += out["l2"].to_pylist()
-    assert checked == 3
+    assert checked == facts["answers"]
     assert n.c.skipped_frames == 0 and n.c.gaps == 0
-    # a delta moves a level, never a delta-valued size: the first delta (+100 at 0.21 yes) gives 300
+    # a delta moves a level, never a delta-valued size: the first delta's row holds the level's new size
     d0 = next(r for r in all_rows if not r["snapshot"])
-    assert (d0["side"], d0["price"], d0["size"]) == ("bid", 0.21, 300.0)
+    assert (d0["side"], d0["price"], d0["size"]) == facts["first_delta"]
     # delta rows carry ts_ms, snapshot rows the receive time
-    assert d0["ts"] == 1786956810579 * 10**6
+    assert d0["ts"] == facts["first_delta_ts_ms"] * 10**6
 
 
 def test_prod_samples_unsolicited_empty_snapshot_resets_book():
-    lines = _lines("prod-wire-samples-2026-08-20.jsonl")
+    sample = fx.kalshi_wire_samples()
+    lines, facts = sample.items, sample.facts
     n = KalshiNormalizer()
     n.on_connect(parse_ts(lines[1]["recv_at"]), conn=1, use_yes_price=True)
     for o in lines:
@@ -106,12 +101,12 @@ def test_prod_samples_unsolicited_empty_snapshot_resets_book():
     # sampled file: seq jumps are expected (gaps recorded), never a crash
     assert n.c.skipped_frames == 0
     assert n.c.rows_trades > 0 and n.c.ignored_frames > 0  # trades stored, tickers ignored
-    t = "KXMLBGAME-26AUG191805MIAPHI-PHI"
+    t, seq = facts["emptied"]
     assert n.books[t] == ({}, {})  # the ladderless mid-stream snapshot replaced the book
     out = n.take()
-    rows = [r for r in out["l2"].to_pylist() if r["instrument"] == t and r["seq"] == 76182]
+    rows = [r for r in out["l2"].to_pylist() if r["instrument"] == t and r["seq"] == seq]
     assert rows and all(r["snapshot"] and r["size"] == 0.0 for r in rows)  # reset marker rows
-    assert {r["market"] for r in out["l2"].to_pylist()} >= {"KXMLBGAME", "KXATPMATCH"}
+    assert {r["market"] for r in out["l2"].to_pylist()} >= facts["markets"]
     # no crossed book anywhere
     for tk, (bids, asks) in n.books.items():
         if bids and asks:
@@ -119,18 +114,19 @@ def test_prod_samples_unsolicited_empty_snapshot_resets_book():
 
 
 def test_demo_wire_error_frame_counted_and_reported():
-    lines = _lines("demo-wire-samples-2026-08-17.jsonl")
+    sample = fx.kalshi_error_samples()
+    lines = sample.items
     n = KalshiNormalizer()
     for o in lines:
         if o["dir"] == "recv":
             n.feed(parse_ts(o["recv_at"]), json.dumps(o["frame"]))
     assert n.c.errors == 1 and n.c.skipped_frames == 0
     errs = [a for a in n.pop_actions() if a.kind == "error"]
-    assert errs and errs[0].args["code"] == 13
+    assert errs and errs[0].args["code"] == sample.facts["error_code"]
 
 
 def test_prod_trades_legacy_and_fp_fields():
-    lines = _lines("prod-trade-2026-02-12.jsonl")
+    lines = fx.kalshi_trades().items
     n = KalshiNormalizer()
     for o in lines:
         n.feed(o["msg"]["ts"] * 10**9 + 5 * 10**8, json.dumps(o))  # received just after the trade
@@ -147,7 +143,8 @@ def test_prod_trades_legacy_and_fp_fields():
 
 
 def test_docs_legacy_cent_fields():
-    lines = _lines("docs-examples.jsonl")
+    sample = fx.kalshi_legacy_cents()
+    lines, facts = sample.items, sample.facts
     legacy = [o["message"] for o in lines if "legacy" in o["kind"]]
     snap_l = next(m for m in legacy if m["type"] == "orderbook_snapshot")
     delta_l = next(m for m in legacy if m["type"] == "orderbook_delta")
@@ -158,13 +155,13 @@ def test_docs_legacy_cent_fields():
     recv = parse_ts(delta_l["msg"]["ts"]) + 10**6  # legacy delta: RFC 3339 `ts`, no ts_ms
     n.feed(recv, json.dumps(snap_l))
     n.feed(recv, json.dumps(delta_l))
-    bids, asks = n.books["FED-23DEC-T3.00"]
-    assert bids == {800: 30000, 2200: 33300}
-    assert asks == {10000 - 5400: 2000, 10000 - 5600: 14600}  # use_yes_price default false
+    bids, asks = n.books[facts["ticker"]]
+    assert bids == facts["bids"]
+    assert asks == facts["asks"]  # use_yes_price default false: a NO bid at x is an ask at 1 - x
     assert n.c.skipped_rows == 0 and n.c.skipped_frames == 0
-    # the delta at 96c yes of -54 on an empty level -> removed (0)
+    # the delta's row: its level, removed (size 0)
     rows = n.take()["l2"].to_pylist()
-    assert rows[-1]["price"] == 0.96 and rows[-1]["size"] == 0.0
+    assert (rows[-1]["price"], rows[-1]["size"]) == facts["last_row"]
 
 
 # ---- exact prices and use_yes_price ---------------------------------------------------------------------

@@ -211,7 +211,7 @@ from engine_defs.launch import Supervisor
 sup = Supervisor(Path(sys.argv[1]))
 sup.start("tree", [sys.executable, "-c", "import subprocess, time; "
           "[subprocess.Popen(['sleep', '60']) for _ in range(2)]; time.sleep(60)"], None)
-time.sleep(60)
+time.sleep(60)  # scenario: a launcher stand-in that lives (with its tree) until the test kills it
 """
 
 
@@ -249,16 +249,19 @@ import os, subprocess, sys, time
 from engine_defs.reaper import die_with_parent
 pre = die_with_parent()
 if sys.argv[1] == "race":  # the parent is gone before the child's preexec runs
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         print(os.getpid(), flush=True)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while os.getppid() == parent and time.monotonic() < deadline:  # until the parent has exited
+            time.sleep(0.01)
         pre()
         os.execv("/bin/sleep", ["sleep", "60"])
     os._exit(0)
 p = subprocess.Popen(["sleep", "60"], preexec_fn=pre)
 print(p.pid, flush=True)
-time.sleep(60)
+time.sleep(60)  # scenario: the middle process lives until the test kills it
 """
 
 

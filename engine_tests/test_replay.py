@@ -28,8 +28,8 @@ from engine.capture_gen import (
     write_capture,
 )
 from engine.replay import ReplayServer, parse_fault
+from engine_tests.exchange_fixtures import coinbase_wire_frames, kalshi_wire_samples
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD"]
 NUM = re.compile(r"^(0|[1-9]\d*)(\.\d*[1-9])?$")  # trimmed decimal string
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
@@ -145,10 +145,8 @@ def test_generator_deterministic(tmp_path):
 
 
 def _fixture_cb_frames():
-    f = FIX / "coinbase" / "advanced-trade" / "ws-2026-08-09-btc-eth.jsonl"
-    if not f.exists():
-        pytest.skip("coinbase fixture absent")
-    return [json.loads(line)["frame"] for line in f.open() if '"recv"' in line]
+    """Received frames: the real recording in ../shared when present, the project's hand-written sample otherwise."""
+    return coinbase_wire_frames().items
 
 
 def _cb_shapes(frames):
@@ -207,7 +205,7 @@ def test_generator_coinbase_protocol(cb_capture):
             apply_cb(book, d)
             b = book[d["events"][0]["product_id"]]
             assert max(b["bid"]) < min(b["offer"])
-    # same field sets as the real recording
+    # same field sets as the real recording (or the project's hand-written sample of the wire format)
     real = _cb_shapes([f for f in _fixture_cb_frames() if f["channel"] in ("l2_data", "market_trades",
                                                                              "heartbeats", "subscriptions")])
     mine = _cb_shapes(frames)
@@ -257,12 +255,9 @@ def test_generator_kalshi_protocol(k_capture):
     tickers = {m["ticker"] for m in ms}
     assert {d["msg"]["market_ticker"] for d in frames if d["type"] == "orderbook_snapshot"} <= tickers
     assert all(re.match(r"^KX(BTC|ETH|SOL)-\d{2}[A-Z]{3}\d{4}(\d{2})?-B\d+$", t) for t in tickers)
-    f = FIX / "kalshi" / "prod-wire-samples-2026-08-20.jsonl"
-    if not f.exists():
-        pytest.skip("kalshi fixture absent")
-    real = {}
-    for line in f.open():
-        fr = json.loads(line).get("frame")
+    real = {}  # field sets of real frames (or of the project's hand-written sample of the wire format)
+    for line in kalshi_wire_samples().items:
+        fr = line.get("frame")
         if isinstance(fr, dict) and isinstance(fr.get("msg"), dict) and "type" in fr:
             real.setdefault(fr["type"], set()).update(fr["msg"])
             real.setdefault("env:" + fr["type"], set()).update(fr)

@@ -1,14 +1,13 @@
 """Quotes and books against a deliberately simple reference (plain dict books), on generated data
 with snapshots, empty-snapshot resets, deletions, crossed moments, non-monotone ts and gaps, and on
-the real Coinbase and Kalshi captures (ingested through the collectors' normalization)."""
+Coinbase and Kalshi captures (ingested through the collectors' normalization): the real ones in
+../shared when present, the project's own otherwise (engine_tests/exchange_fixtures.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from decimal import Decimal
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -18,7 +17,6 @@ import pytest
 from engine import Engine, schema
 from engine.timeutil import to_ns
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 T0 = to_ns("2026-11-02T09:40:00")
 MS = 1_000_000
 SEQ_NULL = -(2**63)
@@ -354,19 +352,10 @@ def test_book_without_data_and_bad_args(lake):
 
 # ---- real captures ---------------------------------------------------------------------------------
 def _capture_coinbase(tmp_path):
-    zst = FIX / "coinbase" / "advanced-trade" / "cryptofeed-v3-COINBASE.jsonl.zst"
-    if not zst.is_file():
-        pytest.skip(f"fixture not present: {zst}")
-    import zstandard
-
     from engine.capture import CaptureWriter
+    from engine_tests.exchange_fixtures import coinbase_recording
 
-    frames = []
-    with open(zst, "rb") as f:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
-            o = json.loads(line)
-            if o.get("t") == "recv":
-                frames.append((int(round(o["ts"] * 1e6)) * 1000, o["data"]))
+    frames = coinbase_recording().items
     cap = CaptureWriter(tmp_path / "cap", "coinbase", compress=True)
     cap.meta(frames[0][0], {"type": "connect", "source": "coinbase", "conn": 1})
     for r, fr in frames:
@@ -376,13 +365,11 @@ def _capture_coinbase(tmp_path):
 
 
 def _capture_kalshi(tmp_path):
-    p = FIX / "kalshi" / "demo-orderbook-get-snapshot-2026-08-17.jsonl"
-    if not p.is_file():
-        pytest.skip(f"fixture not present: {p}")
     from engine.capture import CaptureWriter
     from engine.sources import parse_ts
+    from engine_tests.exchange_fixtures import kalshi_get_snapshot
 
-    lines = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    lines = kalshi_get_snapshot().items
     cap = CaptureWriter(tmp_path / "cap", "kalshi", compress=False)
     first = parse_ts(lines[0]["recv_at"])
     cap.meta(first, {"type": "connect", "source": "kalshi", "conn": 1, "use_yes_price": True})

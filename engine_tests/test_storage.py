@@ -270,7 +270,7 @@ while True:
     i += 1
     if i % 40 == 0:
         eng.flush()
-    time.sleep(0.005)
+    time.sleep(0.005)  # scenario: a writer appending at a pace, so that batches acked > 1 s before the kill exist
 """
 
 
