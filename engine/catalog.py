@@ -27,6 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine import instruments as inst
 from engine.fsio import atomic_path, tmp_owner_alive
 from engine.log import get_logger
 from engine.paths import is_pattern, parse_key, pattern_regex
@@ -55,6 +56,7 @@ class FileEntry(msgspec.Struct, kw_only=True):
     compacted: bool = False
     created_ns: int = 0
     schema_version: int = 1
+    instruments: str | None = None  # per-instrument figures (engine.instruments.encode); None: not recorded
 
 
 class Op(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -112,7 +114,7 @@ Partition = tuple[str, str, str, str]  # table, source, market, date
 
 SNAPSHOT_EVERY = 10_000  # log lines after the snapshot before an append writes a new one
 SNAPSHOT_NAME = "snapshot.arrow"
-_SNAP_FORMAT = 1
+_SNAP_FORMAT = 2  # 2: per-instrument figures per partition (a format-1 snapshot is ignored: the log is replayed)
 _MARK_BYTES = 4096  # the log bytes whose hashes tie a snapshot to the log it was taken from
 _FINDS_BEFORE_LIST = 1_000  # ~13 µs a lookup on the mapped column, ~2 µs on a list (70 ms to copy 1M)
 _SEP = "\x1f"  # below every character a key part may hold: pkey order is partition tuple order
@@ -141,7 +143,7 @@ _SNAP_SCHEMA = pa.schema([
     ("pkey", pa.string()), ("table", pa.string()), ("source", pa.string()), ("market", pa.string()),
     ("date", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()), ("files", pa.int64()),
     ("pending", pa.int64()), ("min_ts", pa.int64()), ("max_ts", pa.int64()), ("max_recv_ts", pa.int64()),
-    ("entries", pa.large_binary()),
+    ("entries", pa.large_binary()), ("instruments", inst.ARROW_TYPE),
 ])
 _AGG_COLS = ("rows", "bytes", "files", "pending", "min_ts", "max_ts", "max_recv_ts")
 _FRAME_SCHEMA = {"pkey": pl.String, "table": pl.String, "source": pl.String, "market": pl.String,
@@ -222,6 +224,7 @@ class _Base:
         self._blobs = self.table.column("entries")
         self.alive = np.ones(self.n, dtype=bool)  # False: the partition now lives in the catalog's dicts
         self._df: pl.DataFrame | None = None
+        self._inst_df: pl.DataFrame | None = None
         self._finds = 0
         self._list: list[str] | None = None
 
@@ -244,8 +247,19 @@ class _Base:
     def df(self) -> pl.DataFrame:
         """The partition columns as a polars frame (built once, on the first question)."""
         if self._df is None:
-            self._df = pl.from_arrow(self.table.drop_columns(["entries"]), schema_overrides=_FRAME_SCHEMA)
+            self._df = pl.from_arrow(self.table.drop_columns(["entries", "instruments"]), schema_overrides=_FRAME_SCHEMA)
         return self._df
+
+    def inst_df(self) -> pl.DataFrame:
+        """One row per (partition, instrument) of the alive partitions (exploded once, then masked)."""
+        if self._inst_df is None:
+            t = self.table.select(["table", "source", "market", "date", "instruments"])
+            self._inst_df = (pl.from_arrow(t).with_row_index("_i").explode("instruments").unnest("instruments")
+                             .filter(pl.col("files").is_not_null()).cast(inst.FRAME_SCHEMA))
+        df = self._inst_df
+        if not self.alive.all():
+            df = df.filter(pl.Series(self.alive[df["_i"].to_numpy()]))
+        return df.drop("_i")
 
 
 def _locked(fn):
@@ -320,6 +334,8 @@ class Catalog:
         self._odd: dict[str, Partition] = dict(base.meta.odd) if base else {}
         self._frame_cache: tuple[int, pl.DataFrame] | None = None
         self._summary_cache: tuple[int, pl.DataFrame] | None = None
+        self._inst_parts: dict[Partition, list[dict]] = {}  # instrument figures of live partitions, on demand
+        self._inst_cache: tuple[int, pl.DataFrame] | None = None
 
     # ---- snapshot ----------------------------------------------------------------------
     def _load_snapshot(self) -> None:
@@ -399,6 +415,7 @@ class Catalog:
         parts = sorted(p for p, d in self._live.items() if d)
         cols = _columns(parts, [self._aggs[p] for p in parts])
         cols["entries"] = [_pack.encode([msgspec.structs.astuple(e) for e in self._live[p].values()]) for p in parts]
+        cols["instruments"] = [self._part_instruments(p) for p in parts]
         live = pa.table(cols, schema=_SNAP_SCHEMA)
         t = live
         if self._base is not None and self._base.n:
@@ -516,6 +533,7 @@ class Catalog:
         self.replaced_by.pop(e.key, None)
         replaced = e.key in d
         d[e.key] = e
+        self._inst_parts.pop(part, None)
         if not regular:
             self._odd[e.key] = part
         if replaced:
@@ -529,6 +547,7 @@ class Catalog:
             return None
         d = self._changing(part)
         e = d.pop(key)
+        self._inst_parts.pop(part, None)
         self._odd.pop(key, None)
         self._settle(part, d)
         return e
@@ -557,6 +576,26 @@ class Catalog:
                 base = base.filter(pl.Series(self._base.alive))
             df = base.merge_sorted(df, "pkey") if df.height else base
         self._frame_cache = (self.version, df)
+        return df
+
+    def _part_instruments(self, part: Partition) -> list[dict]:
+        """Per-instrument figures of a live partition, from its files' recorded figures (no data read)."""
+        figs = self._inst_parts.get(part)
+        if figs is None:
+            figs = self._inst_parts[part] = inst.partition_figures(self._live[part].values())
+        return figs
+
+    def _inst_frame(self) -> pl.DataFrame:
+        """One row per (partition, instrument): the snapshot's rows not changed since, and the changed
+        partitions' (computed from their files' figures when first asked); rebuilt when the catalog changes."""
+        if self._inst_cache and self._inst_cache[0] == self.version:
+            return self._inst_cache[1]
+        rows = [{"table": p[0], "source": p[1], "market": p[2], "date": p[3], **f}
+                for p, d in self._live.items() if d for f in self._part_instruments(p)]
+        df = pl.DataFrame(rows, schema=inst.FRAME_SCHEMA)
+        if self._base is not None and self._base.n:
+            df = pl.concat([self._base.inst_df(), df])
+        self._inst_cache = (self.version, df)
         return df
 
     def _parts_of(self, df: pl.DataFrame) -> list[Partition]:
@@ -631,8 +670,10 @@ class Catalog:
         return sorted(self._files(part).values(), key=lambda e: e.key)
 
     @_locked
-    def files(self, table: str, source=None, market=None, start=None, end=None) -> list[FileEntry]:
-        """Live files of `table` whose [min_ts, max_ts] overlaps [start, end); exact or `*` filters."""
+    def files(self, table: str, source=None, market=None, start=None, end=None, instrument=None) -> list[FileEntry]:
+        """Live files of `table` whose [min_ts, max_ts] overlaps [start, end); exact or `*` filters.
+        `instrument` (exact or `*`): only files holding a matching instrument with rows in the range
+        (by their recorded figures; a file catalogued without them is always kept)."""
         from engine.timeutil import to_ns
 
         start, end = to_ns(start, name="start"), to_ns(end, name="end")
@@ -642,6 +683,9 @@ class Catalog:
                 if start is not None and e.max_ts is not None and e.max_ts < start:
                     continue
                 if end is not None and e.min_ts is not None and e.min_ts >= end:
+                    continue
+                if instrument is not None and e.instruments is not None \
+                        and not inst.decode(e.instruments).matching(instrument, start, end):
                     continue
                 out.append(e)
         out.sort(key=lambda e: e.key)
@@ -664,16 +708,31 @@ class Catalog:
         return sorted(zip(df["source"].to_list(), df["market"].to_list()))
 
     @_locked
-    def summary(self, table=None, source=None, market=None, start=None, end=None) -> pl.DataFrame:
-        """Rows, bytes, files and time range per (table, source, market, date), from the index alone."""
+    def summary(self, table=None, source=None, market=None, start=None, end=None, *, by: str = "date",
+                instrument=None) -> pl.DataFrame:
+        """Rows, bytes, files and time range per (table, source, market, date), from the index alone.
+        `by="instrument"`: rows, files and time ranges per (table, source, market, instrument) instead,
+        from the files' per-instrument figures (see `instrument_summary`)."""
         from engine.timeutil import to_ns
 
         self.refresh()
+        if by != "date" or instrument is not None:
+            return instrument_summary(self._inst_frame(), by, table, source, market, to_ns(start, name="start"),
+                                      to_ns(end, name="end"), instrument)
         if not (self._summary_cache and self._summary_cache[0] == self.version):
             cols = ("table", "source", "market", "date", "rows", "bytes", "files", "min_ts", "max_ts")
             self._summary_cache = (self.version, self._frame().select(cols))
         return filter_summary(self._summary_cache[1], table, source, market, to_ns(start, name="start"),
                               to_ns(end, name="end"))
+
+    @_locked
+    def instruments(self, table=None, source=None, market=None, start=None, end=None, instrument=None) -> pl.DataFrame:
+        """The instruments seen, with their first and last times, from the index alone (see `instrument_list`)."""
+        from engine.timeutil import to_ns
+
+        self.refresh()
+        return instrument_list(self._inst_frame(), table, source, market, to_ns(start, name="start"),
+                               to_ns(end, name="end"), instrument)
 
     def replacement(self, key: str) -> FileEntry | None:
         """The live file holding a retired file's rows now (following later compactions), or None."""
@@ -715,3 +774,39 @@ def filter_summary(df: pl.DataFrame, table=None, source=None, market=None, start
     if end is not None:
         preds.append(pl.col("min_ts").is_null() | (pl.col("min_ts") < end))
     return df.filter(*preds) if preds else df
+
+
+def instrument_filter(df: pl.DataFrame, pattern: str | None) -> pl.DataFrame:
+    if pattern is None:
+        return df
+    col = pl.col("instrument")
+    return df.filter(col.str.contains(pattern_regex(pattern)) if is_pattern(pattern) else col == pattern)
+
+
+def instrument_summary(df: pl.DataFrame, by: str, table=None, source=None, market=None, start=None, end=None,
+                       instrument=None) -> pl.DataFrame:
+    """Per (table, source, market, instrument) from a per-(partition, instrument) frame: rows, files
+    holding the instrument, min/max `ts` and `recv_ts` of the (partition, instrument) rows matching
+    the filters and overlapping [start, end) (whole partitions' figures, not rows cut at the range).
+    A null instrument stands for rows without one (whole-market gaps) and files catalogued without
+    per-instrument figures."""
+    if by != "instrument":
+        raise ValueError(f"by={by!r}: a summary is by 'date' (per partition) or by 'instrument'; "
+                         "an instrument filter needs by='instrument'")
+    df = instrument_filter(filter_summary(df, table, source, market, start, end), instrument)
+    keys = ["table", "source", "market", "instrument"]
+    return (df.group_by(keys)
+            .agg(pl.col("rows").sum(), pl.col("files").sum(), pl.col("min_ts").min(), pl.col("max_ts").max(),
+                 pl.col("min_recv_ts").min(), pl.col("max_recv_ts").max())
+            .sort(keys, nulls_last=False))
+
+
+def instrument_list(df: pl.DataFrame, table=None, source=None, market=None, start=None, end=None,
+                    instrument=None) -> pl.DataFrame:
+    """Per (source, market, instrument) seen in any table (or `table`): first and last `ts` and `recv_ts`."""
+    df = instrument_filter(filter_summary(df, table, source, market, start, end), instrument)
+    keys = ["source", "market", "instrument"]
+    return (df.filter(pl.col("instrument").is_not_null()).group_by(keys)
+            .agg(pl.col("min_ts").min().alias("first_ts"), pl.col("max_ts").max().alias("last_ts"),
+                 pl.col("min_recv_ts").min().alias("first_recv_ts"), pl.col("max_recv_ts").max().alias("last_recv_ts"))
+            .sort(keys))

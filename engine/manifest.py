@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.catalog import FileEntry, Partition, filter_summary
+from engine import instruments as inst
+from engine.catalog import FileEntry, Partition, filter_summary, instrument_list, instrument_summary
 from engine.fsio import atomic_write_bytes
 from engine.log import get_logger
 from engine.paths import MANIFEST_KEY
@@ -44,7 +46,8 @@ def build(entries: list[FileEntry], watermarks: dict[str, int]) -> bytes:
     """The manifest of a catalog's live files (`entries`) and its sealed `watermarks`."""
     remote = sorted((e for e in entries if e.remote), key=lambda e: e.key)
     sch = _schema()
-    t = pa.table({f.name: pa.array([getattr(e, f.name) for e in remote], f.type) for f in sch}, schema=sch)
+    cols = {f.name: pa.array([getattr(e, f.name) for e in remote], f.type) for f in sch if f.name != "instruments"}
+    t = pa.table({**cols, "instruments": _instrument_column(remote)}, schema=sch)
     meta = {b"engine.watermarks": msgspec.json.encode(watermarks),
             b"engine.remote_watermarks": msgspec.json.encode(remote_watermarks(entries, watermarks)),
             b"engine.published_ns": str(time.time_ns()).encode()}
@@ -54,10 +57,34 @@ def build(entries: list[FileEntry], watermarks: dict[str, int]) -> bytes:
     return buf.getvalue()
 
 
+_INST_TYPE = pa.list_(pa.struct([("instrument", pa.string())] + [(f, pa.int64()) for f in inst.FIGURES]))
+
+
+def _instrument_column(remote: list[FileEntry]) -> pa.Array:
+    """Each file's per-instrument figures as a list of structs (null: not recorded), so a reader
+    filters and sums them vectorized."""
+    offsets, names, figs, valid = [0], [], [], []
+    for e in remote:
+        st = inst.decode(e.instruments) if e.instruments is not None else None
+        valid.append(st is not None)
+        if st is not None:
+            names += st.names
+            figs.append(st.m)
+        offsets.append(len(names))
+    m = np.concatenate(figs, axis=1) if figs else np.zeros((5, 0), np.int64)
+    values = pa.StructArray.from_arrays([pa.array(names, pa.string())] + [pa.array(m[i]) for i in range(5)],
+                                        fields=list(_INST_TYPE.value_type))
+    mask = pa.array([not v for v in valid], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=mask)
+
+
 def _schema() -> pa.Schema:
     fields = []
     for name, typ in zip(FileEntry.__struct_fields__, msgspec.structs.fields(FileEntry)):
         t = typ.type
+        if name == "instruments":
+            fields.append(pa.field(name, _INST_TYPE))
+            continue
         if t in (int, int | None):
             at = pa.int64()
         elif t is bool:
@@ -96,9 +123,11 @@ def parse(data: bytes, url: str) -> "FrameCatalog":
         wms = msgspec.json.decode(remote, type=dict[str, int]) if remote else local  # older manifests
         df = pl.read_parquet(io.BytesIO(data))  # Polars reads 100k entries in ~8 ms, pyarrow in ~35
         want = pl.from_arrow(_schema().empty_table()).schema
-        missing = [c for c in want if c not in df.columns]
+        missing = [c for c in want if c not in df.columns and c != "instruments"]
         if missing:
             raise ValueError(f"columns missing: {', '.join(missing)}")
+        if "instruments" not in df.columns:  # a manifest from before per-instrument figures
+            df = df.with_columns(pl.lit(None, dtype=want["instruments"]).alias("instruments"))
         df = df.select(want.names()).cast(dict(want)).with_columns(local=pl.lit(False))
     except (pa.ArrowException, pl.exceptions.PolarsError, OSError, msgspec.MsgspecError, TypeError, ValueError) as e:
         head = data[:40]
@@ -126,13 +155,16 @@ class FrameCatalog:
         self.writer_watermarks = dict(writer_watermarks)
         self._entries: list[FileEntry] | None = None
         self._summary: pl.DataFrame | None = None
+        self._inst: pl.DataFrame | None = None
 
     def refresh(self, startup: bool = False) -> int:
         return 0  # the engine refreshes a reader by fetching the manifest again
 
     @staticmethod
     def _to_entries(df: pl.DataFrame) -> list[FileEntry]:
-        return msgspec.convert(df.sort("key").to_dicts(), list[FileEntry])
+        """FileEntry objects without their instrument figures (this catalog answers instrument
+        questions from its frame)."""
+        return msgspec.convert(df.drop("instruments").sort("key").to_dicts(), list[FileEntry])
 
     def entries(self) -> list[FileEntry]:
         if self._entries is None:
@@ -143,11 +175,45 @@ class FrameCatalog:
     def by_key(self) -> dict[str, FileEntry]:
         return {e.key: e for e in self.entries()}
 
-    def files(self, table: str, source=None, market=None, start=None, end=None) -> list[FileEntry]:
+    def files(self, table: str, source=None, market=None, start=None, end=None, instrument=None) -> list[FileEntry]:
         from engine.timeutil import to_ns
 
-        return self._to_entries(filter_summary(self.df, table, source, market, to_ns(start, name="start"),
-                                               to_ns(end, name="end")))
+        start, end = to_ns(start, name="start"), to_ns(end, name="end")
+        df = filter_summary(self.df, table, source, market, start, end)
+        if instrument is not None:
+            df = self._holding(df, instrument, start, end)
+        return self._to_entries(df)
+
+    @staticmethod
+    def _holding(df: pl.DataFrame, instrument: str, start, end) -> pl.DataFrame:
+        """The files of `df` holding a matching instrument with rows in [start, end), and those without figures."""
+        from engine.catalog import instrument_filter
+
+        figs = df.select("key", "instruments").explode("instruments").unnest("instruments")
+        figs = instrument_filter(figs.filter(pl.col("instrument").is_not_null()), instrument)
+        if start is not None:
+            figs = figs.filter(pl.col("max_ts") >= start)
+        if end is not None:
+            figs = figs.filter(pl.col("min_ts") < end)
+        return df.filter(pl.col("instruments").is_null() | pl.col("key").is_in(figs["key"].implode()))
+
+    def _inst_all(self) -> pl.DataFrame:
+        """One row per (partition, instrument), built once per manifest (a file without figures
+        counts as a null instrument)."""
+        if self._inst is None:
+            part = ["table", "source", "market", "date"]
+            known = self.df.filter(pl.col("instruments").is_not_null())
+            figs = (known.select(*part, "instruments").explode("instruments").unnest("instruments")
+                    .with_columns(files=pl.lit(1, pl.Int64)))
+            unknown = (self.df.filter(pl.col("instruments").is_null())
+                       .select(*part, pl.lit(None, pl.String).alias("instrument"), *inst.FIGURES,
+                               files=pl.lit(1, pl.Int64)))
+            self._inst = (pl.concat([figs, unknown], how="diagonal_relaxed")
+                          .group_by(*part, "instrument")
+                          .agg(pl.col("rows").sum(), pl.col("files").sum(), pl.col("min_ts").min(),
+                               pl.col("max_ts").max(), pl.col("min_recv_ts").min(), pl.col("max_recv_ts").max())
+                          .cast(inst.FRAME_SCHEMA))
+        return self._inst
 
     def files_in(self, part: Partition) -> list[FileEntry]:
         t, s, m, d = part
@@ -161,11 +227,21 @@ class FrameCatalog:
                              .sort("table", "source", "market", "date"))
         return self._summary
 
-    def summary(self, table=None, source=None, market=None, start=None, end=None) -> pl.DataFrame:
+    def summary(self, table=None, source=None, market=None, start=None, end=None, *, by: str = "date",
+                instrument=None) -> pl.DataFrame:
         from engine.timeutil import to_ns
 
+        if by != "date" or instrument is not None:
+            return instrument_summary(self._inst_all(), by, table, source, market, to_ns(start, name="start"),
+                                      to_ns(end, name="end"), instrument)
         return filter_summary(self._summary_all(), table, source, market, to_ns(start, name="start"),
                               to_ns(end, name="end"))
+
+    def instruments(self, table=None, source=None, market=None, start=None, end=None, instrument=None) -> pl.DataFrame:
+        from engine.timeutil import to_ns
+
+        return instrument_list(self._inst_all(), table, source, market, to_ns(start, name="start"),
+                               to_ns(end, name="end"), instrument)
 
     def partitions(self, table=None, source=None, market=None, start=None, end=None) -> list[Partition]:
         df = self.summary(table, source, market, start, end)
