@@ -117,6 +117,7 @@ SNAPSHOT_NAME = "snapshot.arrow"
 _SNAP_FORMAT = 2  # 2: per-instrument figures per partition (a format-1 snapshot is ignored: the log is replayed)
 _MARK_BYTES = 4096  # the log bytes whose hashes tie a snapshot to the log it was taken from
 _FINDS_BEFORE_LIST = 1_000  # ~13 µs a lookup on the mapped column, ~2 µs on a list (70 ms to copy 1M)
+_PARTS_BEFORE_PRUNING = 16  # an instrument query over more partitions picks those holding it from their figures
 _SEP = "\x1f"  # below every character a key part may hold: pkey order is partition tuple order
 
 # FileEntry as a msgpack array: a partition's files are stored in half the bytes of a map
@@ -224,7 +225,7 @@ class _Base:
         self._blobs = self.table.column("entries")
         self.alive = np.ones(self.n, dtype=bool)  # False: the partition now lives in the catalog's dicts
         self._df: pl.DataFrame | None = None
-        self._inst_df: pl.DataFrame | None = None
+        self._figures: pl.DataFrame | None = None
         self._finds = 0
         self._list: list[str] | None = None
 
@@ -244,22 +245,24 @@ class _Base:
     def entries(self, i: int) -> list[FileEntry]:
         return _entries_of(self._blobs[i].as_buffer())
 
+    def figures(self, rows: np.ndarray, positions: np.ndarray) -> pl.DataFrame:
+        """Per-instrument figures of snapshot rows `rows`, `_p` = `positions`: the whole column is
+        flattened once (zero-copy from the map), then picked by row."""
+        if self._figures is None:
+            self._figures = inst.flatten(self.table.column("instruments"), np.arange(self.n))
+        remap = np.full(self.n, -1, np.int64)
+        remap[rows] = positions
+        r = remap[self._figures["_p"].to_numpy()]
+        keep = r >= 0
+        df = self._figures if keep.all() else self._figures.filter(pl.Series(keep))
+        return df.with_columns(_p=pl.Series(r[keep], dtype=pl.Int64))
+
     def df(self) -> pl.DataFrame:
         """The partition columns as a polars frame (built once, on the first question)."""
         if self._df is None:
-            self._df = pl.from_arrow(self.table.drop_columns(["entries", "instruments"]), schema_overrides=_FRAME_SCHEMA)
+            self._df = pl.from_arrow(self.table.drop_columns(["entries", "instruments"]),
+                                     schema_overrides=_FRAME_SCHEMA).with_row_index("_i")
         return self._df
-
-    def inst_df(self) -> pl.DataFrame:
-        """One row per (partition, instrument) of the alive partitions (exploded once, then masked)."""
-        if self._inst_df is None:
-            t = self.table.select(["table", "source", "market", "date", "instruments"])
-            self._inst_df = (pl.from_arrow(t).with_row_index("_i").explode("instruments").unnest("instruments")
-                             .filter(pl.col("files").is_not_null()).cast(inst.FRAME_SCHEMA))
-        df = self._inst_df
-        if not self.alive.all():
-            df = df.filter(pl.Series(self.alive[df["_i"].to_numpy()]))
-        return df.drop("_i")
 
 
 def _locked(fn):
@@ -334,7 +337,7 @@ class Catalog:
         self._odd: dict[str, Partition] = dict(base.meta.odd) if base else {}
         self._frame_cache: tuple[int, pl.DataFrame] | None = None
         self._summary_cache: tuple[int, pl.DataFrame] | None = None
-        self._inst_parts: dict[Partition, list[dict]] = {}  # instrument figures of live partitions, on demand
+        self._inst_parts: dict[Partition, inst.Figures] = {}  # instrument figures of live partitions, on demand
         self._inst_cache: tuple[int, pl.DataFrame] | None = None
 
     # ---- snapshot ----------------------------------------------------------------------
@@ -415,7 +418,7 @@ class Catalog:
         parts = sorted(p for p, d in self._live.items() if d)
         cols = _columns(parts, [self._aggs[p] for p in parts])
         cols["entries"] = [_pack.encode([msgspec.structs.astuple(e) for e in self._live[p].values()]) for p in parts]
-        cols["instruments"] = [self._part_instruments(p) for p in parts]
+        cols["instruments"] = inst.figures_arrow(self._part_figures(parts))
         live = pa.table(cols, schema=_SNAP_SCHEMA)
         t = live
         if self._base is not None and self._base.n:
@@ -570,6 +573,7 @@ class Catalog:
             return self._frame_cache[1]
         parts = sorted(p for p, d in self._live.items() if d)
         df = pl.DataFrame(_columns(parts, [self._aggs[p] for p in parts]), schema=_FRAME_SCHEMA)
+        df = df.select(pl.lit(None, pl.UInt32).alias("_i"), pl.all())  # `_i`: the snapshot row, null when changed
         if self._base is not None and self._base.n:
             base = self._base.df()
             if not self._base.alive.all():
@@ -578,25 +582,28 @@ class Catalog:
         self._frame_cache = (self.version, df)
         return df
 
-    def _part_instruments(self, part: Partition) -> list[dict]:
-        """Per-instrument figures of a live partition, from its files' recorded figures (no data read)."""
-        figs = self._inst_parts.get(part)
-        if figs is None:
-            figs = self._inst_parts[part] = inst.partition_figures(self._live[part].values())
-        return figs
+    def _part_figures(self, parts: list[Partition]) -> list[inst.Figures]:
+        """Per-instrument figures of live partitions, from their files' recorded figures (no data
+        read); those not known yet are computed together, and kept until the partition changes."""
+        todo = [p for p in parts if p not in self._inst_parts]
+        if todo:
+            self._inst_parts.update(zip(todo, inst.partitions_figures([self._live[p].values() for p in todo])))
+        return [self._inst_parts[p] for p in parts]
 
-    def _inst_frame(self) -> pl.DataFrame:
-        """One row per (partition, instrument): the snapshot's rows not changed since, and the changed
-        partitions' (computed from their files' figures when first asked); rebuilt when the catalog changes."""
-        if self._inst_cache and self._inst_cache[0] == self.version:
-            return self._inst_cache[1]
-        rows = [{"table": p[0], "source": p[1], "market": p[2], "date": p[3], **f}
-                for p, d in self._live.items() if d for f in self._part_instruments(p)]
-        df = pl.DataFrame(rows, schema=inst.FRAME_SCHEMA)
-        if self._base is not None and self._base.n:
-            df = pl.concat([self._base.inst_df(), df])
-        self._inst_cache = (self.version, df)
-        return df
+    def _inst_rows(self, parts: pl.DataFrame) -> pl.DataFrame:
+        """Per-instrument figures of the partitions `parts` (rows of `_frame()`), `_p` their row in
+        `parts`: the snapshot's flattened from its mapped column, the changed ones' from their files."""
+        frames = []
+        i = parts["_i"]
+        if self._base is not None and i.null_count() < len(i):
+            pos = np.flatnonzero(i.is_not_null().to_numpy())
+            frames.append(self._base.figures(i.gather(pos).to_numpy().astype(np.int64), pos))
+        if i.null_count():
+            pos = np.flatnonzero(i.is_null().to_numpy())
+            frames.append(inst.figures_frame(self._part_figures(self._parts_of(parts[pos])), pos))
+        if not frames:
+            return pl.DataFrame(schema=inst.ROWS_SCHEMA)
+        return pl.concat([f.select(inst.ROWS_SCHEMA.keys()).cast(inst.ROWS_SCHEMA) for f in frames])
 
     def _parts_of(self, df: pl.DataFrame) -> list[Partition]:
         return list(zip(*(df[c].to_list() for c in ("table", "source", "market", "date"))))
@@ -677,8 +684,17 @@ class Catalog:
         from engine.timeutil import to_ns
 
         start, end = to_ns(start, name="start"), to_ns(end, name="end")
+        self.refresh()
+        df = self._filtered(table, source, market, start, end)
+        if instrument is not None and df.height > _PARTS_BEFORE_PRUNING:  # partitions holding it, first
+            rows = inst.instrument_filter(self._inst_rows(df), instrument)
+            if start is not None:
+                rows = rows.filter(pl.col("max_ts").is_null() | (pl.col("max_ts") >= start))
+            if end is not None:
+                rows = rows.filter(pl.col("min_ts").is_null() | (pl.col("min_ts") < end))
+            df = df[np.unique(rows["_p"].to_numpy())]
         out = []
-        for part in self.partitions(table, source, market, start, end):
+        for part in self._parts_of(df):
             for e in self._files(part).values():
                 if start is not None and e.max_ts is not None and e.max_ts < start:
                     continue
@@ -711,14 +727,17 @@ class Catalog:
     def summary(self, table=None, source=None, market=None, start=None, end=None, *, by: str = "date",
                 instrument=None) -> pl.DataFrame:
         """Rows, bytes, files and time range per (table, source, market, date), from the index alone.
-        `by="instrument"`: rows, files and time ranges per (table, source, market, instrument) instead,
-        from the files' per-instrument figures (see `instrument_summary`)."""
+        `by="instrument"`: rows, files holding it, min/max `ts` and `recv_ts` per (table, source,
+        market, instrument) instead, from the files' per-instrument figures: over the (partition,
+        instrument) figures matching the filters (`instrument` exact or glob) and overlapping
+        [start, end), whole, not cut at the range. A null instrument stands for rows without one
+        (whole-market gaps) and for files catalogued without figures."""
         from engine.timeutil import to_ns
 
         self.refresh()
         if by != "date" or instrument is not None:
-            return instrument_summary(self._inst_frame(), by, table, source, market, to_ns(start, name="start"),
-                                      to_ns(end, name="end"), instrument)
+            return self._by_instrument(("table", "source", "market"), by, table, source, market,
+                                       to_ns(start, name="start"), to_ns(end, name="end"), instrument)
         if not (self._summary_cache and self._summary_cache[0] == self.version):
             cols = ("table", "source", "market", "date", "rows", "bytes", "files", "min_ts", "max_ts")
             self._summary_cache = (self.version, self._frame().select(cols))
@@ -731,8 +750,18 @@ class Catalog:
         from engine.timeutil import to_ns
 
         self.refresh()
-        return instrument_list(self._inst_frame(), table, source, market, to_ns(start, name="start"),
-                               to_ns(end, name="end"), instrument)
+        return instrument_list(self._by_instrument(("source", "market"), "instrument", table, source, market,
+                                                   to_ns(start, name="start"), to_ns(end, name="end"), instrument))
+
+    def _by_instrument(self, keys, by, table, source, market, start, end, instrument) -> pl.DataFrame:
+        check_by(by)
+        args = (keys, table, source, market, start, end, instrument)
+        if self._inst_cache and self._inst_cache[0] == (self.version, args):
+            return self._inst_cache[1]
+        parts = self._filtered(table, source, market, start, end)
+        out = inst.reduce(parts, self._inst_rows(parts), list(keys), start, end, instrument)
+        self._inst_cache = ((self.version, args), out)
+        return out
 
     def replacement(self, key: str) -> FileEntry | None:
         """The live file holding a retired file's rows now (following later compactions), or None."""
@@ -776,37 +805,14 @@ def filter_summary(df: pl.DataFrame, table=None, source=None, market=None, start
     return df.filter(*preds) if preds else df
 
 
-def instrument_filter(df: pl.DataFrame, pattern: str | None) -> pl.DataFrame:
-    if pattern is None:
-        return df
-    col = pl.col("instrument")
-    return df.filter(col.str.contains(pattern_regex(pattern)) if is_pattern(pattern) else col == pattern)
-
-
-def instrument_summary(df: pl.DataFrame, by: str, table=None, source=None, market=None, start=None, end=None,
-                       instrument=None) -> pl.DataFrame:
-    """Per (table, source, market, instrument) from a per-(partition, instrument) frame: rows, files
-    holding the instrument, min/max `ts` and `recv_ts` of the (partition, instrument) rows matching
-    the filters and overlapping [start, end) (whole partitions' figures, not rows cut at the range).
-    A null instrument stands for rows without one (whole-market gaps) and files catalogued without
-    per-instrument figures."""
+def check_by(by: str) -> None:
     if by != "instrument":
         raise ValueError(f"by={by!r}: a summary is by 'date' (per partition) or by 'instrument'; "
                          "an instrument filter needs by='instrument'")
-    df = instrument_filter(filter_summary(df, table, source, market, start, end), instrument)
-    keys = ["table", "source", "market", "instrument"]
-    return (df.group_by(keys)
-            .agg(pl.col("rows").sum(), pl.col("files").sum(), pl.col("min_ts").min(), pl.col("max_ts").max(),
-                 pl.col("min_recv_ts").min(), pl.col("max_recv_ts").max())
-            .sort(keys, nulls_last=False))
 
 
-def instrument_list(df: pl.DataFrame, table=None, source=None, market=None, start=None, end=None,
-                    instrument=None) -> pl.DataFrame:
-    """Per (source, market, instrument) seen in any table (or `table`): first and last `ts` and `recv_ts`."""
-    df = instrument_filter(filter_summary(df, table, source, market, start, end), instrument)
-    keys = ["source", "market", "instrument"]
-    return (df.filter(pl.col("instrument").is_not_null()).group_by(keys)
-            .agg(pl.col("min_ts").min().alias("first_ts"), pl.col("max_ts").max().alias("last_ts"),
-                 pl.col("min_recv_ts").min().alias("first_recv_ts"), pl.col("max_recv_ts").max().alias("last_recv_ts"))
-            .sort(keys))
+def instrument_list(df: pl.DataFrame) -> pl.DataFrame:
+    """Per (source, market, instrument) seen: first and last `ts` and `recv_ts` (named instruments only)."""
+    return df.filter(pl.col("instrument").is_not_null()).select(
+        "source", "market", "instrument", pl.col("min_ts").alias("first_ts"), pl.col("max_ts").alias("last_ts"),
+        pl.col("min_recv_ts").alias("first_recv_ts"), pl.col("max_recv_ts").alias("last_recv_ts"))

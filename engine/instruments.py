@@ -34,6 +34,7 @@ FIGURES = ("rows", "min_ts", "max_ts", "min_recv_ts", "max_recv_ts")
 _FORMAT = 1
 _HEAD = struct.Struct("<BI4q")
 _I64 = np.iinfo(np.int64)
+_SIGN = np.array([1, 1, -1, 1, -1], np.int64)[:, None]  # figure = base + sign * offset
 
 
 @dataclass(frozen=True)
@@ -115,18 +116,17 @@ def decode(s: str) -> InstrumentStats:
         raise ValueError(f"instrument figures format {fmt}, this engine reads {_FORMAT}")
     cut = raw.index(b"\0", _HEAD.size)
     names = [n or None for n in raw[_HEAD.size:cut].decode().split("\n")] if k else []
-    off = np.frombuffer(raw, np.uint8, offset=cut + 1).reshape(8, 5 * k).T.copy().view("<u8").reshape(5, k)
-    off = off.astype(np.int64)
-    m = np.stack([off[0], base[0] + off[1], base[1] - off[2], base[2] + off[3], base[3] - off[4]])
-    return InstrumentStats(names, m)
+    off = np.frombuffer(raw, np.uint8, offset=cut + 1).reshape(8, 5 * k).T.copy().view("<i8").reshape(5, k)
+    off *= _SIGN
+    off += np.array([0, *base], np.int64)[:, None]
+    return InstrumentStats(names, off)
 
 
 # ---- per (partition, instrument) figures, for the catalog's questions ----------------------------------
 
 PART_FIGURES = ("rows", "files", "min_ts", "max_ts", "min_recv_ts", "max_recv_ts")
 ARROW_TYPE = pa.list_(pa.struct([("instrument", pa.string())] + [(f, pa.int64()) for f in PART_FIGURES]))
-FRAME_SCHEMA = {"table": pl.String, "source": pl.String, "market": pl.String, "date": pl.String,
-                "instrument": pl.String, **{f: pl.Int64 for f in PART_FIGURES}}
+ROWS_SCHEMA = {"_p": pl.Int64, "instrument": pl.String, **{f: pl.Int64 for f in PART_FIGURES}}
 
 
 def file_figures(e) -> InstrumentStats:
@@ -138,33 +138,124 @@ def file_figures(e) -> InstrumentStats:
     return InstrumentStats([None], np.array([[v if v is not None else f] for v, f in zip(vals, fill)], np.int64))
 
 
-def partition_figures(entries: Iterable) -> list[dict]:
-    """Per instrument of one partition's files: rows, files holding it, min/max ts and recv_ts."""
+Figures = tuple[list, np.ndarray]  # instrument names, (6, k) int64 PART_FIGURES (unknown times: _NULL_MIN/_MAX)
+_NULL = np.array([0, 0, _I64.max, _I64.min, _I64.max, _I64.min], np.int64)  # neutral in sum/min/max: null
+
+
+def partitions_figures(groups: list[Iterable]) -> list[Figures]:
+    """Per instrument of each group of files (a partition): rows, files holding it, min/max ts and
+    recv_ts, sorted by name; one decode per file, then one vectorized reduction for all groups."""
     names: list[str | None] = []
-    mats = []
-    for e in entries:
-        st = file_figures(e)
-        names += st.names
-        mats.append(st.m)
+    mats, owner = [], []
+    for gi, entries in enumerate(groups):
+        for e in entries:
+            st = file_figures(e)
+            names += st.names
+            mats.append(st.m)
+            owner.append(np.full(len(st.names), gi, np.int64))
     if not names:
-        return []
+        return [([], np.zeros((6, 0), np.int64)) for _ in groups]
     m = np.concatenate(mats, axis=1)
-    index: dict[str | None, int] = {}
-    codes = np.fromiter((index.setdefault(n, len(index)) for n in names), np.int64, len(names))
-    k = len(index)
-    rows = np.bincount(codes, m[0], k).astype(np.int64)
-    files = np.bincount(codes, minlength=k)
-    lo = np.full((2, k), _I64.max)
-    hi = np.full((2, k), _I64.min)
-    np.minimum.at(lo[0], codes, m[1])
-    np.maximum.at(hi[0], codes, m[2])
-    np.minimum.at(lo[1], codes, m[3])
-    np.maximum.at(hi[1], codes, m[4])
+    m = np.concatenate([m[:1], np.ones((1, m.shape[1]), np.int64), m[1:]])  # + files: 1 each
+    own = np.concatenate(owner)
+    order = (pl.DataFrame({"_p": own, "instrument": pl.Series(names, dtype=pl.String)}).with_row_index("_r")
+             .sort("_p", "instrument", nulls_last=False))
+    r = order["_r"].to_numpy()
+    ins = order["instrument"]
+    own, m = own[r], m[:, r]
+    new = np.ones(len(r), bool)
+    new[1:] = (own[1:] != own[:-1]) | ins.slice(1).ne_missing(ins.slice(0, len(r) - 1)).to_numpy()
+    starts = np.flatnonzero(new)
+    red = np.stack([op.reduceat(m[i], starts) for i, op in enumerate(
+        (np.add, np.add, np.minimum, np.maximum, np.minimum, np.maximum))])
+    red_names = ins.gather(starts).to_list()
+    cuts = np.searchsorted(own[starts], np.arange(len(groups) + 1))
+    return [(red_names[a:b], red[:, a:b]) for a, b in zip(cuts, cuts[1:])]
 
-    def val(x: int, null: int) -> int | None:
-        return None if x == null else x
 
-    return [{"instrument": n, "rows": int(rows[i]), "files": int(files[i]),
-             "min_ts": val(int(lo[0, i]), _I64.max), "max_ts": val(int(hi[0, i]), _I64.min),
-             "min_recv_ts": val(int(lo[1, i]), _I64.max), "max_recv_ts": val(int(hi[1, i]), _I64.min)}
-            for n, i in sorted(index.items(), key=lambda kv: (kv[0] is not None, kv[0] or ""))]
+def figures_frame(figs: list[Figures], positions) -> pl.DataFrame:
+    """Figures of several partitions as rows (ROWS_SCHEMA), `_p` = `positions[i]` for figs[i]."""
+    names = [n for f in figs for n in f[0]]
+    if not names:
+        return pl.DataFrame(schema=ROWS_SCHEMA)
+    m = np.concatenate([f[1] for f in figs], axis=1)
+    cols = {"_p": np.repeat(np.asarray(positions, np.int64), [len(f[0]) for f in figs]),
+            "instrument": pl.Series(names, dtype=pl.String)}
+    for i, c in enumerate(PART_FIGURES):
+        nulls = np.flatnonzero(m[i] == _NULL[i]) if i >= 2 else ()
+        cols[c] = pl.Series(m[i]).scatter(nulls, None) if len(nulls) else pl.Series(m[i])
+    return pl.DataFrame(cols, schema=ROWS_SCHEMA)
+
+
+def figures_arrow(figs: list[Figures]) -> pa.Array:
+    """Figures of several partitions as one list<struct> array (ARROW_TYPE), one list each."""
+    df = figures_frame(figs, np.arange(len(figs)))
+    offsets = np.concatenate([[0], np.cumsum([len(f[0]) for f in figs])]).astype(np.int32)
+    fields = list(ARROW_TYPE.value_type)
+    values = pa.StructArray.from_arrays([df[f.name].to_arrow().cast(f.type) for f in fields], fields=fields)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def flatten(lists: pa.ChunkedArray | pa.Array, positions: np.ndarray) -> pl.DataFrame:
+    """Rows of list<struct> figures (ARROW_TYPE or the manifest's) with `_p`: `positions[i]` for list i."""
+    arr = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    vals = arr.flatten()
+    parent = arr.value_parent_indices().to_numpy(zero_copy_only=False)
+    cols = {f.name: vals.field(f.name) for f in vals.type}
+    df = pl.from_arrow(pa.table(cols))
+    return df.with_columns(_p=pl.Series(positions[parent] if len(parent) else np.zeros(0, np.int64), dtype=pl.Int64))
+
+
+def instrument_filter(df: pl.DataFrame, pattern: str | None) -> pl.DataFrame:
+    """Rows whose instrument is `pattern` (exact) or matches it (glob)."""
+    if pattern is None:
+        return df
+    from engine.paths import is_pattern, pattern_regex
+
+    col = pl.col("instrument")
+    return df.filter(col.str.contains(pattern_regex(pattern)) if is_pattern(pattern) else col == pattern)
+
+
+def reduce(parts: pl.DataFrame, rows: pl.DataFrame, keys: list[str], start=None, end=None,
+           instrument=None) -> pl.DataFrame:
+    """Figures per (`keys`..., instrument) from per-(partition, instrument) `rows` (`_p`: their row
+    in `parts`, which has the `keys` columns): rows and files summed, times min/max, over the rows
+    matching `instrument` and overlapping [start, end). Sorted, then reduced run by run (numpy):
+    ~5x faster than a hash group-by on string keys, and sorted output for free."""
+    if start is not None:
+        rows = rows.filter(pl.col("max_ts").is_null() | (pl.col("max_ts") >= start))
+    if end is not None:
+        rows = rows.filter(pl.col("min_ts").is_null() | (pl.col("min_ts") < end))
+    rows = instrument_filter(rows, instrument)
+    code = parts.select(pl.struct(keys).rank("dense").cast(pl.Int64) - 1).to_series()
+    s = rows.with_columns(_g=code.gather(rows["_p"])).sort("_g", "instrument", nulls_last=False)
+    n = s.height
+    out = {"_g": pl.Series([], dtype=pl.Int64), "instrument": pl.Series([], dtype=pl.String)}
+    if n:
+        g, ins = s["_g"].to_numpy(), s["instrument"]
+        new = np.ones(n, bool)
+        new[1:] = (g[1:] != g[:-1]) | ins.slice(1).ne_missing(ins.slice(0, n - 1)).to_numpy()
+        starts = np.flatnonzero(new)
+        out = {"_g": g[starts], "instrument": ins.gather(starts)}
+    for c, op, null in (("rows", np.add, 0), ("files", np.add, 0), ("min_ts", np.minimum, _I64.max),
+                        ("max_ts", np.maximum, _I64.min), ("min_recv_ts", np.minimum, _I64.max),
+                        ("max_recv_ts", np.maximum, _I64.min)):
+        if not n:
+            out[c] = pl.Series([], dtype=pl.Int64)
+            continue
+        col = s[c]
+        v = op.reduceat(col.fill_null(null).to_numpy() if col.null_count() else col.to_numpy(), starts)
+        nulls = np.flatnonzero(v == null) if null else ()
+        out[c] = pl.Series(v).scatter(nulls, None) if len(nulls) else pl.Series(v)
+    names = parts.select(keys).with_columns(_g=code).unique("_g").sort("_g")  # row k: code k
+    g = pl.Series(out.pop("_g"), dtype=pl.Int64)
+    return pl.DataFrame({**{k: names[k].gather(g) for k in keys}, **out})
+
+
+def select_parts(parts: pl.DataFrame, rows: pl.DataFrame, idx: np.ndarray) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The partitions `idx` of `parts` and their rows, `_p` renumbered."""
+    remap = np.full(parts.height, -1, np.int64)
+    remap[idx] = np.arange(len(idx))
+    r = remap[rows["_p"].to_numpy()]
+    keep = r >= 0
+    return parts[idx], rows.filter(pl.Series(keep)).with_columns(_p=pl.Series(r[keep], dtype=pl.Int64))
