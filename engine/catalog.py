@@ -686,26 +686,42 @@ class Catalog:
         start, end = to_ns(start, name="start"), to_ns(end, name="end")
         self.refresh()
         df = self._filtered(table, source, market, start, end)
+        whole: set[int] = set()  # partitions whose every file holds a match inside the window: no decoding
         if instrument is not None and df.height > _PARTS_BEFORE_PRUNING:  # partitions holding it, first
-            rows = inst.instrument_filter(self._inst_rows(df), instrument)
-            if start is not None:
-                rows = rows.filter(pl.col("max_ts").is_null() | (pl.col("max_ts") >= start))
-            if end is not None:
-                rows = rows.filter(pl.col("min_ts").is_null() | (pl.col("min_ts") < end))
-            df = df[np.unique(rows["_p"].to_numpy())]
+            df, whole = self._holding(df, instrument, start, end)
         out = []
-        for part in self._parts_of(df):
+        for i, part in enumerate(self._parts_of(df)):
             for e in self._files(part).values():
                 if start is not None and e.max_ts is not None and e.max_ts < start:
                     continue
                 if end is not None and e.min_ts is not None and e.min_ts >= end:
                     continue
-                if instrument is not None and e.instruments is not None \
+                if instrument is not None and e.instruments is not None and i not in whole \
                         and not inst.decode(e.instruments).matching(instrument, start, end):
                     continue
                 out.append(e)
         out.sort(key=lambda e: e.key)
         return out
+
+    def _holding(self, df: pl.DataFrame, instrument: str, start, end) -> tuple[pl.DataFrame, set[int]]:
+        """The partitions of `df` with a matching instrument in [start, end) by their figures, or with
+        files without figures (null instrument: always read); and which of them (by new row) have it
+        in every file, inside the window."""
+        rows = self._inst_rows(df)
+        unknown = rows.filter(pl.col("instrument").is_null())["_p"].to_numpy()
+        hit = inst.instrument_filter(rows, instrument)
+        if start is not None:
+            hit = hit.filter(pl.col("max_ts").is_null() | (pl.col("max_ts") >= start))
+        if end is not None:
+            hit = hit.filter(pl.col("min_ts").is_null() | (pl.col("min_ts") < end))
+        keep = np.union1d(hit["_p"].to_numpy(), unknown)
+        inside = hit.filter(pl.col("files") == pl.Series(df["files"].to_numpy()[hit["_p"].to_numpy()]))
+        if start is not None:
+            inside = inside.filter(pl.col("min_ts") >= start)
+        if end is not None:
+            inside = inside.filter(pl.col("max_ts") < end)
+        whole = set(np.searchsorted(keep, np.setdiff1d(inside["_p"].to_numpy(), unknown)).tolist())
+        return df[keep], whole
 
     @_locked
     def pending_upload(self, table=None, source=None, market=None, date=None) -> list[FileEntry]:

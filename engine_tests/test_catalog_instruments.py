@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from engine import Engine, instruments, schema, synth
+from engine import Engine, catalog, instruments, schema, synth
 from engine.capture_gen import generate_kalshi, write_capture
 from engine.catalog import Catalog, FileEntry
 from engine.ingest import engine_kwargs, ingest_files
@@ -156,7 +156,12 @@ def test_figures_after_staging_adoption_compaction_and_rebuild(tmp_path, capture
     assert_frame_equal(check_catalog_equals_data(eng), after)
 
 
-def test_instrument_query_reads_only_the_files_holding_it(tmp_path, capture):
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_instrument_query_reads_only_the_files_holding_it(tmp_path, capture, prefilter, monkeypatch):
+    """`prefilter`: partitions are first picked by their per-instrument figures (done for queries
+    over many partitions; forced here on one) before files are checked one by one."""
+    if prefilter:
+        monkeypatch.setattr(catalog, "_PARTS_BEFORE_PRUNING", 0)
     eng = build(tmp_path / "h", capture)
     q = eng._q()
     every = eng.catalog.entries()
