@@ -144,15 +144,28 @@ _NULL = np.array([0, 0, _I64.max, _I64.min, _I64.max, _I64.min], np.int64)  # ne
 
 def partitions_figures(groups: list[Iterable]) -> list[Figures]:
     """Per instrument of each group of files (a partition): rows, files holding it, min/max ts and
-    recv_ts, sorted by name; one decode per file, then one vectorized reduction for all groups."""
+    recv_ts, sorted by name; one decode per file, then one vectorized reduction for all groups.
+    Files without figures count as a null instrument (gathered without a per-file array)."""
     names: list[str | None] = []
     mats, owner = [], []
+    unknown: list[tuple] = []
     for gi, entries in enumerate(groups):
         for e in entries:
-            st = file_figures(e)
+            if e.instruments is None:
+                unknown.append((gi, e.rows, e.min_ts, e.max_ts, e.min_recv_ts, e.max_recv_ts))
+                continue
+            st = decode(e.instruments)
             names += st.names
             mats.append(st.m)
             owner.append(np.full(len(st.names), gi, np.int64))
+    if unknown:
+        cols = list(zip(*unknown))
+        fill = (0, 0, _I64.max, _I64.min, _I64.max, _I64.min)
+        u = np.array([c if None not in c else [f if v is None else v for v in c] for c, f in zip(cols, fill)],
+                     np.int64)
+        names += [None] * len(unknown)
+        mats.append(u[1:])
+        owner.append(u[0])
     if not names:
         return [([], np.zeros((6, 0), np.int64)) for _ in groups]
     m = np.concatenate(mats, axis=1)

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+import structlog
 from polars.testing import assert_frame_equal
 
 from engine import Engine, catalog, instruments, schema, synth
@@ -97,7 +98,7 @@ def check_catalog_equals_data(eng: Engine) -> pl.DataFrame:
     return got
 
 
-def test_raw_files_figures_equal_the_data_and_survive_checkpoint_and_reopen(tmp_path, capture):
+def test_raw_files_figures_equal_the_data_and_survive_checkpoint_and_reopen(tmp_path, capture, monkeypatch):
     eng = build(tmp_path / "h", capture)
     got = check_catalog_equals_data(eng)
     trades = eng.catalog.files("trades")
@@ -115,6 +116,15 @@ def test_raw_files_figures_equal_the_data_and_survive_checkpoint_and_reopen(tmp_
     with pytest.raises(ValueError, match="by="):
         eng.catalog.summary(by="hour")
     eng.close()
+    # a snapshot of the previous format (no figures) is ignored with a warning: the log is replayed
+    log = tmp_path / "h" / "catalog" / "log.jsonl"
+    monkeypatch.setattr(catalog, "_SNAP_FORMAT", 1)
+    assert Catalog(log).checkpoint()
+    monkeypatch.undo()
+    with structlog.testing.capture_logs() as logs:
+        old = Catalog(log)
+    assert old._base is None and any(e["event"] == "catalog_snapshot_unreadable" for e in logs)
+    assert_frame_equal(old.summary(by="instrument"), got)
     # a checkpoint stores per-(partition, instrument) figures; a reopened catalog answers the same
     cat = Catalog(tmp_path / "h" / "catalog" / "log.jsonl")
     assert cat.checkpoint() and cat._base is not None and not cat._live
@@ -204,7 +214,7 @@ def test_instrument_query_reads_only_the_files_holding_it(tmp_path, capture, pre
     assert old.catalog.instruments().height == 0
 
 
-def test_summary_by_instrument_answers_with_the_data_files_moved_away(tmp_path, capture):
+def test_summary_by_instrument_answers_with_the_data_files_moved_away(tmp_path, capture, capsys):
     eng = build(tmp_path / "h", capture)
     got = eng.catalog.summary(by="instrument")
     listed = eng.catalog.instruments()
@@ -218,6 +228,18 @@ def test_summary_by_instrument_answers_with_the_data_files_moved_away(tmp_path, 
     assert_frame_equal(r.catalog.instruments(), listed)
     assert_frame_equal(r.catalog.summary(by="instrument", instrument=EARLY, table="trades"),
                        got.filter(table="trades", instrument=EARLY))
+    # the command line answers the same, from the catalog alone
+    from engine.cli import main
+
+    assert main(["catalog", "summary", "--by", "instrument", "--home", str(tmp_path / "h"), "--table", "trades",
+                 "--instrument", "KXBTC-25MAR0406*"]) == 0
+    out = capsys.readouterr().out
+    want = got.filter(table="trades").filter(pl.col("instrument").str.starts_with("KXBTC-25MAR0406"))
+    assert f"shape: ({want.height}, 10)" in out and all(i in out for i in want["instrument"])
+    assert str(want["rows"][0]) in out
+    assert main(["catalog", "instruments", "--home", str(tmp_path / "h"), "--start", "2025-03-04T12:00"]) == 0
+    out = capsys.readouterr().out
+    assert EARLY not in out and "KXBTC-25MAR040830-B97000" in out
 
 
 def test_a_fresh_home_has_the_figures_through_the_manifest(tmp_path, capture, s3_env):
@@ -284,6 +306,11 @@ def test_encoding_round_trips_and_old_log_lines_load(tmp_path):
     assert len(s) < 0.5 * len(as_json)  # random ns offsets (the worst case): ~40 bytes a contract, JSON ~110
     empty = instruments.decode(instruments.encode(instruments.InstrumentStats([], np.zeros((5, 0), np.int64))))
     assert empty.names == [] and empty.m.shape == (5, 0)
+    # whole-market gap rows have no instrument: a null name, first
+    gaps = synth.gap_rows([{"source": "s", "market": "m", "instrument": i, "start_ts": START + j, "end_ts": START + H,
+                            "kind": "disconnect", "detail": None} for j, i in enumerate([None, "X", None])])
+    g = instruments.decode(instruments.encode(instruments.of_table("gaps", gaps)))
+    assert g.names == [None, "X"] and g.m[:, 0].tolist() == [2, START, START + 2, START, START + 2]
     # a log line without the field (an older engine's) loads with no figures
     line = b'{"op":"add","at":1,"file":{"key":"data/trades/source=s/market=m/date=2025-03-04/0001.parquet",' \
            b'"table":"trades","source":"s","market":"m","date":"2025-03-04","rows":5,"bytes":9,"sha256":"x",' \
