@@ -338,7 +338,7 @@ class Catalog:
         self._frame_cache: tuple[int, pl.DataFrame] | None = None
         self._summary_cache: tuple[int, pl.DataFrame] | None = None
         self._inst_parts: dict[Partition, inst.Figures] = {}  # instrument figures of live partitions, on demand
-        self._inst_cache: tuple[int, pl.DataFrame] | None = None
+        self._inst_cache: tuple[tuple, pl.DataFrame] | None = None  # (version, question) → the last answer
 
     # ---- snapshot ----------------------------------------------------------------------
     def _load_snapshot(self) -> None:
@@ -696,9 +696,10 @@ class Catalog:
                     continue
                 if end is not None and e.min_ts is not None and e.min_ts >= end:
                     continue
-                if instrument is not None and e.instruments is not None and i not in whole \
-                        and not inst.decode(e.instruments).matching(instrument, start, end):
-                    continue
+                if instrument is not None and i not in whole and e.instruments is not None:
+                    st = inst.figures_of(e)
+                    if st is not None and not st.matching(instrument, start, end):
+                        continue
                 out.append(e)
         out.sort(key=lambda e: e.key)
         return out

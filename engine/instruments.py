@@ -12,7 +12,8 @@ is written per file and a Kalshi hourly file holds ~50 contracts:
 - names: joined by "\\n" (instrument names hold no control characters), a null instrument as "";
 - figures: a (5, k) uint64 matrix [rows, min_ts - min ts, max ts - max_ts, min_recv - min recv,
   max recv - max_recv] stored byte plane by byte plane, so the high zero bytes of the offsets
-  compress away (~24 bytes an instrument, against ~80 as JSON numbers).
+  compress away (~25-35 bytes an instrument, against ~100 as JSON numbers).
+A string that cannot be decoded counts as no figures (the file is then always read).
 """
 
 from __future__ import annotations
@@ -109,6 +110,20 @@ def encode(st: InstrumentStats | None) -> str | None:
     return base64.b64encode(z.compress(raw) + z.flush()).decode()
 
 
+def figures_of(e) -> InstrumentStats | None:
+    """A catalog entry's figures, or None: not recorded, or damaged (logged; the file is then always read)."""
+    if e.instruments is None:
+        return None
+    try:
+        return decode(e.instruments)
+    except (ValueError, zlib.error, struct.error) as err:  # binascii.Error is a ValueError
+        from engine.log import get_logger
+
+        get_logger(component="catalog").warning("instrument_figures_unreadable", key=e.key, error=str(err),
+                                                 hint="the file counts as without figures: always read")
+        return None
+
+
 def decode(s: str) -> InstrumentStats:
     raw = zlib.decompress(base64.b64decode(s), -15)
     fmt, k, *base = _HEAD.unpack_from(raw)
@@ -129,15 +144,6 @@ ARROW_TYPE = pa.list_(pa.struct([("instrument", pa.string())] + [(f, pa.int64())
 ROWS_SCHEMA = {"_p": pl.Int64, "instrument": pl.String, **{f: pl.Int64 for f in PART_FIGURES}}
 
 
-def file_figures(e) -> InstrumentStats:
-    """A catalog entry's figures; a file catalogued without them counts as one null instrument."""
-    if e.instruments is not None:
-        return decode(e.instruments)
-    vals = (e.rows, e.min_ts, e.max_ts, e.min_recv_ts, e.max_recv_ts)
-    fill = (0, _I64.max, _I64.min, _I64.max, _I64.min)  # unknown bounds: neutral in min/max, nulls later
-    return InstrumentStats([None], np.array([[v if v is not None else f] for v, f in zip(vals, fill)], np.int64))
-
-
 Figures = tuple[list, np.ndarray]  # instrument names, (6, k) int64 PART_FIGURES (unknown times: _NULL_MIN/_MAX)
 _NULL = np.array([0, 0, _I64.max, _I64.min, _I64.max, _I64.min], np.int64)  # neutral in sum/min/max: null
 
@@ -151,10 +157,10 @@ def partitions_figures(groups: list[Iterable]) -> list[Figures]:
     unknown: list[tuple] = []
     for gi, entries in enumerate(groups):
         for e in entries:
-            if e.instruments is None:
+            st = figures_of(e)
+            if st is None:
                 unknown.append((gi, e.rows, e.min_ts, e.max_ts, e.min_recv_ts, e.max_recv_ts))
                 continue
-            st = decode(e.instruments)
             names += st.names
             mats.append(st.m)
             owner.append(np.full(len(st.names), gi, np.int64))

@@ -75,7 +75,7 @@ def _instrument_column(remote: list[FileEntry]) -> pa.Array:
     filters and sums them vectorized."""
     offsets, names, figs, valid = [0], [], [], []
     for e in remote:
-        st = inst.decode(e.instruments) if e.instruments is not None else None
+        st = inst.figures_of(e)
         valid.append(st is not None)
         if st is not None:
             names += st.names

@@ -137,9 +137,10 @@ def instrument_names(files: list[FileEntry]) -> set[str] | None:
 
     names: set[str] = set()
     for e in files:
-        if e.instruments is None:
+        st = instruments.figures_of(e)
+        if st is None:
             return None
-        names.update(n for n in instruments.decode(e.instruments).names if n is not None)
+        names.update(n for n in st.names if n is not None)
     return names
 
 

@@ -321,3 +321,9 @@ def test_encoding_round_trips_and_old_log_lines_load(tmp_path):
     assert e.instruments is None
     assert cat.summary(by="instrument").row(0) == ("trades", "s", "m", None, 5, 1, 1, 2, None, None)
     assert msgspec.json.decode(msgspec.json.encode(e), type=FileEntry) == e
+    # a damaged figures string counts as none: the file is always read, its rows under a null instrument
+    (tmp_path / "log.jsonl").write_bytes(line.replace(b'"max_ts":2}', b'"max_ts":2,"instruments":"AAAA"}'))
+    cat = Catalog(tmp_path / "log.jsonl")
+    assert cat.entries()[0].instruments == "AAAA"
+    assert cat.summary(by="instrument").row(0) == ("trades", "s", "m", None, 5, 1, 1, 2, None, None)
+    assert len(cat.files("trades", instrument="X")) == 1
