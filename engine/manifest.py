@@ -194,6 +194,10 @@ class FrameCatalog:
             df = self._holding(df, instrument, start, end)
         return self._to_entries(df)
 
+    def files_in(self, part: Partition) -> list[FileEntry]:
+        t, s, m, d = part
+        return self._to_entries(self.df.filter(table=t, source=s, market=m, date=d))
+
     @staticmethod
     def _holding(df: pl.DataFrame, instrument: str, start, end) -> pl.DataFrame:
         """The files of `df` holding a matching instrument with rows in [start, end), and those without figures."""

@@ -250,6 +250,8 @@ def test_a_fresh_home_has_the_figures_through_the_manifest(tmp_path, capture, s3
     assert r.remote_reader
     assert_frame_equal(r.catalog.summary(by="instrument"), want)
     assert_frame_equal(r.catalog.instruments(), w.catalog.instruments())
+    part = ("trades", "kalshi", "KXBTC", "2025-03-04")
+    assert [e.key for e in r.catalog.files_in(part)] == [e.key for e in w.catalog.files_in(part)]
     assert_frame_equal(r.catalog.summary(by="instrument", market="KX*", instrument="KXBTC-25MAR0406*",
                                          start=START + 2 * H),
                        w.catalog.summary(by="instrument", market="KX*", instrument="KXBTC-25MAR0406*",
