@@ -51,10 +51,17 @@ def cmd_catalog(args) -> int:
     import polars as pl
 
     eng = _engine(args, writer=args.action in ("rebuild", "publish") or (args.action == "verify" and args.repair))
-    if args.action == "summary":
-        df = eng.catalog.summary(table=args.table, source=args.source, market=args.market)
-        with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200):
-            print(df)
+    if args.action in ("summary", "instruments"):
+        filters = dict(table=args.table, source=args.source, market=args.market, start=args.start, end=args.end)
+        if args.action == "instruments":
+            df = eng.catalog.instruments(**filters, instrument=args.instrument)
+        elif args.by == "instrument" or args.instrument:
+            df = eng.catalog.summary(**filters, by="instrument", instrument=args.instrument)
+        else:
+            df = eng.catalog.summary(**filters)
+        times = [c for c in df.columns if c.endswith("_ts")]
+        with pl.Config(tbl_rows=500, tbl_cols=20, tbl_width_chars=240):
+            print(df.with_columns(pl.from_epoch(c, "ns") for c in times))
         wm = eng.catalog.watermarks
         for s, w in sorted(wm.items()):
             from engine.timeutil import iso
@@ -125,13 +132,18 @@ def cmd_flush(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="data-engine", description="Market-data engine: collect, store, compact, query.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("catalog", help="catalog summary / verify / rebuild --from-store / publish")
-    c.add_argument("action", choices=["summary", "verify", "rebuild", "publish"])
+    c = sub.add_parser("catalog", help="catalog summary / instruments / verify / rebuild --from-store / publish")
+    c.add_argument("action", choices=["summary", "instruments", "verify", "rebuild", "publish"])
     c.add_argument("--from-store", action="store_true")
     c.add_argument("--repair", action="store_true", help="verify: upload again store objects that are missing or differ")
     c.add_argument("--table")
     c.add_argument("--source")
     c.add_argument("--market")
+    c.add_argument("--by", choices=["date", "instrument"], default="date",
+                   help="summary: per (table, source, market, date), or per instrument")
+    c.add_argument("--instrument", help="summary/instruments: exact name or glob, e.g. 'KXBTC-26DEC04*'")
+    c.add_argument("--start", help="summary/instruments: only figures with times at or after this")
+    c.add_argument("--end", help="summary/instruments: only figures with times before this")
     _common(c)
     c.set_defaults(func=cmd_catalog)
     u = sub.add_parser("upload", help="verified upload of local files to the store")

@@ -62,14 +62,17 @@ class Query:
             if market not in ms:
                 raise UnknownMarketError(f"unknown market {market!r} for table {table}; markets: {', '.join(ms)}")
 
-    def select(self, table: str, source=None, market=None, start=None, end=None, allow_unsealed=False):
-        """The catalogued files to read and, per source, the sealed watermark to clamp to."""
+    def select(self, table: str, source=None, market=None, start=None, end=None, allow_unsealed=False,
+               instrument=None):
+        """The catalogued files to read and, per source, the sealed watermark to clamp to. With
+        `instrument`, only files whose recorded figures hold a matching instrument in the range
+        (an expired contract costs no reads; a file without figures is always read)."""
         sp = schema.spec(table)
         start, end = to_ns(start, name="start"), to_ns(end, name="end")
         if start is not None and end is not None and end <= start:
             raise QueryError(f"end ({iso(end)}) must be after start ({iso(start)}); end is exclusive")
         self._check_names(table, source, market)
-        files = self.cat.files(table, source, market, start, end)
+        files = self.cat.files(table, source, market, start, end, instrument=instrument)
         clamp: dict[str, int] = {}
         if not allow_unsealed and sp.part_col == "recv_ts":
             for src in sorted({f.source for f in files}):
@@ -118,7 +121,7 @@ class Query:
             bad = [c for c in columns if c not in sp.columns]
             if bad:
                 raise QueryError(f"table {table}: unknown column(s) {', '.join(bad)}; columns: {', '.join(sp.columns)}")
-        files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed)
+        files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed, instrument)
         self.eng.cache.check_fits(self._remote_bytes(files), f"this {table} query")
         self._prefetch(files)
         paths = [str(self.eng.local_path(e)) for e in files]
@@ -190,7 +193,7 @@ class Query:
         so a month of l2 can be filtered and aggregated in bounded memory. Time columns are cast per
         file (`raw_ns=False`: Datetime), so predicates on them still reach each file's read."""
         sp = schema.spec(table)
-        files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed)
+        files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed, instrument)
         expr = self._filter_expr(table, None if is_pattern(instrument) else instrument, start, end, clamp)
         regex = pattern_regex(instrument) if is_pattern(instrument) else None
         tcols = schema.time_cols(table)

@@ -182,7 +182,7 @@ TIME_COLS: dict[str, tuple[str, ...]] = {
     "bars": ("ts", "end_ts"),
     "valid": ("start_ts", "end_ts"),  # valid() spans
     "coverage": ("hour",),
-    "summary": ("min_ts", "max_ts"),  # catalog.summary()
+    "summary": ("min_ts", "max_ts", "min_recv_ts", "max_recv_ts"),  # catalog.summary(), instruments()
 }
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import fsio, schema
+from engine import fsio, instruments, schema
 from engine.errors import CorruptFileError
 from engine.fsio import atomic_path, sha256_file
 
@@ -115,6 +115,11 @@ class WrittenFile:
 
 
 def table_stats(table: str, t: pa.Table) -> dict:
+    """A file's catalog figures: min/max times (and seq), and per-instrument figures, from the table in memory."""
+    return {**_bounds(table, t), "instruments": instruments.encode(instruments.of_table(table, t))}
+
+
+def _bounds(table: str, t: pa.Table) -> dict:
     sp = schema.spec(table)
     out = {}
     pairs = [("ts", sp.time_col), ("recv_ts", sp.part_col)]
@@ -161,12 +166,18 @@ class StreamWriter:
         self.schema = schema.spec(table).schema.with_metadata(schema.file_metadata(table))
         self._w = pq.ParquetWriter(tmp, self.schema, **opts)
         self.rows = 0
-        self.stats: dict = {}
+        self._bounds: dict = {}
+        self._inst: list[instruments.InstrumentStats | None] = []  # per chunk, merged once at the end
 
     def write(self, t: pa.Table) -> None:
         self._w.write_table(t.replace_schema_metadata(self.schema.metadata), row_group_size=ROW_GROUP_ROWS)
         self.rows += t.num_rows
-        self.stats = _merge_stats(self.stats, table_stats(self.table, t))
+        self._bounds = _merge_stats(self._bounds, _bounds(self.table, t))
+        self._inst.append(instruments.of_table(self.table, t))
+
+    @property
+    def stats(self) -> dict:
+        return {**self._bounds, "instruments": instruments.encode(instruments.merge(self._inst))} if self._bounds else {}
 
     def bytes_written(self) -> int:
         return self.tmp.stat().st_size if self.tmp.exists() else 0

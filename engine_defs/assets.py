@@ -62,7 +62,14 @@ def file_metadata(e) -> dict:
         "max_ts": ts_value(e.max_ts),
         "max_recv_ts": ts_value(e.max_recv_ts),
         "span_hours": dg.MetadataValue.float(((e.max_ts - e.min_ts) / 3.6e12) if e.min_ts is not None else 0.0),
+        **_instruments_md([e]),
     }
+
+
+def _instruments_md(es: list) -> dict:
+    """Distinct instruments in the files (Kalshi: contracts seen), when their figures were recorded."""
+    names = lake.instrument_names(es)
+    return {} if names is None else {"instruments": dg.MetadataValue.int(len(names))}
 
 
 def files_metadata(es: list) -> dict:
@@ -79,6 +86,7 @@ def files_metadata(es: list) -> dict:
         "max_ts": ts_value(mx),
         "max_recv_ts": ts_value(max((e.max_recv_ts for e in es if e.max_recv_ts is not None), default=None)),
         "span_hours": dg.MetadataValue.float((mx - mn) / 3.6e12 if mn is not None else 0.0),
+        **_instruments_md(es),
     }
 
 
@@ -94,6 +102,8 @@ def stats_metadata(st: lake.PartStats, store_url: str | None = None) -> dict:
         "span_hours": dg.MetadataValue.float(round(st.span_hours, 4)),
         "lag_s": dg.MetadataValue.float(round(st.lag_s, 3)) if st.lag_s is not None else dg.MetadataValue.null(),
     }
+    if st.instruments is not None:
+        md["instruments"] = dg.MetadataValue.int(st.instruments)
     if st.largest_gap_s is not None:
         md["largest_gap_s"] = dg.MetadataValue.float(round(st.largest_gap_s, 6))
     if st.coverage_pct is not None:

@@ -111,6 +111,7 @@ class PartStats:
     covered_s: float | None = None
     hours_with_data: int = 0
     keys: list[str] = field(default_factory=list)
+    instruments: int | None = None  # distinct instruments (Kalshi: contracts) in the files; None: not recorded
 
     @property
     def span_hours(self) -> float:
@@ -130,8 +131,23 @@ class PartStats:
         return round(100.0 * self.covered_s / ((self.window[1] - self.window[0]) / NS), 3)
 
 
+def instrument_names(files: list[FileEntry]) -> set[str] | None:
+    """The instruments the files hold, from their catalogued figures (None: a file has none recorded)."""
+    from engine import instruments
+
+    names: set[str] = set()
+    for e in files:
+        st = instruments.figures_of(e)
+        if st is None:
+            return None
+        names.update(n for n in st.names if n is not None)
+    return names
+
+
 def _entry_figures(st: PartStats, files: list[FileEntry]) -> None:
     st.files = len(files)
+    names = instrument_names(files)
+    st.instruments = None if names is None else len(names)
     st.keys = [e.key for e in files]
     st.rows = sum(e.rows for e in files)
     st.bytes = sum(e.bytes for e in files)

@@ -276,6 +276,24 @@ def test_assets_materialize(tmp_path, store_kind, request, monkeypatch):
         assert empty.success and md(mats(empty, "compacted_l2")[0].materialization, "dagster/row_count") == 0
 
 
+def test_partition_metadata_counts_the_instruments_seen(tmp_path):
+    """Kalshi: the contracts seen that day, from the catalog's per-instrument figures (any source)."""
+    eng = build_lake(tmp_path / "h")
+    eng.append("trades", synth.trade_rows("kalshi", "KXBTC", T1 + 13 * H, 300, H, seed=4,
+                                          instruments=["KXBTC-26MAR0217-B98000", "KXBTC-26MAR0218-B98500"]))
+    eng.flush()
+    res = engine_resource(tmp_path / "h")
+    with dg.instance_for_test() as inst:
+        ticks = run_sensor(inst, res)
+        raw = [ev for ev in ticks.asset_events if str(ev.partition) == f"{D1}|{KX}"]
+        assert sorted(md(ev, "instruments") for ev in raw) == [2, 2]
+        apply_partition_requests(inst, ticks)
+        up = materialize(inst, res, ["uploaded_trades"], partition_key(D1, "kalshi", "KXBTC"))
+        assert md(mats(up, "uploaded_trades")[0].materialization, "instruments") == 3  # 2 + 2, one shared
+        up = materialize(inst, res, ["uploaded_l2"], partition_key(D1, "coinbase", "BTC-USD"))
+        assert md(mats(up, "uploaded_l2")[0].materialization, "instruments") == 1
+
+
 def test_compaction_refuses_open_day(tmp_path):
     now = dt.datetime.now(dt.timezone.utc)
     today = now.strftime("%Y-%m-%d")

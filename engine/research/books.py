@@ -41,7 +41,7 @@ class NoBookError(LookupError):
 
 
 def _read_window(eng, source, market, instrument, lo, hi, allow_unsealed) -> pa.Table:
-    ents = eng.catalog.files("l2", source, market, lo, hi)
+    ents = eng.catalog.files("l2", source, market, lo, hi, instrument=instrument)
     return read_entries(eng, "l2", ents, instrument=instrument, start=lo, end=hi,
                         clamp=clamp_for(eng, "l2", ents, allow_unsealed), columns=COLS)
 
@@ -202,7 +202,7 @@ def books(eng, source: str, market: str, instrument: str, start, end, every="1s"
     r0, _ = _prepared(eng, source, market, instrument, int(samples[0]), allow_unsealed)
     lo = int(r0["ts"].min()) if r0 is not None and len(r0["ts"]) else None
     hi = int(samples[-1]) + TS_SLACK_NS + 1
-    ents = eng.catalog.files("l2", source, market, lo, hi)
+    ents = eng.catalog.files("l2", source, market, lo, hi, instrument=instrument)
     t = read_entries(eng, "l2", ents, instrument=instrument, start=lo, end=hi,
                      clamp=clamp_for(eng, "l2", ents, allow_unsealed), columns=COLS)
     r = _arrays(t)

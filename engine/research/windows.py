@@ -49,7 +49,7 @@ def _snapshots(eng, source, market, instrument, lo, end, allow_unsealed) -> pl.D
         eng._q()._check_names("l2", source, market)
     except UnknownMarketError:
         return pl.DataFrame(schema={"instrument": pl.String, "ts": pl.Int64})
-    ents = eng.catalog.files("l2", source, market, lo, end)
+    ents = eng.catalog.files("l2", source, market, lo, end, instrument=instrument)
     plain = None if instrument is None or "*" in instrument else instrument
     t = read_entries(eng, "l2", ents, instrument=plain, start=lo, end=end, clamp=clamp_for(eng, "l2", ents, allow_unsealed),
                      columns=["ts", "recv_ts", "instrument", "seq"], filter_expr=pads.field("snapshot") == True)  # noqa: E712
