@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgspec
 
-from engine.catalog import SNAPSHOT_EVERY, Catalog, FileEntry, Op
+from engine.lake.catalog import SNAPSHOT_EVERY, Catalog, FileEntry, Op
 from engine.paths import file_key
 from engine.timeutil import to_ns
 from engine_tests.bench.common import best_of, peak_rss_mb, table

@@ -19,10 +19,11 @@ import duckdb
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from engine import schema, synth
+from engine import schema
 from engine.fsio import sha256_file
+from engine.lake.writer import _parquet_options, parquet_format, write_parquet
+from engine.sim import synth
 from engine.timeutil import to_ns
-from engine.writer import _parquet_options, parquet_format, write_parquet
 
 
 def best(fn, repeat: int) -> float:

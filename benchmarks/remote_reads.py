@@ -32,10 +32,11 @@ import boto3  # noqa: E402
 import polars as pl  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from engine import Engine, synth  # noqa: E402
-from engine.catalog import FileEntry  # noqa: E402
-from engine.manifest import build  # noqa: E402
+from engine import Engine  # noqa: E402
+from engine.lake.catalog import FileEntry  # noqa: E402
+from engine.lake.manifest import build  # noqa: E402
 from engine.paths import MANIFEST_KEY  # noqa: E402
+from engine.sim import synth  # noqa: E402
 from engine.timeutil import to_ns  # noqa: E402
 from engine_tests.conftest import MotoServer  # noqa: E402
 

@@ -82,7 +82,7 @@ def _free_port() -> int:
 def fake_log(path: Path, n_files: int) -> int:
     """A catalog log of `n_files` raw-file lines (12 markets × l2/trades × hourly files from the start date;
     100k files ≈ 174 days), with an upload mark after every file but the newest day's, like a live lake's log."""
-    from engine.catalog import FileEntry, Op, _enc
+    from engine.lake.catalog import FileEntry, Op, _enc
     from engine_defs.partitions import START_DATE
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,8 @@ def bench_sensor(work: Path, n_files: int) -> dict:
 def build_demo_lake(home: Path, days: int, markets, end_date: dt.date, hours_per_day: int = 4,
                     rows_per_hour: int = 2000) -> tuple[list[str], int]:
     """`days` closed days before `end_date` × markets: l2 + trades, `hours_per_day` hourly files each."""
-    from engine import Engine, synth
+    from engine import Engine
+    from engine.sim import synth
 
     eng = Engine.open(home, background=False, writer=True)
     dates = [(end_date - dt.timedelta(days=days - i)).isoformat() for i in range(days)]

@@ -21,9 +21,9 @@ import polars as pl
 import pyarrow as pa
 
 from engine import schema
-from engine.catalog import BadLine, FileEntry, Op, decode_op
+from engine.lake.catalog import BadLine, FileEntry, Op, decode_op
+from engine.lake.writer import read_parquet
 from engine.timeutil import NS, now_ns, to_ns
-from engine.writer import read_parquet
 
 RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
@@ -328,7 +328,7 @@ def _repeat_excess(gid: np.ndarray, vals: list[np.ndarray]) -> np.ndarray:
 def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, source: str | None = None,
               market: str | None = None, date: str | None = None) -> Integrity:
     """Schema, sort order, duplicate events, row count (against the catalog) and partition bounds."""
-    from engine.writer import is_sorted
+    from engine.lake.writer import is_sorted
 
     sp = schema.spec(table)
     problems: list[str] = []
@@ -379,7 +379,7 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
     Returns (CompactionResult | None, Integrity | None); raises IntegrityError (nothing uploaded,
     catalog unchanged) when the merged file is bad.
     """
-    from engine.compaction import compact_partition, purge_retired
+    from engine.lake.compaction import compact_partition, purge_retired
 
     purge_retired(eng)  # earlier compactions' retired files, once their grace period has passed
     table, source, market, date = part

@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engine.capture import CaptureWriter
-from engine.sources import L2Cols, fixed_units, parse_ts
-from engine.sources.coinbase import CoinbaseNormalizer
+from engine.collect.capture import CaptureWriter
+from engine.collect.sources import L2Cols, fixed_units, parse_ts
+from engine.collect.sources.coinbase import CoinbaseNormalizer
 
 FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "coinbase" / "advanced-trade"
 ZST = FIX / "cryptofeed-v3-COINBASE.jsonl.zst"
@@ -173,7 +173,7 @@ def test_real_capture_ingest_rebuilds_reference_book(tmp_path):
     cap.close()
 
     from engine import Engine
-    from engine.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import engine_kwargs, ingest_files
 
     eng = Engine.open(home=tmp_path / "lake", writer=True, **engine_kwargs())
     try:
@@ -430,7 +430,7 @@ def test_trade_bad_values_skipped_individually():
 
 def test_generated_capture_rows_track_reference_book_after_every_message():
     """Mixed bid/offer orders within messages, repeated levels in one message: row order is kept."""
-    from engine.capture_gen import generate_coinbase
+    from engine.sim.capture_gen import generate_coinbase
 
     n = CoinbaseNormalizer()
     ref: dict = {}

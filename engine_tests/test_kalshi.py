@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.sources import parse_ts
-from engine.sources.kalshi import KalshiNormalizer, fetch_markets, open_tickers, p4, q2
+from engine.collect.sources import parse_ts
+from engine.collect.sources.kalshi import KalshiNormalizer, fetch_markets, open_tickers, p4, q2
 
 FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "kalshi"
 T0 = 1_795_712_400_000_000_000

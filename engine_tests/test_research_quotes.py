@@ -80,7 +80,7 @@ def l2_table(rows) -> pa.Table:
 
 
 def gaps_table(gaps) -> pa.Table:
-    from engine import synth
+    from engine.sim import synth
 
     return synth.gap_rows(gaps)
 
@@ -358,7 +358,7 @@ def _capture_coinbase(tmp_path):
         pytest.skip(f"fixture not present: {zst}")
     import zstandard
 
-    from engine.capture import CaptureWriter
+    from engine.collect.capture import CaptureWriter
 
     frames = []
     with open(zst, "rb") as f:
@@ -378,8 +378,8 @@ def _capture_kalshi(tmp_path):
     p = FIX / "kalshi" / "demo-orderbook-get-snapshot-2026-08-17.jsonl"
     if not p.is_file():
         pytest.skip(f"fixture not present: {p}")
-    from engine.capture import CaptureWriter
-    from engine.sources import parse_ts
+    from engine.collect.capture import CaptureWriter
+    from engine.collect.sources import parse_ts
 
     lines = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
     cap = CaptureWriter(tmp_path / "cap", "kalshi", compress=False)
@@ -394,9 +394,9 @@ def _capture_kalshi(tmp_path):
 
 def _ingest(tmp_path, files, source):
     try:
-        from engine.ingest import engine_kwargs, ingest_files
+        from engine.collect.ingest import engine_kwargs, ingest_files
     except ImportError as e:  # the collectors' ingest path is another module's job
-        pytest.skip(f"engine.ingest not available: {e}")
+        pytest.skip(f"engine.collect.ingest not available: {e}")
     eng = Engine.open(tmp_path / "lake", background=False, writer=True, **engine_kwargs())
     ingest_files(eng, files, source, progress=False)
     return eng

@@ -9,7 +9,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from engine import Engine, schema, synth
+from engine import Engine, schema
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 S = 10**9

@@ -106,7 +106,7 @@ def _prepared(eng, source, market, instrument, at, allow_unsealed, lookbacks=LOO
 
 def _gaps(eng, source, market, instrument, lo, hi) -> pl.DataFrame:
     """Gaps of (source, market) for `instrument` (or the whole market) with start < hi and end > lo."""
-    from engine.query import UnknownMarketError
+    from engine.research.query import UnknownMarketError
 
     try:
         g = eng.gaps(source=source, market=market, end=hi, allow_unsealed=True)

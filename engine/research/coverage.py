@@ -83,7 +83,7 @@ def coverage(eng, start=None, end=None, *, source=None, market=None, join_s: flo
     frames = []
     join = int(join_s * 1e9)
     for (s, m), iv in sorted(extents.items()):
-        from engine.query import UnknownMarketError
+        from engine.research.query import UnknownMarketError
 
         try:
             g = eng.gaps(source=s, market=m, allow_unsealed=True).select("start_ts", "end_ts")

@@ -254,7 +254,7 @@ def derive(l2) -> pl.DataFrame:
     bounds.append(t.num_rows)
     parts = [_derive_sorted(t.slice(a, b - a), inst[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     out = pa.concat_tables(parts).unify_dictionaries() if len(parts) > 1 else parts[0]
-    from engine.writer import sort_table
+    from engine.lake.writer import sort_table
 
     out = sort_table("quotes", schema.validate("quotes", out))  # stored order: (instrument, ts, seq), stable
     return pl.from_arrow(out)
@@ -315,10 +315,10 @@ def derive_partition(eng, source: str, market: str, date: str):
     eng.require_writer("derive_partition")
     import time
 
-    from engine.catalog import FileEntry
+    from engine.lake.catalog import FileEntry
+    from engine.lake.writer import read_parquet, write_parquet
     from engine.paths import partition_prefix
     from engine.timeutil import now_ns
-    from engine.writer import read_parquet, write_parquet
 
     t0 = time.perf_counter()
     files = eng.catalog.files_in(("l2", source, market, date))
@@ -370,12 +370,12 @@ def quotes(eng, source=None, market=None, instrument=None, start=None, end=None,
     partition (whole day up to `end`, so the book state at `start` is right). Sorted like the
     stored table: (instrument, ts, seq) within each partition, partitions in date order.
     """
-    from engine.query import Query
+    from engine.research.query import Query
 
     start, end = to_ns(start, name="start"), to_ns(end, name="end")
     qy = Query(eng)
     if start is not None and end is not None and end <= start:
-        from engine.query import QueryError
+        from engine.research.query import QueryError
 
         raise QueryError("end must be after start; end is exclusive")
     qy._check_names("l2", source, market)

@@ -85,7 +85,8 @@ def run(rows: int, log=print) -> dict:
     import polars as pl
     import pyarrow.parquet as pq
 
-    from engine import Engine, synth
+    from engine import Engine
+    from engine.sim import synth
     from engine.timeutil import to_ns
 
     day = "2026-11-03"

@@ -37,7 +37,7 @@ PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD", "DOGE-USD", "AVAX-USD", "LINK-USD",
 # ---------------------------------------------------------------------------------------------- capture
 
 def capture_for(workdir: Path, products: list[str], seconds: float, frames_per_s: float, seed: int = 7) -> Path:
-    from engine.capture_gen import generate_coinbase, write_capture
+    from engine.sim.capture_gen import generate_coinbase, write_capture
 
     now_h = time.time_ns() // 3_600_000_000_000 * 3_600_000_000_000
     name = f"soak-{len(products)}m-{int(seconds)}s-{int(frames_per_s)}fps-{seed}-{now_h // 86_400_000_000_000}.jsonl"
@@ -59,7 +59,7 @@ def replay_child(a) -> int:
     """Serve the capture (looped), counting on the wire what goes to the collector."""
     import asyncio
 
-    import engine.replay as rp
+    import engine.sim.replay as rp
 
     counts = {"l2_update_rows": 0, "l2_snapshot_rows": 0, "trades": 0, "frames": 0}
     per_seq: dict[int, array] = {}
@@ -219,7 +219,7 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
                 compacted = 0
                 if now - last_compact >= compact_every_s:  # open-day compaction while the collector writes
                     last_compact = now
-                    from engine.compaction import compact_partition
+                    from engine.lake.compaction import compact_partition
 
                     for part in eng.catalog.partitions(table="l2"):
                         if len(eng.catalog.files_in(part)) >= 2 and all(e.remote for e in eng.catalog.files_in(part)):
@@ -252,7 +252,7 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
         eng = Engine.open(home, store, background=False, writer=True)
         t0 = time.perf_counter()
         up = eng.upload()
-        from engine.compaction import compact_partition
+        from engine.lake.compaction import compact_partition
 
         for part in eng.catalog.partitions():
             if part[0] in ("l2", "trades", "gaps"):

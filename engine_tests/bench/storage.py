@@ -15,8 +15,9 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import Engine, synth
-from engine.catalog import Catalog, FileEntry, Op
+from engine import Engine
+from engine.lake.catalog import Catalog, FileEntry, Op
+from engine.sim import synth
 from engine.timeutil import to_ns
 from engine_tests.bench.common import best_of, table
 

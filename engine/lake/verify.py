@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 from engine import schema
-from engine.catalog import SNAPSHOT_NAME, FileEntry, Op, _enc
 from engine.fsio import atomic_write_bytes, sha256_file
+from engine.lake.catalog import SNAPSHOT_NAME, FileEntry, Op, _enc
+from engine.lake.writer import read_parquet, table_stats
 from engine.log import get_logger
 from engine.paths import match, parse_key
-from engine.writer import read_parquet, table_stats
 
 log = get_logger(component="verify")
 

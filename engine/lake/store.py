@@ -435,8 +435,8 @@ class ReadCache:
     def get(self, key: str, sha256: str) -> Path:
         """The verified local copy of `key`; a cached copy is hashed the first time this process opens it,
         and a damaged one is dropped and fetched again (the store's object is the truth)."""
-        from engine import integrity
         from engine.errors import CorruptFileError
+        from engine.lake import integrity
 
         p = self.path_for(sha256)
         if p.exists():
@@ -465,7 +465,7 @@ class ReadCache:
 
     def discard(self, path: Path) -> bool:
         """Delete a cached copy found damaged, so that the next read fetches the object again."""
-        from engine import integrity
+        from engine.lake import integrity
 
         path = Path(path)
         if self.root not in path.parents:

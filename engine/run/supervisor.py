@@ -2,7 +2,7 @@
 
 Each child runs in its own session (and process group) so that shutdown (Ctrl-C, SIGTERM, `--for`)
 reaches every grandchild, and nothing is left behind; if the launcher itself dies (`kill -9`), its
-children get SIGTERM from the kernel and a reaper process stops their sessions (engine_defs/reaper.py). `dagster dev` is not used: backgrounded it ignores signals.
+children get SIGTERM from the kernel and a reaper process stops their sessions (engine/run/reaper.py). `dagster dev` is not used: backgrounded it ignores signals.
 `--demo` needs no internet: local replay exchanges play generated captures (stamped "now", so the
 data is live-looking), Kalshi auth uses a throw-away key pair, and files flush every 15 s.
 """
@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from engine_defs.reaper import Reaper, die_with_parent, session_members
+from engine.run.reaper import Reaper, die_with_parent, session_members
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -103,8 +103,9 @@ def _bin(name: str) -> str:
 
 def prepare_demo(demo_dir: Path, minutes: float) -> dict:
     """Fresh captures stamped now, and a throw-away Kalshi key pair (never a shipped private key)."""
-    from engine import capture_gen, kalshi_auth
-    from engine.capture import read_capture
+    from engine.collect import kalshi_auth
+    from engine.collect.capture import read_capture
+    from engine.sim import capture_gen
 
     demo_dir.mkdir(parents=True, exist_ok=True)
     start = time.time_ns() + 6 * 10**9  # generation takes about 4 s: stamp when playback starts

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 from msgspec import Struct
 
+from engine.collect.sources import _DICT_T, DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, _const_dict, fixed_units, parse_ts
 from engine.schema import L2_SCHEMA
-from engine.sources import _DICT_T, DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, _const_dict, fixed_units, parse_ts
 
 SOURCE = "kalshi"
 DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
@@ -211,7 +211,7 @@ def open_tickers(markets: list[dict], series: str, now_s: float | None = None) -
     The status filter is applied by the server (`status=open`) and again here on the returned
     status vocabulary; with `now_s` the open/close times are also checked against that clock.
     """
-    from engine.sources import parse_ts as _p
+    from engine.collect.sources import parse_ts as _p
 
     keep = set()
     prefix = series + "-"
@@ -391,7 +391,7 @@ class KalshiNormalizer(BaseNormalizer):
                 books[t] = (market, b)
         if not books:
             return None
-        from engine.sources import anchor_table
+        from engine.collect.sources import anchor_table
 
         return anchor_table(SOURCE, books, now_ns)
 

@@ -16,12 +16,12 @@ import pyarrow.dataset as pads
 from polars.io.plugins import register_io_source
 
 from engine import schema
-from engine.catalog import FileEntry
 from engine.errors import QueryError, QueryMemoryError, QueryTimeoutError
+from engine.lake.catalog import FileEntry
+from engine.lake.writer import CorruptFileError, parquet_format
 from engine.log import get_logger
 from engine.paths import is_pattern, match, pattern_regex
 from engine.timeutil import iso, to_ns
-from engine.writer import CorruptFileError, parquet_format
 
 log = get_logger(component="query")
 DEFAULT_SQL_TIMEOUT_S = 60.0
@@ -292,8 +292,8 @@ class Query:
 
     def _checked_path(self, e):
         """DuckDB ignores Parquet page checksums: the files it reads are SHA-256-checked against the
-        catalog first (once per file per process, see engine.integrity)."""
-        from engine import integrity
+        catalog first (once per file per process, see engine.lake.integrity)."""
+        from engine.lake import integrity
 
         path = self.eng.local_path(e)  # a cached copy is checked (and fetched again if damaged) here
         integrity.check_once(path, e.key, e.sha256)

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from engine import schema
-from engine.anchors import anchor_rows, end_book
-from engine.writer import ROW_GROUP_ROWS, StreamWriter, WrittenFile, key_array, keys_sorted, write_parquet
+from engine.lake.anchors import anchor_rows, end_book
+from engine.lake.writer import ROW_GROUP_ROWS, StreamWriter, WrittenFile, key_array, keys_sorted, write_parquet
 
 SEAL_ROWS = 65_536  # chunk size once out of order (IPC blobs)
 MAX_PENDING = 4  # chunks queued for the encoder per buffer before append waits: bounds memory

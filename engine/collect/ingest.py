@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from engine.capture import CaptureReader
+from engine.collect.capture import CaptureReader
+from engine.collect.sources import CHUNK_ROWS, NS, BaseNormalizer, make_normalizer, tune_gc
 from engine.log import get_logger
-from engine.sources import CHUNK_ROWS, NS, BaseNormalizer, make_normalizer, tune_gc
 
 log = get_logger(component="ingest")
 

@@ -17,11 +17,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.catalog import FileEntry, Partition, filter_summary
 from engine.fsio import atomic_write_bytes
+from engine.lake.catalog import FileEntry, Partition, filter_summary
+from engine.lake.store import StoreError
 from engine.log import get_logger
 from engine.paths import MANIFEST_KEY
-from engine.store import StoreError
 
 log = get_logger(component="manifest")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
+from engine.lake.store import StoreError, StoreUnavailableError
 from engine.log import get_logger
-from engine.store import StoreError, StoreUnavailableError
 
 log = get_logger(component="upload")
 MAX_CONSECUTIVE_FAILURES = 3  # then the store is down: stop, keep everything local, retry next run
@@ -15,7 +15,7 @@ MAX_CONSECUTIVE_FAILURES = 3  # then the store is down: stop, keep everything lo
 def upload(eng, table=None, source=None, market=None, date=None, progress=None, grace_s: float | None = None) -> dict:
     """Upload every live file not yet remote; returns counts. Each success is logged to the catalog.
     Then files retired by compaction longer than `grace_s` ago (default: compaction's) are purged."""
-    from engine.compaction import GRACE_S, purge_retired
+    from engine.lake.compaction import GRACE_S, purge_retired
 
     eng.require_writer("upload")
     done = failed = nbytes = streak = 0
@@ -53,7 +53,7 @@ def upload(eng, table=None, source=None, market=None, date=None, progress=None, 
         log.info("uploaded", key=e.key, bytes=e.bytes, store=eng.store.url)
     purged = purge_retired(eng, GRACE_S if grace_s is None else grace_s)
     if done or purged:  # what the bucket holds changed: readers elsewhere see it through the manifest
-        from engine.manifest import publish_after_change
+        from engine.lake.manifest import publish_after_change
 
         if publish_after_change(eng) is None:
             errors.append("manifest not republished (see log); the next upload or compaction publishes it")

@@ -633,11 +633,11 @@ def tune_gc() -> None:
 
 def make_normalizer(source: str, **kw) -> BaseNormalizer:
     if source == "coinbase":
-        from engine.sources.coinbase import CoinbaseNormalizer
+        from engine.collect.sources.coinbase import CoinbaseNormalizer
 
         return CoinbaseNormalizer(**kw)
     if source == "kalshi":
-        from engine.sources.kalshi import KalshiNormalizer
+        from engine.collect.sources.kalshi import KalshiNormalizer
 
         return KalshiNormalizer(**kw)
     raise ValueError(f"unknown source {source!r}; sources are coinbase, kalshi")

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import schema
-from engine.catalog import FileEntry
 from engine.fsio import fsync_dir, sha256_file, tmp_owner_alive
+from engine.lake.catalog import FileEntry
+from engine.lake.writer import table_stats
 from engine.log import get_logger
 from engine.paths import Layout, buffer_key, date_of_ns, parse_key
-from engine.writer import table_stats
 
 log = get_logger(component="staging")
 

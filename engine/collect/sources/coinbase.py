@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from msgspec import Struct
 
 from engine.schema import L2_SCHEMA
-from engine.sources import (
+from engine.collect.sources import (
     _DICT_T,
     DEFAULT_MAX_SKEW_NS,
     Action,

@@ -62,10 +62,10 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
-from engine import kalshi_auth
-from engine.capture_gen import KalshiMarketSpec, fmt_dp, fmt_rfc3339, market_object, read_capture
+from engine.collect import kalshi_auth
+from engine.collect.sources import parse_ts
 from engine.log import get_logger
-from engine.sources import parse_ts
+from engine.sim.capture_gen import KalshiMarketSpec, fmt_dp, fmt_rfc3339, market_object, read_capture
 
 WS_PATH = "/trade-api/ws/v2"
 REST_PREFIX = "/trade-api/v2"
@@ -1305,7 +1305,7 @@ def _ticker_close_ns(ticker: str) -> int | None:
     m = _TICKER_RE.match(ticker)
     if not m or m.group(2) not in _MONTHS:
         return None
-    from engine.capture_gen import _us_eastern_offset_h
+    from engine.sim.capture_gen import _us_eastern_offset_h
 
     yy, mon, dd, hh, mm = m.groups()
     try:

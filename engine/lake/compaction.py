@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import schema
-from engine.catalog import FileEntry
 from engine.fsio import tmp_path_for
+from engine.lake.catalog import FileEntry
+from engine.lake.manifest import publish_after_change
+from engine.lake.store import StoreError
+from engine.lake.writer import read_parquet, write_parquet
 from engine.log import get_logger
-from engine.manifest import publish_after_change
 from engine.paths import parse_key, partition_prefix
-from engine.store import StoreError
 from engine.timeutil import now_ns, to_ns
-from engine.writer import read_parquet, write_parquet
 
 log = get_logger(component="compaction")
 GRACE_S = 3600.0  # how long retired files stay readable: far longer than any query runs

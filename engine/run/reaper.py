@@ -110,7 +110,7 @@ class Reaper:
 
     def __init__(self, log: Path):
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine_defs.reaper"], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([sys.executable, "-m", "engine.run.reaper"], stdin=subprocess.PIPE,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def watch(self, sid: int) -> None:

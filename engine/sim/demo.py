@@ -9,8 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
-from engine import Engine, synth
+from engine import Engine
 from engine.schema import NS_PER_DAY, NS_PER_HOUR
+from engine.sim import synth
 from engine.timeutil import iso
 
 

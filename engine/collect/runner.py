@@ -1,6 +1,6 @@
 """`data-engine collect`: the long-running collector (one asyncio task per exchange connection).
 
-Per source a `SourceRunner` owns one WebSocket connection, a normalizer (engine.sources.*) and an
+Per source a `SourceRunner` owns one WebSocket connection, a normalizer (engine.collect.sources.*) and an
 optional raw capture. Frames are read on the event loop, captured, normalized column-wise, and the
 accumulated chunks are handed to the Engine on a single background thread (so storage never
 blocks the socket reader: Kalshi kills slow consumers with error 25).
@@ -26,12 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.capture import CaptureWriter
-from engine.ingest import append_tables, engine_anchors_itself, engine_kwargs, seed_coinbase_trades
+from engine.collect.capture import CaptureWriter
+from engine.collect.ingest import append_tables, engine_anchors_itself, engine_kwargs, seed_coinbase_trades
+from engine.collect.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer, tune_gc
+from engine.collect.sources import coinbase as cb
+from engine.collect.sources import kalshi as ks
 from engine.log import get_logger
-from engine.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer, tune_gc
-from engine.sources import coinbase as cb
-from engine.sources import kalshi as ks
 
 MAX_FRAME = 32 * 1024 * 1024
 log = get_logger(component="collector")
@@ -175,7 +175,7 @@ class SourceRunner:
     def _headers(self) -> dict[str, str] | None:
         if self.source != "kalshi":
             return None
-        from engine.kalshi_auth import load_private_key, sign_headers
+        from engine.collect.kalshi_auth import load_private_key, sign_headers
 
         key = load_private_key(self.cfg.kalshi_key_path)
         return sign_headers(self.cfg.kalshi_key_id, key, "GET", ks.WS_SIGN_PATH)
@@ -183,7 +183,7 @@ class SourceRunner:
     def _auth_failed(self, e: Exception) -> str:
         """Log why the key cannot sign once (again only if the cause changes); run() then waits the
         longest backoff between attempts, re-reading the file each time so a fixed key is picked up."""
-        from engine.kalshi_auth import KalshiKeyError
+        from engine.collect.kalshi_auth import KalshiKeyError
 
         problem = e.problem if isinstance(e, KalshiKeyError) else f"cannot sign requests: {type(e).__name__}"
         if problem != self.auth_problem:
