@@ -96,6 +96,10 @@ def _wait(p: subprocess.Popen, timeout: float) -> None:
         pass
 
 
+_DAGSTER_INSTANCE = ("import sys; from engine_defs.instance import ensure_instance; ensure_instance(sys.argv[1]); "
+                     "from dagster import DagsterInstance; DagsterInstance.get()")
+
+
 def _bin(name: str) -> str:
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
@@ -137,13 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     demo_dir = Path(args.demo_dir).resolve() if args.demo_dir else ROOT / ".demo"
     home = Path(args.home or os.environ.get("ENGINE_HOME") or (demo_dir / "lake" if args.demo else ROOT / "lake")).resolve()
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or (demo_dir / "dagster_home" if args.demo else ROOT / ".dagster_home")).resolve()
-    from engine_defs.instance import ensure_instance
-
-    ensure_instance(dagster_home)
     env = dict(os.environ, ENGINE_HOME=str(home), DAGSTER_HOME=str(dagster_home), PYTHONUNBUFFERED="1")
     sup = Supervisor((demo_dir if args.demo else home) / "logs")
     de = _bin("data-engine")
-    print(f"lake home: {home}\nDagster home: {dagster_home}", flush=True)
+    print(f"lake home: {home}" + ("" if args.no_dagster else f"\nDagster home: {dagster_home}"), flush=True)
 
     collect = [de, "collect", "--home", str(home)]
     if args.demo:
@@ -179,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     sup.start("collector", collect, env)
     if not args.no_dagster:
         ws = str(ROOT / "workspace.yaml")
-        # Create the SQLite storages once, before two processes race to create them.
-        subprocess.run([sys.executable, "-c", "from dagster import DagsterInstance; DagsterInstance.get()"],
+        # DAGSTER_HOME/dagster.yaml (engine_defs/instance.py), then the SQLite storages, created once
+        # before two processes race to create them; in a child: this supervisor never imports Dagster
+        subprocess.run([sys.executable, "-c", _DAGSTER_INSTANCE, str(dagster_home)],
                        env=env, cwd=ROOT, check=True, preexec_fn=die_with_parent())
         sup.start("dagster-daemon", [_bin("dagster-daemon"), "run", "-w", ws], env)
         web = sup.start("dagster-webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(args.port), "-w", ws], env)
