@@ -267,7 +267,7 @@ def test_lake_quotes_on_demand_then_stored(lake):
     assert len(qf) == 1 and qf[0].rows == len(want)
     assert got_quotes(eng.quotes("src", "MKT")) == want
     # recompaction-style re-derivation replaces the stored file (catalog swap), same content
-    from engine.research.quotes import derive_partition
+    from engine.lake.derived import derive_partition
 
     derive_partition(eng, "src", "MKT", qf[0].date)
     qf2 = eng.catalog.files("quotes")
@@ -468,7 +468,7 @@ def test_real_kalshi_capture_quotes_and_books(tmp_path):
 
 
 def test_derive_in_instrument_chunks_is_identical(monkeypatch):
-    import engine.research.quotes as Q
+    import engine.lake.derived as Q
 
     rows, _ = gen_l2(3, gap_every=500)
     t = l2_table(rows)

@@ -160,11 +160,7 @@ def _arrival_order(files: list[FileEntry]) -> list[FileEntry]:
 
 def _derive_quotes(eng, source, market, date) -> None:
     """Keep the derived `quotes` table in step with the freshly compacted l2 partition."""
-    import importlib.util
-
-    if importlib.util.find_spec("engine.research") is None or importlib.util.find_spec("engine.research.quotes") is None:
-        return
-    from engine.research.quotes import derive_partition
+    from engine.lake.derived import derive_partition
 
     derive_partition(eng, source, market, date)
 
