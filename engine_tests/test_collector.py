@@ -54,11 +54,11 @@ def _tables(home: Path):
 
 
 def _ingest(home: Path, files, source: str) -> None:
-    from engine.collect.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
 
     from engine import Engine
 
-    eng = Engine.open(home=home, writer=True, **engine_kwargs())
+    eng = Engine.open(home=home, writer=True, book_anchors=True)
     try:
         ingest_files(eng, files, source, progress=False)
     finally:

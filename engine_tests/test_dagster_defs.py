@@ -381,12 +381,12 @@ def test_integrity_level_touched_twice_in_one_message_is_no_duplicate():
 
 def _coinbase_capture_lake(tmp_path) -> Engine:
     """A lake ingested from one minute of the generator's Coinbase capture on D1 10:00 (book anchors on)."""
-    from engine.collect.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
     from engine.sim.capture_gen import generate_coinbase, write_capture
 
     cap = tmp_path / "cb.jsonl"
     write_capture(generate_coinbase(["BTC-USD"], seconds=60, rate=100, seed=9, start_ns=T1 + 10 * H), cap)
-    eng = Engine.open(tmp_path / "h", background=False, writer=True, **engine_kwargs())
+    eng = Engine.open(tmp_path / "h", background=False, writer=True, book_anchors=True)
     ingest_files(eng, [cap], "coinbase", progress=False)
     eng.close()
     return Engine.open(tmp_path / "h", background=False, writer=True)

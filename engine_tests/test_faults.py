@@ -656,7 +656,7 @@ def test_collector_sigkill_ten_times_in_a_row(tmp_path):
     collector received more than 1 s before its kill is stored (reference: the collector's own
     raw capture, normalized offline); nothing is stored twice; each restart records one `restart`
     gap per product spanning the kill; rows lost are counted and all lie in the last second."""
-    from engine.collect.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
 
     cap = tmp_path / "served.jsonl"
     write_capture(generate_coinbase(products=PRODUCTS, seconds=120, rate=400, seed=11, depth=60), cap)
@@ -684,7 +684,7 @@ def test_collector_sigkill_ten_times_in_a_row(tmp_path):
     l2, tr, gaps = _tables(home)
     # reference: the collector's own capture of what it received, through the same normalization
     ref_home = tmp_path / "ref"
-    eng = Engine.open(ref_home, writer=True, **engine_kwargs())
+    eng = Engine.open(ref_home, writer=True, book_anchors=True)
     ingest_files(eng, sorted(capdir.glob("coinbase-*.jsonl*")), "coinbase", progress=False)
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)
@@ -743,7 +743,7 @@ def test_exchange_sends_duplicate_frames(tmp_path):
     """Duplicate frames from the exchange: repeated sequence numbers are skipped and counted
     (`out_of_order`), repeated trades (capture lines repeated, fresh sequence numbers) are skipped
     by trade_id and counted (`dup_trades`); stored rows equal the clean capture's rows exactly."""
-    from engine.collect.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
     from engine.sim.capture_gen import read_capture
 
     clean = tmp_path / "clean.jsonl"
@@ -761,7 +761,7 @@ def test_exchange_sends_duplicate_frames(tmp_path):
     dupcap = tmp_path / "dup.jsonl"
     write_capture(recs, dupcap)
     ref_home = tmp_path / "ref"
-    eng = Engine.open(ref_home, writer=True, **engine_kwargs())
+    eng = Engine.open(ref_home, writer=True, book_anchors=True)
     ingest_files(eng, [clean], "coinbase", progress=False)
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from engine.collect.capture import CaptureReader, CaptureWriter, read_capture
-from engine.collect.ingest import apply_line, cli, engine_kwargs, ingest_files
+from engine.collect.ingest import apply_line, cli, ingest_files
 from engine.collect.sources.kalshi import KalshiNormalizer
 
 H = 3_600_000_000_000
@@ -77,7 +77,7 @@ def test_rotation_continued_meta_keeps_the_connection(tmp_path):
     w.close()
     from engine import Engine
 
-    eng = Engine.open(home=tmp_path / "lake", writer=True, **engine_kwargs())
+    eng = Engine.open(home=tmp_path / "lake", writer=True, book_anchors=True)
     try:
         st = ingest_files(eng, w.files, "coinbase", progress=False)
         l2 = eng.l2(allow_unsealed=True)

@@ -40,29 +40,6 @@ def apply_line(norm: BaseNormalizer, recv_ns: int, frame: str | None, meta: dict
             norm.on_disconnect(recv_ns, str(meta.get("reason", "")))
 
 
-def engine_anchors_itself() -> bool:
-    """True when the storage core computes book anchors from the rows (Engine(book_anchors=True))."""
-    import inspect
-
-    from engine.api import Engine
-
-    return "book_anchors" in inspect.signature(Engine.__init__).parameters
-
-
-def engine_kwargs(anchor_provider=None) -> dict:
-    """Book anchors: whichever mechanism the storage core offers (its own, else our anchor_rows)."""
-    import inspect
-
-    from engine.api import Engine
-
-    params = inspect.signature(Engine.__init__).parameters
-    if "book_anchors" in params:
-        return {"book_anchors": True}
-    if "anchor_provider" in params and anchor_provider is not None:
-        return {"anchor_provider": anchor_provider}
-    return {}
-
-
 def seed_coinbase_trades(eng, norm, lookback_ns: int = 2 * 86400 * NS) -> None:
     """Max stored trade_id per product, so re-sent trade snapshots are not stored twice."""
     last = eng.last_recv_ts("coinbase")
@@ -101,8 +78,6 @@ def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progre
     kw = {}
     if max_skew_s is not None:
         kw["max_skew_ns"] = int(max_skew_s * NS)
-    if source == "coinbase":  # Coinbase books are only kept to serve anchors the engine cannot make
-        kw["keep_books"] = not engine_anchors_itself()
     norm = make_normalizer(source, **kw)
     if seed and source == "coinbase":
         seed_coinbase_trades(eng, norm)
@@ -158,7 +133,7 @@ def cli(argv: list[str]) -> int:
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    eng = Engine.open(home=a.home, writer=True, **engine_kwargs())
+    eng = Engine.open(home=a.home, writer=True, book_anchors=True)
     tune_gc()
     try:
         st = ingest_files(eng, a.files, a.source, progress=not a.no_progress, max_skew_s=a.max_skew)

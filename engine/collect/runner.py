@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.collect.capture import CaptureWriter
-from engine.collect.ingest import append_tables, engine_anchors_itself, engine_kwargs, seed_coinbase_trades
+from engine.collect.ingest import append_tables, seed_coinbase_trades
 from engine.collect.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer, tune_gc
 from engine.collect.sources import coinbase as cb
 from engine.collect.sources import kalshi as ks
@@ -80,9 +80,7 @@ class SourceRunner:
         skew = int(cfg.max_skew * NS) if cfg.max_skew else DEFAULT_MAX_SKEW_NS
         if source == "coinbase":
             self.products = list(cfg.products)
-            # Coinbase books are only needed to answer anchor_rows(); skipped when the Engine anchors
-            self.norm = make_normalizer(source, max_skew_ns=skew, products=self.products,
-                                        keep_books=not engine_anchors_itself())
+            self.norm = make_normalizer(source, max_skew_ns=skew, products=self.products)
             self.url = cfg.coinbase_url
             self.stall_s = cfg.coinbase_stall
         else:
@@ -111,10 +109,6 @@ class SourceRunner:
         self.started_ns = time.time_ns()
 
     # ---- shared helpers -----------------------------------------------------------------------
-    def anchor_rows(self, market: str):
-        with self.lock:
-            return self.norm.anchor_rows(market, time.time_ns())
-
     def submit_rows(self, flush: bool = False) -> None:
         with self.lock:
             tables = self.norm.take()
@@ -476,12 +470,6 @@ class Collector:
         self.stop: asyncio.Event | None = None
         self.pid_file = status_dir(self.home) / f"collector-{os.getpid()}.pid"
 
-    def anchor_rows(self, source: str, market: str):
-        for r in self.runners:
-            if r.source == source:
-                return r.anchor_rows(market)
-        return None
-
     def _sources(self) -> list[str]:
         out = []
         for s in self.cfg.source:
@@ -533,7 +521,7 @@ class Collector:
         if not sources:
             log.error("nothing_to_collect", requested=self.cfg.source)
             return 1
-        self.eng = Engine.open(home=self.home, writer=True, **engine_kwargs(self.anchor_rows))
+        self.eng = Engine.open(home=self.home, writer=True, book_anchors=True)
         tune_gc()
         self.runners = [SourceRunner(s, self.eng, self.cfg, self.appender) for s in sources]
         for r in self.runners:

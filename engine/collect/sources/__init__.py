@@ -610,20 +610,6 @@ class BaseNormalizer:
             self.gap(m, None, start_ns, end_ns, "restart", detail)
 
 
-def anchor_table(source: str, books: dict[str, tuple[str, dict]], now_ns: int) -> pa.Table | None:
-    """Books {instrument: (market, {(side, price): size})} -> snapshot l2 rows at ts = recv_ts = now."""
-    cols = L2Cols(source)
-    for inst in sorted(books):
-        market, book = books[inst]
-        for side in ("bid", "ask"):
-            keys = sorted(p for s, p in book if s == side)
-            if keys:
-                cols.price.extend(keys)
-                cols.size.extend(book[(side, p)] for p in keys)
-                cols.run(len(keys), now_ns, now_ns, market, inst, side, None, True)
-    return cols.take()
-
-
 def tune_gc() -> None:
     """Long-lived allocation-heavy process: freeze start-up objects and collect young objects less often."""
     gc.collect()

@@ -33,7 +33,6 @@ from engine.collect.sources import (
     _floats,
     _ints,
     absurd_runs,
-    anchor_table,
     parse_ts,
     settle_ts,
 )
@@ -324,12 +323,9 @@ class L2Chunk:
 class CoinbaseNormalizer(BaseNormalizer):
     source = SOURCE
 
-    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, products: Iterable[str] = (), log=None,
-                 keep_books: bool = True):
+    def __init__(self, max_skew_ns: int = DEFAULT_MAX_SKEW_NS, products: Iterable[str] = (), log=None):
         super().__init__(max_skew_ns=max_skew_ns, log=log)
         self.l2 = L2Chunk(max_skew_ns)
-        self.keep_books = keep_books  # only needed to serve anchor_rows(); the Engine can anchor by itself
-        self.books: dict[str, tuple[dict[float, float], dict[float, float]]] = {}  # (bids, asks) by price
         self.valid: set[str] = set()  # products whose book is complete on the current connection
         self.known: set[str] = set(products)
         self.last_seq: int | None = None
@@ -360,14 +356,6 @@ class CoinbaseNormalizer(BaseNormalizer):
     def invalidate_all(self) -> None:
         self.valid.clear()
 
-    def anchor_rows(self, market: str, now_ns: int):
-        book = self.books.get(market)
-        if not self.keep_books or not book or market not in self.valid:
-            return None
-        b = {("bid", p): q for p, q in book[0].items()}
-        b.update({("ask", p): q for p, q in book[1].items()})
-        return anchor_table(SOURCE, {market: (market, b)}, now_ns)
-
     # ---- frames -----------------------------------------------------------------------------
     def feed(self, recv_ns: int, frame: str | bytes) -> None:
         c = self.c
@@ -385,7 +373,7 @@ class CoinbaseNormalizer(BaseNormalizer):
             self._untyped(recv_ns, frame, e)
             return
         cls = type(msg)
-        if cls is L2Msg and not self.keep_books:
+        if cls is L2Msg:
             # the steady state, exactly as the general path below handles it: the next frame on the
             # connection, one update event of a valid book (valid implies connected: see on_disconnect)
             seq = msg.sequence_num
@@ -541,8 +529,6 @@ class CoinbaseNormalizer(BaseNormalizer):
             if snap:
                 self.valid.add(pid)
                 self.known.add(pid)
-            if self.keep_books:
-                self._book(pid, snap, self._typed(ev.updates, as_python=True) if raw else ups)
             l2.ups += ups
             l2.runs.append((n, recv_ns, seq, env, pid, snap))
             l2.rows += n
@@ -550,41 +536,17 @@ class CoinbaseNormalizer(BaseNormalizer):
             l2.flush()
 
     @staticmethod
-    def _typed(raw: list[RawL2Update], as_python: bool = False) -> list[L2Update]:
+    def _typed(raw: list[RawL2Update]) -> list[L2Update]:
         """Updates of the raw fallback view as typed Structs; an unknown side is a bad frame. Numbers
         as Arrow's cast reads them (kept raw when Arrow cannot, so the chunk's conversion reports
-        this message), or with `as_python` as Python reads them (for the book: unreadable is a bad frame)."""
+        this message)."""
         try:
             sides = [_SIDE_OF[u.side] for u in raw]
         except KeyError as e:
             raise _Bad(f"unknown side {e.args[0]!r}") from None
-        prices: list | tuple
-        sizes: list | tuple
-        if as_python:
-            try:
-                prices = [float(u.price_level) for u in raw]
-                sizes = [float(u.new_quantity) for u in raw]
-            except ValueError as e:
-                raise _Bad(f"bad number: {e}") from None
-        else:
-            prices, sizes = _arrow_floats(tuple(u.price_level for u in raw), tuple(u.new_quantity for u in raw))
+        prices, sizes = _arrow_floats(tuple(u.price_level for u in raw), tuple(u.new_quantity for u in raw))
         return [L2Update(side=sd, event_time=u.event_time, price_level=p, new_quantity=q)
                 for sd, u, p, q in zip(sides, raw, prices, sizes)]
-
-    def _book(self, pid: str, snap: bool, ups: list[L2Update]) -> None:
-        """Applies the updates in order (a snapshot replaces the book)."""
-        if snap:
-            bids: dict[float, float] = {}
-            asks: dict[float, float] = {}
-            self.books[pid] = (bids, asks)
-        else:
-            bids, asks = self.books[pid]
-        for u in ups:
-            book = bids if u.side is _BID else asks
-            if u.new_quantity == 0.0:
-                book.pop(u.price_level, None)
-            else:
-                book[u.price_level] = u.new_quantity
 
     def bad_run(self, run: tuple, reason: str) -> None:
         """Rows of one l2 message failed the bulk checks: the book of that product is no longer known."""

@@ -381,20 +381,6 @@ class KalshiNormalizer(BaseNormalizer):
         for s in self.sid_tickers.values():
             s.discard(ticker)
 
-    def anchor_rows(self, market: str, now_ns: int):
-        books = {}
-        for t in sorted(self.books):
-            if t in self.valid and self._ser(t) == market:
-                bids, asks = self.books[t]
-                b = {("bid", self._price(p)): q / 100 for p, q in bids.items()}
-                b.update({("ask", self._price(p)): q / 100 for p, q in asks.items()})
-                books[t] = (market, b)
-        if not books:
-            return None
-        from engine.collect.sources import anchor_table
-
-        return anchor_table(SOURCE, books, now_ns)
-
     # ---- sequence -----------------------------------------------------------------------------
     def _seq(self, recv_ns: int, sid: int, seq: int | None, frame, channel: str) -> bool:
         if seq is None:
