@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.collect.capture import CaptureWriter
-from engine.collect.ingest import append_tables, seed_coinbase_trades
+from engine.collect.append import append_tables, seed_coinbase_trades
 from engine.collect.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer, tune_gc
 from engine.collect.sources import coinbase as cb
 from engine.collect.sources import kalshi as ks
