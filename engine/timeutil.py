@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
+from zoneinfo import ZoneInfo
 
 NS = 1_000_000_000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+US_EASTERN = ZoneInfo("America/New_York")  # Kalshi's tickers and close times are US Eastern (EST/EDT)
 
 
 def to_ns(value, *, name: str = "time") -> int | None:
@@ -37,6 +39,11 @@ def to_ns(value, *, name: str = "time") -> int | None:
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def us_eastern(ns: int) -> dt.datetime:
+    """The US Eastern wall-clock time (EST or EDT, as the date has it) at `ns`, to the second."""
+    return dt.datetime.fromtimestamp(ns // NS, US_EASTERN)
 
 
 def iso(ns: int | None) -> str | None:

@@ -35,6 +35,8 @@ from pathlib import Path
 import msgspec
 import zstandard
 
+from engine.timeutil import us_eastern
+
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
 DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
 DEFAULT_START_NS = 1795712400 * 10**9  # 2026-11-26T17:00:00Z, fixed so output is reproducible
@@ -74,29 +76,12 @@ def fmt_dp(units: int, scale: int) -> str:
     return f"{'-' if neg else ''}{ip}.{fp:0{scale}d}"
 
 
-def _us_eastern_offset_h(ns: int) -> int:
-    """UTC offset of US Eastern time (-4 in DST, -5 otherwise), computed without tz database."""
-    t = dt.datetime.fromtimestamp(ns // 10**9, dt.timezone.utc)
-    y = t.year
-
-    def nth_sunday(month: int, n: int) -> dt.datetime:
-        d = dt.datetime(y, month, 1, tzinfo=dt.timezone.utc)
-        d += dt.timedelta(days=(6 - d.weekday()) % 7)
-        return d + dt.timedelta(weeks=n - 1)
-
-    dst_start = nth_sunday(3, 2) + dt.timedelta(hours=7)  # 02:00 EST = 07:00 UTC
-    dst_end = nth_sunday(11, 1) + dt.timedelta(hours=6)  # 02:00 EDT = 06:00 UTC
-    return -4 if dst_start <= t < dst_end else -5
-
-
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 
 
 def kalshi_event_code(close_ns: int, with_minutes: bool) -> str:
     """`25NOV2617` (YY MON DD HH in US Eastern time of the close), plus MM for sub-hour contracts."""
-    t = dt.datetime.fromtimestamp(close_ns // 10**9, dt.timezone.utc) + dt.timedelta(
-        hours=_us_eastern_offset_h(close_ns)
-    )
+    t = us_eastern(close_ns)
     s = f"{t.year % 100:02d}{_MONTHS[t.month - 1]}{t.day:02d}{t.hour:02d}"
     return s + f"{t.minute:02d}" if with_minutes else s
 

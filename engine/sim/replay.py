@@ -66,6 +66,7 @@ from engine.collect import kalshi_auth
 from engine.collect.sources import parse_ts
 from engine.log import get_logger
 from engine.sim.capture_gen import KalshiMarketSpec, fmt_dp, fmt_rfc3339, market_object, read_capture
+from engine.timeutil import US_EASTERN
 
 WS_PATH = "/trade-api/ws/v2"
 REST_PREFIX = "/trade-api/v2"
@@ -1305,16 +1306,13 @@ def _ticker_close_ns(ticker: str) -> int | None:
     m = _TICKER_RE.match(ticker)
     if not m or m.group(2) not in _MONTHS:
         return None
-    from engine.sim.capture_gen import _us_eastern_offset_h
-
     yy, mon, dd, hh, mm = m.groups()
     try:
         local = dt.datetime(2000 + int(yy), _MONTHS.index(mon) + 1, int(dd), int(hh), int(mm or 0),
-                            tzinfo=dt.timezone.utc)
+                            tzinfo=US_EASTERN, fold=1)  # an hour that repeats (November): its second pass, EST
     except ValueError:
         return None
-    guess = int(local.timestamp()) * 10**9 + 5 * 3600 * 10**9
-    return int(local.timestamp()) * 10**9 - _us_eastern_offset_h(guess) * 3600 * 10**9
+    return int(local.timestamp()) * 10**9
 
 
 # ---------------------------------------------------------------------------------------------- CLI
