@@ -82,7 +82,7 @@ def _free_port() -> int:
 def fake_log(path: Path, n_files: int) -> int:
     """A catalog log of `n_files` raw-file lines (12 markets × l2/trades × hourly files from the start date;
     100k files ≈ 174 days), with an upload mark after every file but the newest day's, like a live lake's log."""
-    from engine.lake.catalog import FileEntry, Op, _enc
+    from engine.lake.catalog import FileEntry, Op, encode_ops
     from engine_defs.partitions import START_DATE
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +104,9 @@ def fake_log(path: Path, n_files: int) -> int:
                                       table=table, source=s, market=m, date=date, rows=50_000, bytes=600_000,
                                       sha256="0" * 64, min_ts=lo, max_ts=lo + H - 1, min_recv_ts=lo,
                                       max_recv_ts=lo + H - 1, min_seq=0, max_seq=49_999, created_ns=lo + H)
-                        buf.append(_enc.encode(Op(op="add", at=lo + H, file=e)) + b"\n")
+                        buf.append(encode_ops(Op(op="add", at=lo + H, file=e)))
                         if d < n_files // (24 * 2 * len(MARKETS12)) - 1:  # all but the newest day are uploaded already
-                            buf.append(_enc.encode(Op(op="remote", at=lo + H + 1, key=e.key)) + b"\n")
+                            buf.append(encode_ops(Op(op="remote", at=lo + H + 1, key=e.key)))
                         n += 1
             d += 1
             if len(buf) > 20_000:

@@ -23,11 +23,10 @@ import pyarrow as pa
 from engine import schema
 from engine.lake.catalog import BadLine, FileEntry, Op, decode_op
 from engine.lake.writer import read_parquet
-from engine.timeutil import NS, now_ns, to_ns
+from engine.timeutil import NS, NS_PER_DAY, NS_PER_HOUR, now_ns, to_ns
 
 RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
-DAY_NS = 86_400 * NS
 SILENCE_S = float(os.environ.get("ENGINE_DAGSTER_SILENCE_S", "300"))  # coverage: silence longer than this is a hole
 
 
@@ -82,7 +81,7 @@ def read_log(path: Path, offset: int, max_bytes: int = 4 << 20, max_ops: int | N
 
 def day_bounds(date: str) -> tuple[int, int]:
     start = to_ns(date)
-    return start, start + DAY_NS
+    return start, start + NS_PER_DAY
 
 
 def is_closed_day(date: str) -> bool:
@@ -174,7 +173,7 @@ def part_stats(eng, table: str, source: str, market: str, date: str, *, read_row
     if len(recv):
         diffs = np.diff(recv)
         st.largest_gap_s = float(diffs.max()) / NS if len(diffs) else 0.0
-        st.hours_with_data = int(len(np.unique((recv - day0) // (3600 * NS))))
+        st.hours_with_data = int(len(np.unique((recv - day0) // NS_PER_HOUR)))
     thr = int(silence_s * NS)
     holes: list[tuple[int, int]] = []
     if len(recv) == 0:

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from engine.collect.sources import NS
 from engine.log import get_logger
+from engine.timeutil import NS
 
 log = get_logger(component="collect")
 

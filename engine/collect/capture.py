@@ -19,7 +19,7 @@ from typing import Iterator
 import msgspec
 import zstandard
 
-from engine.schema import NS_PER_HOUR
+from engine.timeutil import NS, NS_PER_HOUR
 
 
 class CaptureLine(msgspec.Struct, kw_only=True):
@@ -33,7 +33,7 @@ _enc = msgspec.json.Encoder()
 
 
 def hour_name(source: str, recv_ns: int, compress: bool) -> str:
-    t = time.gmtime(recv_ns // 1_000_000_000)
+    t = time.gmtime(recv_ns // NS)
     return f"{source}-{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}T{t.tm_hour:02d}Z.jsonl" + (".zst" if compress else "")
 
 

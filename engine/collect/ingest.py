@@ -14,8 +14,9 @@ from typing import Iterable
 
 from engine.collect.append import append_tables, seed_coinbase_trades
 from engine.collect.capture import CaptureReader
-from engine.collect.sources import CHUNK_ROWS, NS, BaseNormalizer, make_normalizer, tune_gc
+from engine.collect.sources import CHUNK_ROWS, BaseNormalizer, make_normalizer, tune_gc
 from engine.log import get_logger
+from engine.timeutil import NS
 
 log = get_logger(component="ingest")
 

@@ -26,12 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.collect.capture import CaptureWriter
 from engine.collect.append import append_tables, seed_coinbase_trades
-from engine.collect.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, NS, make_normalizer, tune_gc
+from engine.collect.capture import CaptureWriter
+from engine.collect.sources import CHUNK_ROWS, DEFAULT_MAX_SKEW_NS, make_normalizer, tune_gc
 from engine.collect.sources import coinbase as cb
 from engine.collect.sources import kalshi as ks
 from engine.log import get_logger
+from engine.timeutil import NS
 
 MAX_FRAME = 32 * 1024 * 1024
 log = get_logger(component="collector")

@@ -97,6 +97,11 @@ def problem(op: Op) -> str | None:
     return f"{op.op} without {', '.join(missing)}" if missing else None
 
 
+def encode_ops(*ops: Op) -> bytes:
+    """Ops as catalog log lines (one JSON object a line), exactly as `Catalog.append` writes them."""
+    return b"".join(_enc.encode(op) + b"\n" for op in ops)
+
+
 def decode_op(line: bytes) -> Op:
     """One log line as an Op; raises BadLine for a line that cannot be applied."""
     try:
@@ -569,7 +574,7 @@ class Catalog:
             return
         for op in ops:
             op.at = op.at or now_ns()
-        payload = b"".join(_enc.encode(op) + b"\n" for op in ops)
+        payload = encode_ops(*ops)
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

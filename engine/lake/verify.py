@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from engine import schema
 from engine.fsio import atomic_write_bytes, sha256_file
-from engine.lake.catalog import SNAPSHOT_NAME, FileEntry, Op, _enc
+from engine.lake.catalog import SNAPSHOT_NAME, FileEntry, Op, encode_ops
 from engine.lake.writer import read_parquet, table_stats
 from engine.log import get_logger
 from engine.paths import match, parse_key
@@ -145,6 +145,6 @@ def rebuild_from_store(eng) -> int:
     if log_path.exists():
         log_path.rename(log_path.with_suffix(f".jsonl.bak-{time.time_ns()}"))
     (eng.layout.catalog_dir / SNAPSHOT_NAME).unlink(missing_ok=True)  # it indexes the old log
-    atomic_write_bytes(log_path, b"".join(_enc.encode(o) + b"\n" for o in ops))
+    atomic_write_bytes(log_path, encode_ops(*ops))
     log.info("catalog_rebuilt", files=len(keys), store=eng.store.url)
     return len(ops)

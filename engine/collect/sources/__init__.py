@@ -24,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from engine.log import get_logger
-from engine.schema import GAPS_SCHEMA, L2_SCHEMA, TRADES_SCHEMA, drop_faulty_rows
+from engine.schema import GAPS_SCHEMA, L2_SCHEMA, MAX_SKEW_NS, TRADES_SCHEMA, drop_faulty_rows
+from engine.timeutil import NS
 
-NS = 1_000_000_000
 CHUNK_ROWS = 65_536
-DEFAULT_MAX_SKEW_NS = 24 * 3600 * NS  # an exchange timestamp further than this from recv is absurd
-_DICT_T = pa.dictionary(pa.int32(), pa.string())
+DEFAULT_MAX_SKEW_NS = MAX_SKEW_NS  # an exchange timestamp further than this from recv is absurd
+DICT_T = pa.dictionary(pa.int32(), pa.string())
 SIDE_MAP = {"bid": "bid", "ask": "ask", "offer": "ask", "buy": "bid", "sell": "ask"}
 
 # ----------------------------------------------------------------------------------------------
@@ -133,20 +133,20 @@ def _rep(a: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
     return a if counts is None else np.repeat(a, counts)
 
 
-def _dict_runs(values: list[str], counts: np.ndarray | None) -> pa.DictionaryArray:
-    enc = pa.array(values, _DICT_T)
+def dict_runs(values: list[str], counts: np.ndarray | None) -> pa.DictionaryArray:
+    enc = pa.array(values, DICT_T)
     if counts is None and enc.null_count == 0:
         return enc
     idx = _rep(enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), counts)
     return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), enc.dictionary)
 
 
-def _const_dict(value: str, n: int) -> pa.DictionaryArray:
+def const_dict(value: str, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32), pa.int32()), pa.array([value], pa.string()))
 
 
 def _side_dict(values: list[str], counts: np.ndarray | None) -> pa.DictionaryArray:
-    enc = pa.array(values, _DICT_T)
+    enc = pa.array(values, DICT_T)
     raw = enc.dictionary.to_pylist()
     mapped = [SIDE_MAP[v] for v in raw]  # KeyError -> bulk conversion fails -> slow path
     uniq = sorted(set(mapped))
@@ -167,7 +167,7 @@ def _opt_int_runs(values: list[int | None], counts: np.ndarray | None) -> pa.Arr
 _NULL_TS = np.iinfo(np.int64).min
 
 
-def _floats(values: list) -> np.ndarray:
+def float_array(values: list) -> np.ndarray:
     """Floats, or decimal strings kept raw from the wire (converted here in bulk by Arrow).
 
     A chunk mixing floats and raw strings raises (the caller then converts it run by run, each
@@ -182,12 +182,12 @@ def _floats(values: list) -> np.ndarray:
         return np.array(values, np.float64)
 
 
-def _ints(values) -> np.ndarray:
+def int_array(values) -> np.ndarray:
     """Python ints -> int64 array (np.fromiter: faster than np.array for ints of any size)."""
     return np.fromiter(values, np.int64, len(values))
 
 
-def _bulk_ts(strings: list[str | None] | pa.Array) -> np.ndarray:
+def bulk_ts(strings: list[str | None] | pa.Array) -> np.ndarray:
     """RFC 3339 strings -> int64 ns (vectorized by Arrow); unparseable or None -> _NULL_TS."""
     try:
         arr = strings if isinstance(strings, pa.Array) else pa.array(strings, pa.string())
@@ -271,22 +271,22 @@ class L2Cols:
     def _resolve_ts(self, recv: np.ndarray, ts_: tuple, et_: tuple, env_: tuple) -> np.ndarray:
         if not any(et_):
             return np.array(ts_, np.int64)
-        ts = _bulk_ts(list(et_))
+        ts = bulk_ts(list(et_))
         given = np.array([t if t is not None else _NULL_TS for t in ts_], np.int64)
         has = given != _NULL_TS
         ts[has] = given[has]
         self.ts_fallbacks += settle_ts(
-            ts, recv, lambda bad: _bulk_ts([v if b else None for v, b in zip(env_, bad)]), self.max_skew_ns)
+            ts, recv, lambda bad: bulk_ts([v if b else None for v, b in zip(env_, bad)]), self.max_skew_ns)
         return ts
 
     def _build(self, runs: list[tuple], price: list[float], size: list[float], on_bad=None) -> pa.Table | None:
         n_, recv_, ts_, et_, env_, mkt_, inst_, side_, seq_, snap_ = zip(*runs)
-        counts = _ints(n_)
+        counts = int_array(n_)
         n = int(counts.sum())
         if n != len(price) or n != len(size):
             raise ValueError("run/row count mismatch")
-        pr = _floats(price)
-        sz = _floats(size)
+        pr = float_array(price)
+        sz = float_array(size)
         absurd = absurd_runs(pr, sz, counts)
         if absurd is not None:  # drop the runs holding absurd values, keep the rest
             bad_runs, keep_run, keep_row = absurd
@@ -297,18 +297,18 @@ class L2Cols:
             if not runs:
                 return None
             return self._build(runs, pr[keep_row].tolist(), sz[keep_row].tolist(), on_bad)
-        recv = _ints(recv_)
+        recv = int_array(recv_)
         ts = self._resolve_ts(recv, ts_, et_, env_)
         self.last_lag = int(recv[-1] - ts[-1])
         if n == len(runs) and (counts == 1).all():
             counts = None  # one row per run (Kalshi deltas): nothing to expand
-        mkt_arr = _dict_runs(list(mkt_), counts)
+        mkt_arr = dict_runs(list(mkt_), counts)
         cols = [
             pa.array(_rep(ts, counts), pa.int64()),
             pa.array(_rep(recv, counts), pa.int64()),
-            _const_dict(self.source, n),
+            const_dict(self.source, n),
             mkt_arr,
-            mkt_arr if inst_ == mkt_ else _dict_runs(list(inst_), counts),  # Coinbase: instrument == market
+            mkt_arr if inst_ == mkt_ else dict_runs(list(inst_), counts),  # Coinbase: instrument == market
             _side_dict(list(side_), counts),
             pa.array(pr, pa.float64()),
             pa.array(sz, pa.float64()),
@@ -386,9 +386,9 @@ class TradeCols:
             [
                 pa.array(self.ts, pa.int64()),
                 pa.array(self.recv, pa.int64()),
-                _const_dict(self.source, n),
-                _dict_runs(self.mkt, ones),
-                _dict_runs(self.inst, ones),
+                const_dict(self.source, n),
+                dict_runs(self.mkt, ones),
+                dict_runs(self.inst, ones),
                 pa.array(self.side, pa.string()).dictionary_encode(),
                 pa.array(self.price, pa.float64()),
                 pa.array(self.size, pa.float64()),

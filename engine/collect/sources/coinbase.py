@@ -21,21 +21,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from msgspec import Struct
 
-from engine.schema import L2_SCHEMA
 from engine.collect.sources import (
-    _DICT_T,
     DEFAULT_MAX_SKEW_NS,
+    DICT_T,
     Action,
     BaseNormalizer,
-    _bulk_ts,
-    _const_dict,
-    _dict_runs,
-    _floats,
-    _ints,
     absurd_runs,
+    bulk_ts,
+    const_dict,
+    dict_runs,
+    float_array,
+    int_array,
     parse_ts,
     settle_ts,
 )
+from engine.schema import L2_SCHEMA
 
 SOURCE = "coinbase"
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
@@ -249,15 +249,15 @@ class L2Chunk:
         self.ups, self.runs = [], []
         self.flush_at = self.rows + self.sub_rows
         try:
-            pr = _floats([u.price_level for u in ups])
-            sz = _floats([u.new_quantity for u in ups])
+            pr = float_array([u.price_level for u in ups])
+            sz = float_array([u.new_quantity for u in ups])
         except Exception:  # noqa: BLE001 - a raw number Arrow cannot read: NaN rows, reported at take in order
             prs, szs, row = [], [], 0
             for i, r in enumerate(runs, len(self.done)):
                 ev = ups[row:row + r[0]]
                 row += r[0]
                 try:
-                    p, q = _floats([u.price_level for u in ev]), _floats([u.new_quantity for u in ev])
+                    p, q = float_array([u.price_level for u in ev]), float_array([u.new_quantity for u in ev])
                 except Exception as e:  # noqa: BLE001
                     p = q = np.full(r[0], np.nan)
                     self.unreadable[i] = f"conversion failed: {e!r}"[:200]
@@ -283,11 +283,11 @@ class L2Chunk:
             return None
         pr, sz = np.concatenate(self.price), np.concatenate(self.size)
         ask = np.frombuffer(self.ask, np.uint8).astype(np.int32)
-        ts = np.repeat(_bulk_ts(self.et), np.concatenate(self.et_n))  # one parse per stretch
+        ts = np.repeat(bulk_ts(self.et), np.concatenate(self.et_n))  # one parse per stretch
         unreadable = self.unreadable
         self._reset()
         n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
-        counts = _ints(n_)
+        counts = int_array(n_)
         absurd = absurd_runs(pr, sz, counts)
         if absurd is not None:  # drop the events holding absurd values, keep the rest
             bad_ev, keep_ev, keep_row = absurd
@@ -299,22 +299,22 @@ class L2Chunk:
                 return None
             pr, sz, ask, ts = pr[keep_row], sz[keep_row], ask[keep_row], ts[keep_row]
             n_, recv_, seq_, env_, pid_, snap_ = zip(*runs)
-            counts = _ints(n_)
+            counts = int_array(n_)
         n = len(pr)
-        recv = np.repeat(_ints(recv_), counts)
-        self.ts_fallbacks += settle_ts(ts, recv, lambda bad: np.repeat(_bulk_ts(list(env_)), counts), self.max_skew_ns)
+        recv = np.repeat(int_array(recv_), counts)
+        self.ts_fallbacks += settle_ts(ts, recv, lambda bad: np.repeat(bulk_ts(list(env_)), counts), self.max_skew_ns)
         self.last_lag = int(recv[-1] - ts[-1])
-        mkt = _dict_runs(list(pid_), counts)
+        mkt = dict_runs(list(pid_), counts)
         cols = [
             pa.array(ts, pa.int64()),
             pa.array(recv, pa.int64()),
-            _const_dict(SOURCE, n),
+            const_dict(SOURCE, n),
             mkt,
             mkt,  # instrument == market on Coinbase
             pa.DictionaryArray.from_arrays(pa.array(ask, pa.int32()), _SIDES),
             pa.array(pr, pa.float64()),
             pa.array(sz, pa.float64()),
-            pa.array(np.repeat(_ints(seq_), counts), pa.int64()),
+            pa.array(np.repeat(int_array(seq_), counts), pa.int64()),
             pa.array(np.repeat(np.array(snap_, bool), counts) if any(snap_) else np.zeros(n, bool), pa.bool_()),
         ]
         return pa.Table.from_arrays(cols, schema=L2_SCHEMA)

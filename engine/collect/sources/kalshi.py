@@ -26,8 +26,9 @@ import numpy as np
 import pyarrow as pa
 from msgspec import Struct
 
-from engine.collect.sources import _DICT_T, DEFAULT_MAX_SKEW_NS, NS, Action, BaseNormalizer, _const_dict, fixed_units, parse_ts
+from engine.collect.sources import DEFAULT_MAX_SKEW_NS, DICT_T, Action, BaseNormalizer, const_dict, fixed_units, parse_ts
 from engine.schema import L2_SCHEMA
+from engine.timeutil import NS
 
 SOURCE = "kalshi"
 DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
@@ -277,7 +278,7 @@ class L2Rows:
         self.parts.append((
             np.array(recv, np.int64),
             np.array(ts, np.int64),
-            pa.array(tk, _DICT_T),
+            pa.array(tk, DICT_T),
             np.frombuffer(bytes(map(not_, bid)), np.uint8),  # 1 = ask
             pa.array(seq, pa.int64()),
             np.array(price, np.float64),
@@ -303,7 +304,7 @@ class L2Rows:
         cols = [
             pa.array(ts, pa.int64()),
             pa.array(recv, pa.int64()),
-            _const_dict(SOURCE, len(recv)),
+            const_dict(SOURCE, len(recv)),
             market,
             inst,
             pa.DictionaryArray.from_arrays(pa.array(ask.astype(np.int32), pa.int32()), _SIDES),
