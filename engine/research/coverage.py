@@ -104,7 +104,10 @@ def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int 
     """Draw `cov` as a market x hour heat map into PNG `path`. Returns what was drawn: `matrix`
     (rows = markets, cols = hours), `rows`, `hours`, and `centers` (pixel x, y of each cell centre in
     the PNG, y from the top) so callers can check the picture against the numbers."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("coverage plots need matplotlib: pip install 'engine[plot]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
