@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_tests.bench.soak import run_soak, summary_lines
+from benchmarks.soak import run_soak, summary_lines
 
 
 def _check(r: dict, rss_growth_mb: float) -> None:

@@ -19,7 +19,7 @@ from engine import Engine
 from engine.lake.catalog import Catalog, FileEntry, Op
 from engine.sim import synth
 from engine.timeutil import to_ns
-from engine_tests.bench.common import best_of, table
+from benchmarks.common import best_of, table
 
 NS_H = 3_600 * 10**9
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                               sha256="0" * 64, min_ts=ts, max_ts=ts + NS_H - 1, min_recv_ts=ts, max_recv_ts=ts + NS_H - 1)
                 f.write(enc.encode(Op(op="add", file=e, at=1)) + b"\n")
         t0 = time.perf_counter()
-        cat = Catalog(log, snapshot=False)  # the whole log replayed (open from a snapshot: benchmarks/bench_catalog_open.py)
+        cat = Catalog(log, snapshot=False)  # the whole log replayed (open from a snapshot: benchmarks/catalog_open.py)
         t_load = time.perf_counter() - t0
         t_first = best_of(lambda: cat.summary(), 1)
         t_sum = best_of(lambda: cat.summary(), 20)

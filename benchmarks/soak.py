@@ -28,7 +28,7 @@ import time
 from array import array
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TYPICAL_ROWS_PER_S = 2e9 / 12 / 86400  # ~1,930
 ROWS_PER_FRAME = 2.84  # generate_coinbase's average rows per frame (l2 updates, trades, heartbeats)
 PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD", "DOGE-USD", "AVAX-USD", "LINK-USD", "ADA-USD", "XRP-USD"]
@@ -172,7 +172,7 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
         moto.make_bucket("soak")
         store = "s3://soak/lake"
         url_file, counts_file = run_dir / "replay.url", run_dir / "replay_counts.json"
-        replay = subprocess.Popen([sys.executable, "-m", "engine_tests.bench.soak", "_replay", "--capture", str(cap),
+        replay = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "_replay", "--capture", str(cap),
                                    "--speed", "1", "--url-file", str(url_file), "--out", str(counts_file)],
                                   env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(run_dir / "replay.log", "w"),
                                   start_new_session=True)

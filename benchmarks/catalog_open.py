@@ -27,7 +27,7 @@ import msgspec
 from engine.lake.catalog import SNAPSHOT_EVERY, Catalog, FileEntry, Op
 from engine.paths import file_key
 from engine.timeutil import to_ns
-from engine_tests.bench.common import best_of, peak_rss_mb, table
+from benchmarks.common import best_of, peak_rss_mb, table
 
 NS_H = 3_600 * 10**9
 T0 = to_ns("2020-01-01")
