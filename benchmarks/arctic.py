@@ -24,8 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python benchmarks/<name>.py`: the repo root on sys.path, not benchmarks/
+    sys.path[0] = str(ROOT)
+
+from engine.timeutil import NS_PER_HOUR as NS_H  # noqa: E402
+
 ARCTIC_VERSION = "6.28.2"
-NS_H = 3_600_000_000_000
 
 ARCTIC_CHILD = r"""
 import json, os, sys, time

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Collector benchmark (run with the project venv: .venv/bin/python scripts/bench_collect).
+"""Collector benchmark: `scripts/bench_collect` (or `python benchmarks/collect.py` in the project venv).
 
 1. Coinbase `l2_data` frames -> columnar buffer -> Arrow, rows/s, against a stdlib-json + row-dict
    baseline on the same frames that ends where ours ends, in Arrow rows of the l2 schema (the only
@@ -28,7 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # run as `python benchmarks/<name>.py`: the repo root on sys.path, not benchmarks/
+    sys.path[0] = str(ROOT)
 
 FIX = ROOT.parent / "shared" / "fixtures" / "coinbase" / "advanced-trade" / "cryptofeed-v3-COINBASE.jsonl.zst"
 T0 = 1_795_712_400_000_000_000
@@ -260,14 +260,14 @@ def bench_e2e(seconds: float, rate: float) -> dict:
             "cpu_pct": 100 * (cpu1 - cpu0) / max(w1 - w0, 1e-9), "rss_mb": hwm, "wall_s": w1 - w0, "tmp": str(tmp)}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000, help="Coinbase rows to normalize")
     ap.add_argument("--kalshi-msgs", type=int, default=500_000)
     ap.add_argument("--e2e-seconds", type=float, default=60.0, help="generated capture length for the e2e run")
     ap.add_argument("--e2e-rate", type=float, default=2000.0, help="generated updates per second")
     ap.add_argument("--skip-e2e", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     os.environ.setdefault("ENGINE_LOG_LEVEL", "ERROR")
     from engine.collect.sources import tune_gc
 
@@ -296,4 +296,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Research toolkit benchmark: quotes derivation, as-of joins, book(at=...) latency — each against
 baselines on the same data, in one run. Prints a table with ratios.
 
-    source scripts/_env.sh && scripts/bench_research [--l2-rows 5000000] [--trades 5000000]
+    scripts/bench_research [--l2-rows 5000000] [--trades 5000000]
         [--quotes 20000000] [--day-rows 10000000] [--books 40] [--baseline-rows 1000000]
 """
 
@@ -15,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python benchmarks/<name>.py`: the repo root on sys.path, not benchmarks/
+    sys.path[0] = str(ROOT)
 os.environ.setdefault("ENGINE_LOG_LEVEL", "warning")
 
 import numpy as np  # noqa: E402
@@ -24,9 +25,9 @@ import pyarrow as pa  # noqa: E402
 
 from engine import Engine, schema  # noqa: E402
 from engine.sim import synth  # noqa: E402
+from engine.timeutil import NS as S  # noqa: E402
 from engine.timeutil import to_ns  # noqa: E402
 
-S = 10**9
 ROWS: list[tuple] = []
 
 
@@ -213,7 +214,7 @@ def bench_book(a, tmp):
     return float(np.median(lat))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--l2-rows", type=int, default=5_000_000)
     ap.add_argument("--baseline-rows", type=int, default=1_000_000)
@@ -222,7 +223,7 @@ def main() -> int:
     ap.add_argument("--day-rows", type=int, default=10_000_000)
     ap.add_argument("--books", type=int, default=40)
     ap.add_argument("--only", choices=["quotes", "asof", "book"], default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     print(f"bench_research on {os.cpu_count()} cores, polars {pl.__version__}, load avg {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_research_") as d:
         tmp = Path(d)
@@ -241,4 +242,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -29,6 +29,8 @@ from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python benchmarks/<name>.py`: the repo root on sys.path, not benchmarks/
+    sys.path[0] = str(ROOT)
 TYPICAL_ROWS_PER_S = 2e9 / 12 / 86400  # ~1,930
 ROWS_PER_FRAME = 2.84  # generate_coinbase's average rows per frame (l2 updates, trades, heartbeats)
 PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD", "DOGE-USD", "AVAX-USD", "LINK-USD", "ADA-USD", "XRP-USD"]
@@ -143,7 +145,6 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
     import numpy as np
     import polars as pl
 
-    sys.path.insert(0, str(ROOT))
     from engine_tests.conftest import MotoServer
 
     workdir = Path(workdir or (ROOT / ".bench" / "soak")).resolve()
@@ -399,4 +400,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
