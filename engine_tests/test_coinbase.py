@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from decimal import Decimal
 from pathlib import Path
 
@@ -424,7 +423,6 @@ def test_trade_bad_values_skipped_individually():
                                 ("BTC-USD", 3, "100", "1", "UP")]))
     assert n.take()["trades"].num_rows == 1
     assert n.c.skipped_frames == 2
-    assert math.isfinite(n.c.skipped_frames)
 
 
 def test_generated_capture_rows_track_reference_book_after_every_message():

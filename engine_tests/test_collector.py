@@ -13,10 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-pytest.importorskip("engine.sim.replay")
-
-from engine.sim.capture_gen import generate_coinbase, generate_kalshi, write_capture  # noqa: E402
-from engine.sim.replay import ReplayServer  # noqa: E402
+from engine.sim.capture_gen import generate_coinbase, generate_kalshi, write_capture
+from engine.sim.replay import ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -393,10 +393,8 @@ def _capture_kalshi(tmp_path):
 
 
 def _ingest(tmp_path, files, source):
-    try:
-        from engine.collect.ingest import ingest_files
-    except ImportError as e:  # the collectors' ingest path is another module's job
-        pytest.skip(f"engine.collect.ingest not available: {e}")
+    from engine.collect.ingest import ingest_files
+
     eng = Engine.open(tmp_path / "lake", background=False, writer=True, book_anchors=True)
     ingest_files(eng, files, source, progress=False)
     return eng
