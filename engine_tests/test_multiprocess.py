@@ -51,7 +51,7 @@ def test_day_left_by_a_stopped_writer_is_sealed(tmp_path):
 
 
 CRASHED_WRITER = (
-    "import os, signal, sys; from engine import Engine, synth; from engine.schema import NS_PER_HOUR; "
+    "import os, signal, sys; from engine import Engine; from engine.sim import synth; from engine.schema import NS_PER_HOUR; "
     "from engine.timeutil import to_ns; e = Engine.open(sys.argv[1], background=False, writer=True); "
     "e.append('trades', synth.trade_rows('coinbase', 'BTC-USD', to_ns('2026-11-01'), 100, NS_PER_HOUR)); e.flush(); "
     "e.append('trades', synth.trade_rows('coinbase', 'BTC-USD', to_ns('2026-11-01T01:00'), 50, NS_PER_HOUR, id_start=1000)); "
