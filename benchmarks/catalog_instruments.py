@@ -28,12 +28,12 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from engine import instruments as inst
-from engine.catalog import SNAPSHOT_EVERY, Catalog, FileEntry, Op
-from engine.manifest import build, parse
+from engine.lake import instruments as inst
+from engine.lake.catalog import SNAPSHOT_EVERY, Catalog, FileEntry, Op
+from engine.lake.manifest import build, parse
 from engine.paths import file_key
 from engine.timeutil import to_ns
-from engine_tests.bench.common import best_of, peak_rss_mb, table
+from benchmarks.common import best_of, peak_rss_mb, table
 
 NS_H = 3_600 * 10**9
 T0 = to_ns("2025-01-01")
@@ -53,13 +53,13 @@ def _line(e: FileEntry, with_figures: bool) -> int:
 
 def real_files(work: Path) -> list[tuple]:
     from engine import Engine, synth
-    from engine.capture_gen import generate_kalshi, write_capture
-    from engine.ingest import engine_kwargs, ingest_files
+    from engine.sim.capture_gen import generate_kalshi, write_capture
+    from engine.collect.ingest import ingest_files
 
     cap = work / "kalshi.jsonl"
     write_capture(generate_kalshi(series=["KXBTC"], seconds=3 * 3600, rate=10, seed=1, start_ns=T0 + 9 * NS_H,
                                   contract_minutes=15, strikes=10), cap)
-    eng = Engine.open(work / "home", background=False, writer=True, **engine_kwargs())
+    eng = Engine.open(work / "home", background=False, writer=True, book_anchors=True)
     ingest_files(eng, [cap], "kalshi", progress=False)
     eng.append("l2", synth.l2_rows("coinbase", "BTC-USD", T0 + 9 * NS_H, 200_000, NS_H - 10**9))
     eng.flush()
@@ -119,8 +119,8 @@ def manifest_bytes(n: int = 2_400) -> list[tuple]:
 # ---- 2. write cost -------------------------------------------------------------------------------------
 
 def write_cost(work: Path) -> list[tuple]:
-    from engine import synth
-    from engine.writer import write_parquet
+    from engine.sim import synth
+    from engine.lake.writer import write_parquet
 
     names = [f"KXBTC-26DEC0417-B{97000 + 250 * i}" for i in range(50)]
     t = synth.l2_rows("kalshi", "KXBTC", T0, 1_000_000, NS_H - 10**9, instruments=names)

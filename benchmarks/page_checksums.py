@@ -15,14 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import duckdb
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as `python benchmarks/<name>.py`: the repo root on sys.path, not benchmarks/
+    sys.path[0] = str(ROOT)
 
-from engine import schema, synth
-from engine.fsio import sha256_file
-from engine.timeutil import to_ns
-from engine.writer import _parquet_options, parquet_format, write_parquet
+import duckdb  # noqa: E402
+import pyarrow.dataset as pads  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from engine import schema  # noqa: E402
+from engine.fsio import sha256_file  # noqa: E402
+from engine.lake.writer import _parquet_options, parquet_format, write_parquet  # noqa: E402
+from engine.sim import synth  # noqa: E402
+from engine.timeutil import to_ns  # noqa: E402
 
 
 def best(fn, repeat: int) -> float:
@@ -105,4 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

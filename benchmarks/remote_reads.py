@@ -26,20 +26,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # run as `python benchmarks/<name>.py`: the repo root on sys.path, not benchmarks/
+    sys.path[0] = str(ROOT)
 
 import boto3  # noqa: E402
 import polars as pl  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from engine import Engine, synth  # noqa: E402
-from engine.catalog import FileEntry  # noqa: E402
-from engine.manifest import build  # noqa: E402
+from engine import Engine  # noqa: E402
+from engine.lake.catalog import FileEntry  # noqa: E402
+from engine.lake.manifest import build  # noqa: E402
 from engine.paths import MANIFEST_KEY  # noqa: E402
+from engine.sim import synth  # noqa: E402
+from engine.timeutil import NS_PER_DAY as DAY  # noqa: E402
 from engine.timeutil import to_ns  # noqa: E402
 from engine_tests.conftest import MotoServer  # noqa: E402
 
-DAY = 86_400 * 10**9
 T0 = to_ns("2026-10-01")
 
 
@@ -201,4 +203,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

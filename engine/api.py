@@ -17,17 +17,18 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import schema, staging
-from engine.buffer import Buffer
-from engine.catalog import Catalog, FileEntry
+from engine import schema
 from engine.fsio import tmp_path_for
+from engine.lake import staging
+from engine.lake.buffer import Buffer
+from engine.lake.catalog import Catalog, FileEntry
+from engine.lake.spool import Damaged, Spool, SpoolLockedError
+from engine.lake.store import ReadCache, open_store
+from engine.lake.writer import write_parquet
 from engine.log import get_logger
 from engine.paths import Layout, buffer_key, date_of_ns, default_home, file_key, key_part_problem, parse_key
 from engine.schema import NS_PER_HOUR
-from engine.spool import Damaged, Spool, SpoolLockedError
-from engine.store import ReadCache, open_store
 from engine.timeutil import iso, now_ns, result_times
-from engine.writer import write_parquet
 
 log = get_logger(component="engine")
 
@@ -109,7 +110,7 @@ class Engine:
         if from_store if from_store is not None else (not writer and self._reads_from_store()):
             if writer:
                 raise ValueError("a writer keeps its own catalog log: from_store=True is for readers")
-            from engine.manifest import ManifestReader
+            from engine.lake.manifest import ManifestReader
 
             # a home that never wrote, on a shared store: the bucket's manifest is the catalog
             self._manifest = ManifestReader(self.store, self.layout.catalog_dir)
@@ -570,28 +571,28 @@ class Engine:
 
     # ---- maintenance (delegated) ---------------------------------------------------------
     def upload(self, **filters) -> dict:
-        from engine.uploader import upload
+        from engine.lake.uploader import upload
 
         return upload(self, **filters)
 
     def compact(self, **kw) -> list:
-        from engine.compaction import compact
+        from engine.lake.compaction import compact
 
         return compact(self, **kw)
 
     def publish_manifest(self) -> str:
-        from engine.manifest import publish
+        from engine.lake.manifest import publish
 
         return publish(self)
 
     def verify(self, repair: bool = False, **filters) -> list:
-        from engine.verify import verify
+        from engine.lake.verify import verify
 
         return verify(self, repair=repair, **filters)
 
-    # ---- queries (delegated to engine.query) ---------------------------------------------
+    # ---- queries (delegated to engine.research.query) ---------------------------------------------
     def _q(self):
-        from engine.query import Query
+        from engine.research.query import Query
 
         self._maybe_refresh()
         return Query(self)

@@ -9,12 +9,12 @@ import sys
 
 # subcommand → "module:function(argv) -> int"
 DISPATCH = {
-    "collect": ("engine.collector:cli", "run the exchange collectors"),
-    "status": ("engine.collector:status_cli", "show collector counters"),
-    "ingest": ("engine.ingest:cli", "normalize capture files offline into the lake"),
-    "replay-exchange": ("engine.replay:cli", "serve a capture as a local exchange"),
-    "gen-capture": ("engine.capture_gen:cli", "generate a protocol-exact capture"),
-    "demo": ("engine.demo:cli", "end-to-end demonstration on a generated lake"),
+    "collect": ("engine.collect.runner:cli", "run the exchange collectors"),
+    "status": ("engine.collect.runner:status_cli", "show collector counters"),
+    "ingest": ("engine.collect.ingest:cli", "normalize capture files offline into the lake"),
+    "replay-exchange": ("engine.sim.replay:cli", "serve a capture as a local exchange"),
+    "gen-capture": ("engine.sim.capture_gen:cli", "generate a protocol-exact capture"),
+    "demo": ("engine.sim.demo:cli", "end-to-end demonstration on a generated lake"),
     "coverage": ("engine.research.coverage:cli", "coverage per market and hour (optionally a PNG heat map)"),
 }
 
@@ -81,7 +81,7 @@ def cmd_catalog(args) -> int:
         if not args.from_store:
             print("catalog rebuild needs --from-store (the only source it can rebuild from)", file=sys.stderr)
             return 2
-        from engine.verify import rebuild_from_store
+        from engine.lake.verify import rebuild_from_store
 
         n = rebuild_from_store(eng)
         print(f"catalog rebuilt from {eng.store.url}: {n} entries")
@@ -122,7 +122,7 @@ def cmd_sql(args) -> int:
 
 
 def cmd_flush(args) -> int:
-    from engine.collector import request_flush
+    from engine.collect.runner import request_flush
 
     n = request_flush(args.home)
     print(f"flush requested from {n} running collector(s)")
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from engine.errors import EngineError
+    from engine.lake.store import StoreError
     from engine.schema import SchemaError
-    from engine.store import StoreError
 
     try:
         return int(args.func(args) or 0)

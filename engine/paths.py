@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.timeutil import NS
+
 _PART_RE = re.compile(
     r"^data/(?P<table>[a-z0-9_]+)/source=(?P<source>[^/]+)/market=(?P<market>[^/]+)/date=(?P<date>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)\.parquet$"
 )
@@ -53,7 +55,7 @@ def check_key_part(kind: str, value: str) -> str:
 
 
 def date_of_ns(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=dt.timezone.utc).strftime("%Y-%m-%d")
+    return dt.datetime.fromtimestamp(ns // NS, tz=dt.timezone.utc).strftime("%Y-%m-%d")
 
 
 def partition_prefix(table: str, source: str, market: str, date: str) -> str:

@@ -21,11 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.paths import key_part_problem
+from engine.timeutil import NS_PER_DAY, NS_PER_HOUR  # noqa: F401  (re-exported: schema.NS_PER_HOUR)
 
 SCHEMA_VERSION = 1
 WRITER = "data-engine"
-NS_PER_HOUR = 3_600_000_000_000
-NS_PER_DAY = 24 * NS_PER_HOUR
 MIN_TS_NS = 10**17  # 1973-03-03 in ns; the present in µs or ms stays below it until the year 5138
 MAX_SKEW_NS = NS_PER_DAY  # an exchange time this far from its receive time is not a time of this row
 INSTRUMENT_MAX = 128

@@ -7,9 +7,13 @@ import datetime as dt
 import numbers
 import re
 import time
+from zoneinfo import ZoneInfo
 
-NS = 1_000_000_000
+NS = 1_000_000_000  # the time units, defined here once (engine.schema re-exports the hour and the day)
+NS_PER_HOUR = 3600 * NS
+NS_PER_DAY = 24 * NS_PER_HOUR
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+US_EASTERN = ZoneInfo("America/New_York")  # Kalshi's tickers and close times are US Eastern (EST/EDT)
 
 
 def to_ns(value, *, name: str = "time") -> int | None:
@@ -78,14 +82,19 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def us_eastern(ns: int) -> dt.datetime:
+    """The US Eastern wall-clock time (EST or EDT, as the date has it) at `ns`, to the second."""
+    return dt.datetime.fromtimestamp(ns // NS, US_EASTERN)
+
+
 def iso(ns: int | None) -> str | None:
     if ns is None:
         return None
     return dt.datetime.fromtimestamp(ns / NS, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "min": 60 * 10**9,
-          "h": 3600 * 10**9, "d": 86_400 * 10**9, "w": 7 * 86_400 * 10**9}
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": NS, "m": 60 * NS, "min": 60 * NS,
+          "h": NS_PER_HOUR, "d": NS_PER_DAY, "w": 7 * NS_PER_DAY}
 _DUR = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|min|s|m|h|d|w)")
 
 
@@ -101,7 +110,7 @@ def parse_duration(value, *, name: str = "duration") -> int | None:
         return value
 
     if isinstance(value, dt.timedelta):
-        ns = (value.days * 86_400 + value.seconds) * 10**9 + value.microseconds * 1000
+        ns = value.days * NS_PER_DAY + value.seconds * NS + value.microseconds * 1000
         if ns <= 0:
             raise ValueError(f"{name}: must be positive, got {value}")
         return ns

@@ -210,7 +210,7 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
         t, source, market, date = part
         files = eng.catalog.files_in(part)
         if files and not (len(files) == 1 and files[0].compacted):
-            from engine.compaction import closed_partitions
+            from engine.lake.compaction import closed_partitions
 
             if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
                 day_end = lake.day_bounds(date)[1]

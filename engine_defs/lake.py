@@ -21,13 +21,12 @@ import polars as pl
 import pyarrow as pa
 
 from engine import schema
-from engine.catalog import BadLine, FileEntry, Op, decode_op
-from engine.timeutil import NS, now_ns, to_ns
-from engine.writer import read_parquet
+from engine.lake.catalog import BadLine, FileEntry, Op, decode_op
+from engine.lake.writer import read_parquet
+from engine.timeutil import NS, NS_PER_DAY, NS_PER_HOUR, now_ns, to_ns
 
 RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
-DAY_NS = 86_400 * NS
 SILENCE_S = float(os.environ.get("ENGINE_DAGSTER_SILENCE_S", "300"))  # coverage: silence longer than this is a hole
 
 
@@ -82,7 +81,7 @@ def read_log(path: Path, offset: int, max_bytes: int = 4 << 20, max_ops: int | N
 
 def day_bounds(date: str) -> tuple[int, int]:
     start = to_ns(date)
-    return start, start + DAY_NS
+    return start, start + NS_PER_DAY
 
 
 def is_closed_day(date: str) -> bool:
@@ -133,7 +132,7 @@ class PartStats:
 
 def instrument_names(files: list[FileEntry]) -> set[str] | None:
     """The instruments the files hold, from their catalogued figures (None: a file has none recorded)."""
-    from engine import instruments
+    from engine.lake import instruments
 
     names: set[str] = set()
     for e in files:
@@ -190,7 +189,7 @@ def part_stats(eng, table: str, source: str, market: str, date: str, *, read_row
     if len(recv):
         diffs = np.diff(recv)
         st.largest_gap_s = float(diffs.max()) / NS if len(diffs) else 0.0
-        st.hours_with_data = int(len(np.unique((recv - day0) // (3600 * NS))))
+        st.hours_with_data = int(len(np.unique((recv - day0) // NS_PER_HOUR)))
     thr = int(silence_s * NS)
     holes: list[tuple[int, int]] = []
     if len(recv) == 0:
@@ -344,7 +343,7 @@ def _repeat_excess(gid: np.ndarray, vals: list[np.ndarray]) -> np.ndarray:
 def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, source: str | None = None,
               market: str | None = None, date: str | None = None) -> Integrity:
     """Schema, sort order, duplicate events, row count (against the catalog) and partition bounds."""
-    from engine.writer import is_sorted
+    from engine.lake.writer import is_sorted
 
     sp = schema.spec(table)
     problems: list[str] = []
@@ -395,7 +394,7 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
     Returns (CompactionResult | None, Integrity | None); raises IntegrityError (nothing uploaded,
     catalog unchanged) when the merged file is bad.
     """
-    from engine.compaction import compact_partition, purge_retired
+    from engine.lake.compaction import compact_partition, purge_retired
 
     purge_retired(eng)  # earlier compactions' retired files, once their grace period has passed
     table, source, market, date = part

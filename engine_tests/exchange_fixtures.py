@@ -4,7 +4,7 @@ the project's own otherwise, so that every such test runs (CI has no ../shared).
 The recordings in ../shared/fixtures are under a licence that keeps them out of the project: they
 are read in place, never copied. The project's own stand-ins are
 * hand-written samples in engine_tests/data/ (see its README.md), in the same wire formats;
-* a Coinbase recording made by the project's generator (engine.capture_gen), fixed seed and start.
+* a Coinbase recording made by the project's generator (engine.sim.capture_gen), fixed seed and start.
 Each comes with the facts the tests check on it (`facts`), so one test body serves both.
 
 ENGINE_SHARED_FIXTURES=<dir> points at another copy of the shared fixtures (a path that does not
@@ -59,7 +59,7 @@ def coinbase_recording() -> Sample:
         # both full-depth snapshots: 46,000 + 23,334 levels (its PROVENANCE.md)
         return Sample("shared", p, frames, {"products": {"BTC-USD", "ETH-USD"}, "min_levels": 20_000,
                                             "snapshot_rows": 46_000 + 23_334})
-    from engine.capture_gen import generate_coinbase
+    from engine.sim.capture_gen import generate_coinbase
 
     products = ["BTC-USD", "ETH-USD"]
     frames = [(r["recv_ns"], r["frame"]) for r in generate_coinbase(products, seconds=30, rate=200, seed=13, depth=250)

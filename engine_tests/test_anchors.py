@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from engine import Engine, synth
+from engine import Engine
 from engine.schema import NS_PER_HOUR
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 

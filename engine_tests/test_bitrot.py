@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from engine import Engine, synth
+from engine import Engine
+from engine.lake.writer import CorruptFileError
+from engine.sim import synth
 from engine.timeutil import to_ns
-from engine.writer import CorruptFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 START = to_ns("2026-11-18T10:00:00Z")  # a fixed hour, never today
@@ -66,7 +67,7 @@ def test_flipped_byte_in_staging_file(tmp_path):
     assert eng.local_path(e) == path
     flip_in_data_page(path)
     assert_corrupt(eng, e.key)
-    from engine.compaction import compact_partition
+    from engine.lake.compaction import compact_partition
 
     with pytest.raises(CorruptFileError) as ei:  # nothing corrupt is merged into a compacted file
         compact_partition(eng, (e.table, e.source, e.market, e.date))

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine.catalog import Catalog, FileEntry, Op
+from engine.lake.catalog import Catalog, FileEntry, Op
 from engine.paths import file_key
 from engine.timeutil import to_ns
 from engine_defs.lake import read_log
@@ -204,7 +204,7 @@ CHILD = textwrap.dedent(r"""
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import engine.fsio
-    from engine.catalog import Catalog
+    from engine.lake.catalog import Catalog
     from engine_tests.test_catalog import entry
     log, nth = sys.argv[1], int(sys.argv[2])
     real, calls = engine.fsio.commit, [0]

@@ -18,9 +18,9 @@ import structlog
 from polars.testing import assert_frame_equal
 
 from engine import Engine, catalog, instruments, schema, synth
-from engine.capture_gen import generate_kalshi, write_capture
-from engine.catalog import Catalog, FileEntry
-from engine.ingest import engine_kwargs, ingest_files
+from engine.sim.capture_gen import generate_kalshi, write_capture
+from engine.lake.catalog import Catalog, FileEntry
+from engine.collect.ingest import ingest_files
 from engine.timeutil import to_ns
 
 START = to_ns("2025-03-04T09:00")  # 04:00 US Eastern: contracts KXBTC-25MAR040430-* … -0830-*
@@ -39,7 +39,7 @@ def capture(tmp_path_factory) -> Path:
 
 
 def build(home: Path, capture: Path, store: str | None = None) -> Engine:
-    eng = Engine.open(home, store, background=False, writer=True, **engine_kwargs())
+    eng = Engine.open(home, store, background=False, writer=True, book_anchors=True)
     ingest_files(eng, [capture], "kalshi", progress=False)
     return eng
 
@@ -137,7 +137,7 @@ def test_raw_files_figures_equal_the_data_and_survive_checkpoint_and_reopen(tmp_
 def test_figures_after_staging_adoption_compaction_and_rebuild(tmp_path, capture):
     eng = build(tmp_path / "h", capture)
     # staging adoption: an uncatalogued complete file is inspected, and catalogued with its figures
-    from engine.writer import write_parquet
+    from engine.lake.writer import write_parquet
 
     t = synth.trade_rows("kalshi", "KXBTC", START + 12 * H, 500, H, seed=9, instruments=["KXBTC-A", "KXBTC-B"])
     part = tmp_path / "h" / "staging" / "data/trades/source=kalshi/market=KXBTC/date=2025-03-04"
@@ -158,7 +158,7 @@ def test_figures_after_staging_adoption_compaction_and_rebuild(tmp_path, capture
     assert_frame_equal(after.filter(pl.col("table") != "quotes").drop("files"), before.drop("files"))
     assert set(after["files"].to_list()) == {1}
 
-    from engine.verify import rebuild_from_store
+    from engine.lake.verify import rebuild_from_store
 
     rebuild_from_store(eng)
     eng.close()

@@ -13,10 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-pytest.importorskip("engine.replay")
-
-from engine.capture_gen import generate_coinbase, generate_kalshi, write_capture  # noqa: E402
-from engine.replay import ReplayServer  # noqa: E402
+from engine.sim.capture_gen import generate_coinbase, generate_kalshi, write_capture
+from engine.sim.replay import ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,11 +47,11 @@ def _tables(home: Path):
 
 
 def _ingest(home: Path, files, source: str) -> None:
-    from engine.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
 
     from engine import Engine
 
-    eng = Engine.open(home=home, writer=True, **engine_kwargs())
+    eng = Engine.open(home=home, writer=True, book_anchors=True)
     try:
         ingest_files(eng, files, source, progress=False)
     finally:
@@ -316,7 +314,7 @@ def _parquet_files(home: Path) -> list[Path]:
 
 
 def test_flush_request_status_and_sigterm(cb_capture, tmp_path):
-    from engine.collector import request_flush, status_cli
+    from engine.collect.runner import request_flush, status_cli
 
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=2.0) as srv:
@@ -392,7 +390,7 @@ def test_sigkill_then_restart_recovers_spool_and_records_restart_gap(cb_capture,
 
 
 def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
-    from engine.kalshi_auth import generate_keypair
+    from engine.collect.kalshi_auth import generate_keypair
 
     priv, pub = generate_keypair(tmp_path / "keys", bits=2048)
     capf = tmp_path / "kalshi.jsonl.zst"

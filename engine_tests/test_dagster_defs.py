@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import Engine, schema, synth
+from engine import Engine, schema
 from engine.paths import MANIFEST_KEY
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning) if hasattr(dg, "PreviewWarning") else None
@@ -344,8 +345,8 @@ def test_integrity_blocks_duplicate_sequence(tmp_path):
 
 def test_integrity_blocks_unsorted(tmp_path, monkeypatch):
     eng = build_lake(tmp_path / "h")
-    import engine.compaction as comp
-    from engine.writer import write_parquet
+    import engine.lake.compaction as comp
+    from engine.lake.writer import write_parquet
 
     def buggy_write(table, t, path, **kw):  # a compaction bug: rows written in reverse order
         kw["sort"] = False
@@ -398,12 +399,12 @@ def test_integrity_level_touched_twice_in_one_message_is_no_duplicate():
 
 def _coinbase_capture_lake(tmp_path) -> Engine:
     """A lake ingested from one minute of the generator's Coinbase capture on D1 10:00 (book anchors on)."""
-    from engine.capture_gen import generate_coinbase, write_capture
-    from engine.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
+    from engine.sim.capture_gen import generate_coinbase, write_capture
 
     cap = tmp_path / "cb.jsonl"
     write_capture(generate_coinbase(["BTC-USD"], seconds=60, rate=100, seed=9, start_ns=T1 + 10 * H), cap)
-    eng = Engine.open(tmp_path / "h", background=False, writer=True, **engine_kwargs())
+    eng = Engine.open(tmp_path / "h", background=False, writer=True, book_anchors=True)
     ingest_files(eng, [cap], "coinbase", progress=False)
     eng.close()
     return Engine.open(tmp_path / "h", background=False, writer=True)
@@ -479,7 +480,7 @@ def test_flush_job_without_collector(tmp_path):
     with dg.instance_for_test() as inst:
         r = flush_job.execute_in_process(instance=inst, resources={"engine": res})
         assert r.success and r.output_for_node("request_collector_flush") == 0
-    from engine.collector import status_dir
+    from engine.collect.runner import status_dir
 
     assert (status_dir(tmp_path / "h") / "flush.request").exists()  # left for the next collector
 
@@ -489,7 +490,7 @@ def test_flush_job_signals_running_collector(tmp_path):
     import sys
     import time
 
-    from engine.collector import status_dir
+    from engine.collect.runner import status_dir
     from engine_defs.jobs import flush_job
 
     marker = tmp_path / "flushed"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, synth
+from engine import Engine
+from engine.sim import synth
 from engine.timeutil import to_ns
 from engine_tests.conftest import free_port, wait_port
 

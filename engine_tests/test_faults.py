@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import Engine, synth
+from engine import Engine
 from engine.schema import NS_PER_HOUR
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,8 @@ def _expected_seqs(n=N_BATCHES) -> set[int]:
 CHILD = textwrap.dedent(r"""
     import os, signal, sys, json
     sys.path.insert(0, {root!r})
-    from engine_tests.test_faults import _batch, N_BATCHES
     from engine import Engine
+    from engine_tests.test_faults import _batch, N_BATCHES
     home, store, point, nth = sys.argv[1], sys.argv[2] or None, sys.argv[3], int(sys.argv[4])
 
     def killer(orig, when="before"):
@@ -73,11 +74,11 @@ CHILD = textwrap.dedent(r"""
             return r
         return wrapped
 
-    import engine.fsio, engine.writer, engine.catalog, engine.store, engine.api
+    import engine.fsio, engine.lake.writer, engine.lake.catalog, engine.lake.store, engine.api
     if point == "parquet_write":          # a data file written under its temporary name, not yet renamed
         engine.fsio.commit = killer(engine.fsio.commit, "before")
     elif point == "catalog_add":          # file renamed into place, catalog line not yet written
-        engine.catalog.Catalog.add_file = killer(engine.catalog.Catalog.add_file, "before")
+        engine.lake.catalog.Catalog.add_file = killer(engine.lake.catalog.Catalog.add_file, "before")
     elif point == "catalog_line":         # half of the catalog line written, then killed
         real_write = os.write
         state = [0]
@@ -88,7 +89,7 @@ CHILD = textwrap.dedent(r"""
             if data[:10] == b'{{"op":"add':
                 state[0] += 1
             return real_write(fd, data)
-        engine.catalog.os.write = torn
+        engine.lake.catalog.os.write = torn
     eng = Engine.open(home, store, background=False, flush_rows=10**9, writer=True)
     if point == "upload_put":             # mid-upload: bytes sent, object verified, catalog not told
         eng.store.put_file = killer(eng.store.put_file, "after")
@@ -156,7 +157,7 @@ def test_sigkill_inside_parquet_write_and_catalog_add(tmp_path, point, nth):
         eng.append("l2", _batch(99))
         eng.flush()
         assert (home / "catalog" / "log.jsonl").read_bytes().endswith(b"\n")
-        from engine.catalog import Catalog
+        from engine.lake.catalog import Catalog
 
         assert Catalog(home / "catalog" / "log.jsonl").torn_lines == 0
     staged = sorted(p.name for p in (home / "staging").rglob("*.parquet"))
@@ -234,7 +235,7 @@ def test_torn_last_add_line_file_is_adopted_not_deleted(tmp_path, snapshot):
 def test_unreadable_uncatalogued_file_is_quarantined_never_deleted(tmp_path):
     """Uncatalogued files that cannot be adopted (not Parquet, another table's rows) are moved to
     quarantine, byte for byte; their names are not reused. A readable one is adopted."""
-    from engine.writer import write_parquet
+    from engine.lake.writer import write_parquet
 
     home = tmp_path / "h"
     eng = Engine.open(home, background=False, writer=True)
@@ -297,7 +298,7 @@ def test_uncatalogued_file_without_spool_range_is_not_adopted_over_a_spool(tmp_p
     """A file from a writer that did not record its spool batches, while the spool still holds
     rows of its buffer: adopting it and replaying could store rows twice, so it is quarantined and
     the rows come back from the spool once."""
-    from engine.writer import write_parquet
+    from engine.lake.writer import write_parquet
 
     home = tmp_path / "h"
     eng = Engine.open(home, background=False, writer=True)
@@ -383,7 +384,7 @@ def proxied(tmp_path, moto_server, monkeypatch):
 
 
 def _lake_with_files(home: Path, store: str, n_files: int = 4, timeout_s: float = 0.5, attempts: int = 3) -> Engine:
-    from engine.store import S3Store
+    from engine.lake.store import S3Store
 
     eng = Engine.open(home, store, background=False, writer=True)
     eng.store = eng.cache.store = S3Store(eng.store.bucket, eng.store.prefix, attempts=attempts,
@@ -539,8 +540,8 @@ def test_disk_full_while_writing(small_fs, writer_survives):
         p2 = subprocess.run([sys.executable, "-c", f"from engine import Engine; Engine.open({str(home)!r}, writer=True)"],
                             capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
         assert p2.returncode != 0 and "No space left on device" in p2.stderr, p2.stderr[-2000:]
-        from engine.catalog import Catalog
         from engine.fsio import sha256_file
+        from engine.lake.catalog import Catalog
 
         entries = Catalog(home / "catalog" / "log.jsonl").entries()
         assert entries and all(sha256_file(home / "staging" / e.key) == e.sha256 for e in entries)
@@ -579,7 +580,7 @@ def test_corrupted_object_in_store_found_by_verify_and_named_by_queries(tmp_path
     eng = Engine.open(home, s3_env, background=False)
     problems = eng.verify(table="l2")
     assert [p.key for p in problems] == [e.key] and "sha256" in problems[0].problem
-    from engine.store import VerificationError
+    from engine.lake.store import VerificationError
 
     with pytest.raises(VerificationError, match=e.key.replace(".", r"\.")):
         eng.l2()
@@ -592,7 +593,7 @@ def test_corrupted_object_in_store_found_by_verify_and_named_by_queries(tmp_path
 def test_clock_jump_backwards(tmp_path):
     """The collector host's clock jumps back an hour and forward again: every row is kept once,
     no file spans an hour of recv_ts, every file is sorted, queries return rows in order."""
-    from engine.writer import is_sorted, read_parquet
+    from engine.lake.writer import is_sorted, read_parquet
 
     eng = Engine.open(tmp_path / "h", background=False, flush_rows=10**9, writer=True)
     t0 = START + 10 * NS_PER_HOUR + 50 * 60 * 10**9  # 10:50
@@ -616,9 +617,8 @@ def test_clock_jump_backwards(tmp_path):
 
 # ------------------------------------------------------------------------------------------ collector faults
 
-pytest.importorskip("engine.replay")
-from engine.capture_gen import generate_coinbase, write_capture  # noqa: E402
-from engine.replay import ReplayServer  # noqa: E402
+from engine.sim.capture_gen import generate_coinbase, write_capture  # noqa: E402
+from engine.sim.replay import ReplayServer  # noqa: E402
 
 PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD"]
 
@@ -656,7 +656,7 @@ def test_collector_sigkill_ten_times_in_a_row(tmp_path):
     collector received more than 1 s before its kill is stored (reference: the collector's own
     raw capture, normalized offline); nothing is stored twice; each restart records one `restart`
     gap per product spanning the kill; rows lost are counted and all lie in the last second."""
-    from engine.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
 
     cap = tmp_path / "served.jsonl"
     write_capture(generate_coinbase(products=PRODUCTS, seconds=120, rate=400, seed=11, depth=60), cap)
@@ -684,7 +684,7 @@ def test_collector_sigkill_ten_times_in_a_row(tmp_path):
     l2, tr, gaps = _tables(home)
     # reference: the collector's own capture of what it received, through the same normalization
     ref_home = tmp_path / "ref"
-    eng = Engine.open(ref_home, writer=True, **engine_kwargs())
+    eng = Engine.open(ref_home, writer=True, book_anchors=True)
     ingest_files(eng, sorted(capdir.glob("coinbase-*.jsonl*")), "coinbase", progress=False)
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)
@@ -743,8 +743,8 @@ def test_exchange_sends_duplicate_frames(tmp_path):
     """Duplicate frames from the exchange: repeated sequence numbers are skipped and counted
     (`out_of_order`), repeated trades (capture lines repeated, fresh sequence numbers) are skipped
     by trade_id and counted (`dup_trades`); stored rows equal the clean capture's rows exactly."""
-    from engine.capture_gen import read_capture
-    from engine.ingest import engine_kwargs, ingest_files
+    from engine.collect.ingest import ingest_files
+    from engine.sim.capture_gen import read_capture
 
     clean = tmp_path / "clean.jsonl"
     write_capture(generate_coinbase(products=PRODUCTS, seconds=15, rate=150, seed=3, depth=60), clean)
@@ -761,7 +761,7 @@ def test_exchange_sends_duplicate_frames(tmp_path):
     dupcap = tmp_path / "dup.jsonl"
     write_capture(recs, dupcap)
     ref_home = tmp_path / "ref"
-    eng = Engine.open(ref_home, writer=True, **engine_kwargs())
+    eng = Engine.open(ref_home, writer=True, book_anchors=True)
     ingest_files(eng, [clean], "coinbase", progress=False)
     eng.close()
     ref_l2, ref_tr, _ = _tables(ref_home)
@@ -812,10 +812,10 @@ def test_dagster_daemon_down_for_an_hour_sensor_catches_up(tmp_path):
     sensor ticks; the catch-up ticks (the real sensor, then the same evaluation limited to 7 files
     a tick) report every raw file exactly once, request an upload run for every touched
     (date, market) with idempotent run keys, and a further tick finds nothing new."""
-    sensors = pytest.importorskip("engine_defs.sensors", reason="engine_defs.sensors not written yet (Dagster issue)")
     import re
 
     import dagster as dg
+    from engine_defs import sensors
     from engine_defs.resources import EngineResource
 
     home = tmp_path / "h"

@@ -55,7 +55,7 @@ def test_endpoint_credentials_stay_out_of_logs_and_errors():
     port = free_port()  # nothing listens: every call fails after botocore's retries (StoreUnavailableError)
     code = (
         "import json\n"
-        "from engine.store import S3Store, StoreError\n"
+        "from engine.lake.store import S3Store, StoreError\n"
         "st = S3Store('bkt', 'p', attempts=2, connect_timeout_s=0.5, read_timeout_s=0.5)\n"
         "msgs = []\n"
         "for fn in (lambda: st.put_bytes('k', b'x'), lambda: st.head('k'), lambda: st.get_bytes('k')):\n"
@@ -95,8 +95,8 @@ def test_engine_resource_repr_hides_plain_secrets():
 
 @pytest.mark.timeout(120)
 def test_bad_kalshi_key_logged_once_with_its_cause(tmp_path):
-    from engine.capture_gen import generate_kalshi, write_capture
-    from engine.replay import ReplayServer
+    from engine.sim.capture_gen import generate_kalshi, write_capture
+    from engine.sim.replay import ReplayServer
 
     bad = tmp_path / "kalshi-private.pem"
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnot a key at all\n-----END PRIVATE KEY-----\n")
@@ -127,8 +127,9 @@ def test_bad_kalshi_key_logged_once_with_its_cause(tmp_path):
 def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_path, s3_env, capsys):
     import boto3
 
-    from engine import Engine, synth
+    from engine import Engine
     from engine.cli import main
+    from engine.sim import synth
 
     home = tmp_path / "h"
     eng = Engine.open(home, s3_env, background=False, writer=True)
@@ -161,7 +162,8 @@ def test_verify_repair_reuploads_an_object_deleted_behind_the_engines_back(tmp_p
 
 
 def test_verify_repair_local_store_object_damaged(tmp_path):
-    from engine import Engine, synth
+    from engine import Engine
+    from engine.sim import synth
 
     eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-03T05:00:00Z"), 500, 3600 * 10**9))

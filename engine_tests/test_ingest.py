@@ -8,9 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engine.capture import CaptureReader, CaptureWriter, read_capture
-from engine.ingest import apply_line, cli, engine_kwargs, ingest_files
-from engine.sources.kalshi import KalshiNormalizer
+from engine.collect.capture import CaptureReader, CaptureWriter, read_capture
+from engine.collect.ingest import apply_line, cli, ingest_files
+from engine.collect.sources.kalshi import KalshiNormalizer
 
 H = 3_600_000_000_000
 T0 = 1_795_712_400_000_000_000  # 2026-11-26T17:00:00Z
@@ -77,7 +77,7 @@ def test_rotation_continued_meta_keeps_the_connection(tmp_path):
     w.close()
     from engine import Engine
 
-    eng = Engine.open(home=tmp_path / "lake", writer=True, **engine_kwargs())
+    eng = Engine.open(home=tmp_path / "lake", writer=True, book_anchors=True)
     try:
         st = ingest_files(eng, w.files, "coinbase", progress=False)
         l2 = eng.l2(allow_unsealed=True)
@@ -104,7 +104,7 @@ def test_kalshi_meta_use_yes_price_is_honored():
 
 
 def test_ingest_cli_deterministic(tmp_path, capsys):
-    from engine.capture_gen import generate_kalshi, write_capture
+    from engine.sim.capture_gen import generate_kalshi, write_capture
 
     cap = tmp_path / "k.jsonl.zst"
     write_capture(generate_kalshi(series=["KXBTC"], seconds=60, rate=50, seed=2), cap)

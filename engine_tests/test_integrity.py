@@ -21,8 +21,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from engine import Engine, synth
+from engine import Engine
 from engine.schema import NS_PER_DAY, NS_PER_HOUR, SchemaError
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,8 +420,8 @@ def test_collector_counts_refused_rows_and_keeps_the_rest(tmp_path):
     """Rows a normalizer produced but append would refuse (a product name with a newline or 300
     characters, an exchange time 1.5 days off under a 2-day skew setting) are counted as skipped
     rows with a reason; the rest of the chunk is appended."""
-    from engine.ingest import append_tables
-    from engine.sources.coinbase import CoinbaseNormalizer
+    from engine.collect.append import append_tables
+    from engine.collect.sources.coinbase import CoinbaseNormalizer
     from engine_tests.test_coinbase import T0, l2_frame, trades_frame
 
     n = CoinbaseNormalizer(max_skew_ns=2 * NS_PER_DAY)

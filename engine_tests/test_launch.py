@@ -1,11 +1,11 @@
-"""The main job's demo preparation (engine_defs/launch.py)."""
+"""The main job's demo preparation (engine/run/supervisor.py)."""
 
 from __future__ import annotations
 
 import time
 
-from engine.capture import read_capture
-from engine_defs.launch import prepare_demo
+from engine.collect.capture import read_capture
+from engine.run.supervisor import prepare_demo
 
 
 def test_demo_captures_are_never_stamped_in_the_future(tmp_path):
@@ -87,7 +87,7 @@ def _cmdline(pid: int) -> list[str]:
 
 
 class _Launcher:
-    """A launcher process (`python -m engine_defs.launch ...` or a stand-in) whose output is read
+    """A launcher process (`python -m engine.run.supervisor ...` or a stand-in) whose output is read
     on a thread; on exit everything of its tree ever seen is killed, so a failing test leaves
     nothing behind."""
 
@@ -102,7 +102,7 @@ class _Launcher:
     def demo(cls, tmp: Path, *extra: str) -> "_Launcher":
         """`./scripts/run --demo` in a fresh ENGINE_HOME, DAGSTER_HOME and demo dir."""
         env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), ENGINE_HOME=str(tmp / "lake"))
-        return cls([sys.executable, "-m", "engine_defs.launch", "--demo", "--demo-minutes", "0.2", "--demo-dir",
+        return cls([sys.executable, "-m", "engine.run.supervisor", "--demo", "--demo-minutes", "0.2", "--demo-dir",
                     str(tmp / "demo"), "--home", str(tmp / "lake"), *extra], env)
 
     def __enter__(self) -> "_Launcher":
@@ -207,7 +207,7 @@ def test_a_clean_stop_leaves_nothing_and_the_reaper_kills_nothing(tmp_path):
 STAND_IN = """
 import sys, time
 from pathlib import Path
-from engine_defs.launch import Supervisor
+from engine.run.supervisor import Supervisor
 sup = Supervisor(Path(sys.argv[1]))
 sup.start("tree", [sys.executable, "-c", "import subprocess, time; "
           "[subprocess.Popen(['sleep', '60']) for _ in range(2)]; time.sleep(60)"], None)
@@ -246,7 +246,7 @@ def test_kill_9_of_the_launcher_takes_dagster_and_its_code_servers_with_it(tmp_p
 
 MIDDLE = """
 import os, subprocess, sys, time
-from engine_defs.reaper import die_with_parent
+from engine.run.reaper import die_with_parent
 pre = die_with_parent()
 if sys.argv[1] == "race":  # the parent is gone before the child's preexec runs
     parent = os.getpid()

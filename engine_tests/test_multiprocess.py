@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from engine import Engine, synth
+from engine import Engine
+from engine.lake.spool import SpoolLockedError
 from engine.schema import NS_PER_HOUR
-from engine.spool import SpoolLockedError
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 import pytest
@@ -35,7 +36,7 @@ def test_reader_opens_while_writer_holds_spool(tmp_path):
 
 def test_day_left_by_a_stopped_writer_is_sealed(tmp_path):
     """A collector that stopped mid-day (clean or killed, then recovered) does not block compaction forever."""
-    from engine.compaction import closed_partitions
+    from engine.lake.compaction import closed_partitions
 
     w = Engine.open(tmp_path / "h", background=False, writer=True)
     w.append("trades", synth.trade_rows("coinbase", "BTC-USD", to_ns("2026-11-01T10:00"), 100, NS_PER_HOUR))
@@ -50,7 +51,7 @@ def test_day_left_by_a_stopped_writer_is_sealed(tmp_path):
 
 
 CRASHED_WRITER = (
-    "import os, signal, sys; from engine import Engine, synth; from engine.schema import NS_PER_HOUR; "
+    "import os, signal, sys; from engine import Engine; from engine.sim import synth; from engine.schema import NS_PER_HOUR; "
     "from engine.timeutil import to_ns; e = Engine.open(sys.argv[1], background=False, writer=True); "
     "e.append('trades', synth.trade_rows('coinbase', 'BTC-USD', to_ns('2026-11-01'), 100, NS_PER_HOUR)); e.flush(); "
     "e.append('trades', synth.trade_rows('coinbase', 'BTC-USD', to_ns('2026-11-01T01:00'), 50, NS_PER_HOUR, id_start=1000)); "

@@ -13,11 +13,12 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from engine import Engine, synth
+from engine import Engine
 from engine.api import SyncBoundaryWarning
-from engine.manifest import ManifestError
+from engine.lake.manifest import ManifestError
+from engine.lake.store import MULTIPART_THRESHOLD, CacheTooSmallError, S3Store, StoreError
 from engine.paths import MANIFEST_KEY
-from engine.store import MULTIPART_THRESHOLD, CacheTooSmallError, S3Store, StoreError
+from engine.sim import synth
 from engine.timeutil import to_ns
 from engine_tests.faultproxy import FaultProxy
 

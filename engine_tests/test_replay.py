@@ -19,15 +19,15 @@ import pytest
 from websockets.asyncio.client import connect as _connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from engine import kalshi_auth as ka
-from engine.capture_gen import (
+from engine.collect import kalshi_auth as ka
+from engine.sim.capture_gen import (
     generate_coinbase,
     generate_kalshi,
     kalshi_markets,
     read_capture,
     write_capture,
 )
-from engine.replay import ReplayServer, parse_fault
+from engine.sim.replay import ReplayServer, parse_fault
 from engine_tests.exchange_fixtures import coinbase_wire_frames, kalshi_wire_samples
 
 PRODUCTS = ["BTC-USD", "ETH-USD", "SOL-USD"]
@@ -129,7 +129,7 @@ def test_kalshi_auth_sign_verify(keys):
 
 def test_generator_deterministic(tmp_path):
     for src in ("coinbase", "kalshi"):
-        from engine.capture_gen import cli
+        from engine.sim.capture_gen import cli
 
         a, b, c = (tmp_path / f"{src}-{i}.jsonl.zst" for i in range(3))
         args = ["--source", src, "--seconds", "20", "--rate", "50", "--contract-minutes", "1"]
@@ -376,7 +376,7 @@ def test_coinbase_looped_pass_is_stamped_as_its_own_time():
     cap = list(generate_coinbase(["BTC-USD"], seconds=3, rate=100, seed=1, depth=20))
 
     def t(s):
-        from engine.sources import parse_ts
+        from engine.collect.sources import parse_ts
 
         return parse_ts(s)
 
@@ -733,7 +733,7 @@ def test_kalshi_rest_pagination_and_rotation(k_capture, keys):
 def test_replay_cli_sigterm(tmp_path):
     cap = tmp_path / "cb.jsonl"
     write_capture(generate_coinbase(["BTC-USD"], seconds=5, rate=20, depth=10), cap)
-    p = subprocess.Popen([sys.executable, "-c", "import sys; from engine.replay import cli; sys.exit(cli(sys.argv[1:]))",
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from engine.sim.replay import cli; sys.exit(cli(sys.argv[1:]))",
                           "--source", "coinbase", "--capture", str(cap), "--port", "0", "--faults", "drop@10"],
                          stderr=subprocess.PIPE, text=True)
     try:

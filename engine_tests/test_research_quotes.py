@@ -78,7 +78,7 @@ def l2_table(rows) -> pa.Table:
 
 
 def gaps_table(gaps) -> pa.Table:
-    from engine import synth
+    from engine.sim import synth
 
     return synth.gap_rows(gaps)
 
@@ -266,7 +266,7 @@ def test_lake_quotes_on_demand_then_stored(lake):
     assert len(qf) == 1 and qf[0].rows == len(want)
     assert got_quotes(eng.quotes("src", "MKT")) == want
     # recompaction-style re-derivation replaces the stored file (catalog swap), same content
-    from engine.research.quotes import derive_partition
+    from engine.lake.derived import derive_partition
 
     derive_partition(eng, "src", "MKT", qf[0].date)
     qf2 = eng.catalog.files("quotes")
@@ -352,7 +352,7 @@ def test_book_without_data_and_bad_args(lake):
 
 # ---- real captures ---------------------------------------------------------------------------------
 def _capture_coinbase(tmp_path):
-    from engine.capture import CaptureWriter
+    from engine.collect.capture import CaptureWriter
     from engine_tests.exchange_fixtures import coinbase_recording
 
     frames = coinbase_recording().items
@@ -365,8 +365,8 @@ def _capture_coinbase(tmp_path):
 
 
 def _capture_kalshi(tmp_path):
-    from engine.capture import CaptureWriter
-    from engine.sources import parse_ts
+    from engine.collect.capture import CaptureWriter
+    from engine.collect.sources import parse_ts
     from engine_tests.exchange_fixtures import kalshi_get_snapshot
 
     lines = kalshi_get_snapshot().items
@@ -381,11 +381,9 @@ def _capture_kalshi(tmp_path):
 
 
 def _ingest(tmp_path, files, source):
-    try:
-        from engine.ingest import engine_kwargs, ingest_files
-    except ImportError as e:  # the collectors' ingest path is another module's job
-        pytest.skip(f"engine.ingest not available: {e}")
-    eng = Engine.open(tmp_path / "lake", background=False, writer=True, **engine_kwargs())
+    from engine.collect.ingest import ingest_files
+
+    eng = Engine.open(tmp_path / "lake", background=False, writer=True, book_anchors=True)
     ingest_files(eng, files, source, progress=False)
     return eng
 
@@ -456,7 +454,7 @@ def test_real_kalshi_capture_quotes_and_books(tmp_path):
 
 
 def test_derive_in_instrument_chunks_is_identical(monkeypatch):
-    import engine.research.quotes as Q
+    import engine.lake.derived as Q
 
     rows, _ = gen_l2(3, gap_every=500)
     t = l2_table(rows)

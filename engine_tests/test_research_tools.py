@@ -9,7 +9,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from engine import Engine, schema, synth
+from engine import Engine, schema
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 S = 10**9
@@ -107,7 +108,7 @@ def test_asof_cross_source_kalshi_trades_vs_coinbase_quotes(xlake):
         want = qbid[i] if i >= 0 and r["ts"] - qts[i] <= 5 * S else None
         assert r["bid_price"] == want
     # the same through SQL: DuckDB ASOF JOIN over the views, quotes included once stored
-    from engine.research.quotes import derive_partition
+    from engine.lake.derived import derive_partition
 
     derive_partition(eng, "coinbase", "BTC-USD", "2026-11-03")
     s = eng.sql("SELECT t.ts, t.trade_id, q.bid_price FROM trades t ASOF LEFT JOIN quotes q ON t.ts >= q.ts "

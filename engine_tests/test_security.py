@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, synth
+from engine import Engine
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,9 @@ def test_credentials_never_leak(tmp_path, moto_server):
     """Distinctive fake AWS keys and a Kalshi private key go through uploads (good and failing),
     a collector run with capture, and error paths; none of them appears in any log, capture,
     Parquet file (data or metadata), catalog, status file, manifest or exception message."""
-    from engine.capture_gen import generate_kalshi, write_capture
-    from engine.kalshi_auth import generate_keypair
-    from engine.replay import ReplayServer
+    from engine.collect.kalshi_auth import generate_keypair
+    from engine.sim.capture_gen import generate_kalshi, write_capture
+    from engine.sim.replay import ReplayServer
 
     import boto3
 
@@ -95,7 +96,7 @@ def test_credentials_never_leak(tmp_path, moto_server):
         outputs += [p.stdout, p.stderr]
         assert p.returncode == 0, (args, p.stderr[-2000:])
     # 3. error paths: wrong bucket, unreachable endpoint, refused credentials -> exception texts
-    from engine.store import S3Store, StoreError
+    from engine.lake.store import S3Store, StoreError
 
     errors = []
     old = dict(os.environ)
@@ -166,7 +167,7 @@ class _Listener:
 
 
 def test_sql_cannot_write_attach_or_reach_network(tmp_path):
-    from engine.query import QueryError
+    from engine.research.query import QueryError
 
     eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 100, 3600 * 10**9))
@@ -214,9 +215,9 @@ def test_sql_cannot_write_attach_or_reach_network(tmp_path):
 
 
 def test_local_servers_bind_loopback_by_default(tmp_path):
-    from engine.capture_gen import generate_coinbase
-    from engine.replay import ReplayServer
-    from engine.replay import cli as replay_cli
+    from engine.sim.capture_gen import generate_coinbase
+    from engine.sim.replay import ReplayServer
+    from engine.sim.replay import cli as replay_cli
 
     assert inspect.signature(ReplayServer.__init__).parameters["host"].default == "127.0.0.1"
     src = inspect.getsource(replay_cli)
@@ -230,7 +231,7 @@ def test_local_servers_bind_loopback_by_default(tmp_path):
     from engine_tests.conftest import free_port, wait_port
 
     cap = tmp_path / "c.jsonl"
-    from engine.capture_gen import write_capture
+    from engine.sim.capture_gen import write_capture
 
     write_capture(generate_coinbase(seconds=1, rate=10), cap)
     port = free_port()

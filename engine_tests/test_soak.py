@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_tests.bench.soak import budget_problems, run_soak, summary_lines
+from benchmarks.soak import budget_problems, run_soak, summary_lines
 
 
 def _check(r: dict) -> None:

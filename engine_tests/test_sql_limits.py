@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from engine import Engine, synth
+from engine import Engine
 from engine.errors import EngineError, QueryError, QueryMemoryError, QueryTimeoutError
+from engine.sim import synth
 from engine.timeutil import to_ns
 
 START = to_ns("2026-11-01")

@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import Engine, schema, synth
-from engine.catalog import Catalog
+from engine import Engine, schema
+from engine.lake.catalog import Catalog
+from engine.lake.writer import is_sorted
 from engine.paths import parse_key
 from engine.schema import NS_PER_HOUR, SchemaError
+from engine.sim import synth
 from engine.timeutil import to_ns
-from engine.writer import is_sorted
 
 DAY = 86_400 * 10**9
 START = to_ns("2026-11-01")
@@ -131,7 +132,7 @@ def test_compaction_idempotent_and_sorted(tmp_path):
     assert (tmp_path / "h" / "catalog" / "log.jsonl").stat().st_size == log_size
     # the raw objects are kept for running readers, then purged after the grace period
     assert len(eng.catalog.retired) == n_before
-    from engine.compaction import purge_retired
+    from engine.lake.compaction import purge_retired
 
     assert purge_retired(eng, grace_s=0) == n_before
     assert not list((tmp_path / "h" / "store").rglob("0001.parquet"))
@@ -215,8 +216,8 @@ def test_query_planned_before_compaction_reads_after_the_swap(tmp_path):
     gets the same rows, because retired files stay (staged and in the store) for the grace period.
     A purge before the grace period ends keeps them; after it they are gone, and the compacted
     files answer the same query."""
-    from engine.compaction import purge_retired
-    from engine.query import Query
+    from engine.lake.compaction import purge_retired
+    from engine.research.query import Query
 
     eng = Engine.open(tmp_path / "h", background=False, writer=True)
     batches = generated(30_000)
@@ -244,7 +245,7 @@ def test_query_planned_before_compaction_reads_after_the_swap(tmp_path):
 
 
 def test_purge_keeps_retired_files_until_the_compacted_file_verifies(tmp_path):
-    from engine.compaction import purge_retired
+    from engine.lake.compaction import purge_retired
 
     eng = Engine.open(tmp_path / "h", background=False, writer=True)
     eng.append("trades", synth.trade_rows("coinbase", "BTC-USD", START, 2_000, 2 * NS_PER_HOUR))
@@ -259,7 +260,8 @@ def test_purge_keeps_retired_files_until_the_compacted_file_verifies(tmp_path):
 
 CHILD = r"""
 import sys, time, json
-from engine import Engine, synth
+from engine import Engine
+from engine.sim import synth
 eng = Engine.open(sys.argv[1], writer=True)
 start = int(sys.argv[2])
 i = 0
@@ -383,7 +385,7 @@ def test_watermark_clamp_prefix_filters_and_errors(tmp_path):
 
 
 def test_bad_credentials_and_unreachable_endpoint(tmp_path, monkeypatch, moto_server):
-    from engine.store import StoreConfigError, StoreError
+    from engine.lake.store import StoreConfigError, StoreError
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
@@ -433,7 +435,7 @@ def test_rebuild_from_store(tmp_path):
     eng.compact()  # leaves retired raw objects in the store within the grace period
     before = eng.catalog.summary()
     (tmp_path / "h" / "catalog" / "log.jsonl").unlink()
-    from engine.verify import rebuild_from_store
+    from engine.lake.verify import rebuild_from_store
 
     rebuild_from_store(Engine.open(tmp_path / "h", background=False, writer=True))
     after = Engine.open(tmp_path / "h", background=False)

@@ -112,7 +112,7 @@ def read_entries(eng, table: str, entries, *, instrument=None, start=None, end=N
     import pyarrow.parquet as pq
 
     from engine import schema
-    from engine.query import Query
+    from engine.research.query import Query
 
     sp = schema.spec(table)
     if not entries:

@@ -1,7 +1,7 @@
 """Order books at an instant (`book`) and as a sampled series (`books`), rebuilt from `l2`.
 
 The book at `at` is the arrival-order prefix of the instrument's rows whose effective ts (running
-max of `ts`, see `engine.research.quotes.effective_ts`) is <= `at`, replayed from the nearest
+max of `ts`, see `engine.lake.derived.effective_ts`) is <= `at`, replayed from the nearest
 earlier snapshot. Hourly book anchors put a snapshot at the start of every raw file, so only the
 last hour is normally read (then the last day, then everything, if no snapshot is found).
 
@@ -19,9 +19,9 @@ import polars as pl
 import pyarrow as pa
 
 from engine import schema
+from engine.lake.derived import as_numpy, is_sorted_keys, ordered_codes
 from engine.log import get_logger
 from engine.research import clamp_for, parse_duration, read_entries
-from engine.research.quotes import _codes, _is_sorted_keys, _np
 from engine.timeutil import iso, result_times, to_ns
 
 log = get_logger(component="books")
@@ -49,19 +49,19 @@ def _read_window(eng, source, market, instrument, lo, hi, allow_unsealed) -> pa.
 def _arrays(t: pa.Table) -> dict:
     """Columns of one instrument's rows as numpy arrays, in arrival order (recv_ts, ts, seq; stable)."""
     n = t.num_rows
-    side_codes, side_names = _codes(t.column("side")) if n else (np.zeros(0, np.int64), [])
+    side_codes, side_names = ordered_codes(t.column("side")) if n else (np.zeros(0, np.int64), [])
     r = {
-        "ts": _np(t.column("ts")).astype(np.int64, copy=False),
-        "recv": _np(t.column("recv_ts")).astype(np.int64, copy=False),
-        "seq": _np(t.column("seq").fill_null(np.iinfo(np.int64).min)).astype(np.int64, copy=False),
-        "snap": _np(t.column("snapshot")).astype(bool, copy=False),
+        "ts": as_numpy(t.column("ts")).astype(np.int64, copy=False),
+        "recv": as_numpy(t.column("recv_ts")).astype(np.int64, copy=False),
+        "seq": as_numpy(t.column("seq").fill_null(np.iinfo(np.int64).min)).astype(np.int64, copy=False),
+        "snap": as_numpy(t.column("snapshot")).astype(bool, copy=False),
         "ask": side_codes == (side_names.index("ask") if "ask" in side_names else -1),
-        "price": _np(t.column("price")).astype(np.float64, copy=False),
-        "size": _np(t.column("size")).astype(np.float64, copy=False),
+        "price": as_numpy(t.column("price")).astype(np.float64, copy=False),
+        "size": as_numpy(t.column("size")).astype(np.float64, copy=False),
     }
-    if n > 1 and not _is_sorted_keys(r["recv"], r["ts"], r["seq"]):
+    if n > 1 and not is_sorted_keys(r["recv"], r["ts"], r["seq"]):
         order = np.argsort(r["recv"], kind="stable")  # nearly sorted already: timsort is ~linear
-        if not _is_sorted_keys(r["recv"][order], r["ts"][order], r["seq"][order]):
+        if not is_sorted_keys(r["recv"][order], r["ts"][order], r["seq"][order]):
             order = np.lexsort((r["seq"], r["ts"], r["recv"]))  # lexsort is stable: ties keep stored order
         r = {k: v[order] for k, v in r.items()}
     r["eff"] = np.maximum.accumulate(r["ts"]) if n else r["ts"]
@@ -106,7 +106,7 @@ def _prepared(eng, source, market, instrument, at, allow_unsealed, lookbacks=LOO
 
 def _gaps(eng, source, market, instrument, lo, hi) -> pl.DataFrame:
     """Gaps of (source, market) for `instrument` (or the whole market) with start < hi and end > lo."""
-    from engine.query import UnknownMarketError
+    from engine.research.query import UnknownMarketError
 
     try:
         g = eng.gaps(source=source, market=market, end=hi, allow_unsealed=True, raw_ns=True)

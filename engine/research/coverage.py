@@ -88,7 +88,7 @@ def _coverage(eng, start, end, source, market, join_s: float) -> pl.DataFrame:
     frames = []
     join = int(join_s * 1e9)
     for (s, m), iv in sorted(extents.items()):
-        from engine.query import UnknownMarketError
+        from engine.research.query import UnknownMarketError
 
         try:
             g = eng.gaps(source=s, market=m, allow_unsealed=True, raw_ns=True).select("start_ts", "end_ts")
@@ -113,7 +113,10 @@ def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int 
     cov = result_times(cov, schema.time_cols("coverage"), raw_ns=True)
     if gaps is not None:
         gaps = result_times(gaps, schema.time_cols("gaps"), raw_ns=True)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("coverage plots need matplotlib: pip install 'engine[plot]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -29,7 +29,7 @@ SPAN_SCHEMA = {"source": pl.String, "market": pl.String, "instrument": pl.String
 
 
 def _gaps(eng, source, market, end) -> pl.DataFrame:
-    from engine.query import UnknownMarketError
+    from engine.research.query import UnknownMarketError
 
     try:
         g = eng.gaps(source=source, market=market, end=end, allow_unsealed=True, raw_ns=True)
@@ -42,8 +42,8 @@ def _snapshots(eng, source, market, instrument, lo, end, allow_unsealed) -> pl.D
     """One row per snapshot message: instrument, ts (latest ts of its rows)."""
     import pyarrow.dataset as pads
 
-    from engine.query import UnknownMarketError
     from engine.research import clamp_for, read_entries
+    from engine.research.query import UnknownMarketError
 
     try:
         eng._q()._check_names("l2", source, market)
