@@ -17,7 +17,9 @@ import pytest
 import structlog
 from polars.testing import assert_frame_equal
 
-from engine import Engine, catalog, instruments, schema, synth
+from engine import Engine, schema
+from engine.lake import catalog, instruments
+from engine.sim import synth
 from engine.sim.capture_gen import generate_kalshi, write_capture
 from engine.lake.catalog import Catalog, FileEntry
 from engine.collect.ingest import ingest_files

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine import fsio, instruments, schema
+from engine import fsio, schema
+from engine.lake import instruments
 from engine.errors import CorruptFileError
 from engine.fsio import atomic_path, sha256_file
 
