@@ -52,7 +52,8 @@ def _line(e: FileEntry, with_figures: bool) -> int:
 # ---- 1. bytes ------------------------------------------------------------------------------------------
 
 def real_files(work: Path) -> list[tuple]:
-    from engine import Engine, synth
+    from engine import Engine
+    from engine.sim import synth
     from engine.sim.capture_gen import generate_kalshi, write_capture
     from engine.collect.ingest import ingest_files
 

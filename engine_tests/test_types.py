@@ -12,7 +12,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from engine import Engine, schema, synth
+from engine import Engine, schema
+from engine.sim import synth
 from engine.timeutil import result_times, to_ns
 
 S = 10**9
