@@ -23,21 +23,12 @@ import duckdb  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from benchmarks.common import best_of
 from engine import schema  # noqa: E402
 from engine.fsio import sha256_file  # noqa: E402
 from engine.lake.writer import _parquet_options, parquet_format, write_parquet  # noqa: E402
 from engine.sim import synth  # noqa: E402
 from engine.timeutil import to_ns  # noqa: E402
-
-
-def best(fn, repeat: int) -> float:
-    """Best of `repeat` wall timings: the machine is shared, the best run is the code's speed."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def paired(a, b, repeat: int) -> tuple[float, float, float, float]:
@@ -85,9 +76,9 @@ def main(argv=None) -> int:
         rows.append(("ParquetFile.read_row_groups (books, quotes)", *off_on))
 
         con = duckdb.connect()
-        duck = best(lambda: con.sql(f"SELECT sum(price), sum(size), count(*) FROM read_parquet('{path}')").fetchall(),
+        duck = best_of(lambda: con.sql(f"SELECT sum(price), sum(size), count(*) FROM read_parquet('{path}')").fetchall(),
                     args.repeat)
-        sha = best(lambda: sha256_file(path), args.repeat)
+        sha = best_of(lambda: sha256_file(path), args.repeat)
 
     print(f"file: {args.rows:,} l2 rows ({size / 1e6:.1f} MB, zstd 3, page checksums on); best of {args.repeat}, "
           "verified and unverified runs interleaved")
