@@ -1,6 +1,9 @@
-"""The shared pieces of the per-exchange normalizers (one module per exchange beside this one), by
-their old address: they live in `engine.collect.base` (the normalizer base, counters, actions),
-`engine.collect.columns` (column builders) and `engine.collect.timestamps`.
+"""Compatibility re-exports of the shared normalizer pieces under their old address.
+
+They live in `engine.collect.base`, `engine.collect.columns` and `engine.collect.timestamps`, the
+exchanges in their own packages (`engine.collect.coinbase`, `engine.collect.kalshi`). Kept so code
+written against the old layout (the replay exchange in `engine.sim` imports `parse_ts` from here)
+keeps importing; new code imports from the modules themselves.
 """
 
 from engine.collect.base import CHUNK_ROWS, Action, BaseNormalizer, Counters, fixed_units, tune_gc  # noqa: F401
@@ -16,16 +19,5 @@ from engine.collect.columns import (  # noqa: F401
     float_array,
     int_array,
 )
+from engine.collect.registry import make_normalizer  # noqa: F401
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS, bulk_ts, parse_ts, settle_ts  # noqa: F401
-
-
-def make_normalizer(source: str, **kw) -> BaseNormalizer:
-    if source == "coinbase":
-        from engine.collect.sources.coinbase import CoinbaseNormalizer
-
-        return CoinbaseNormalizer(**kw)
-    if source == "kalshi":
-        from engine.collect.sources.kalshi import KalshiNormalizer
-
-        return KalshiNormalizer(**kw)
-    raise ValueError(f"unknown source {source!r}; sources are coinbase, kalshi")
