@@ -79,14 +79,14 @@ def make_stream(msgs: list[dict], target_rows: int) -> tuple[list[str], list[str
 
 
 def bench_coinbase(target_rows: int) -> dict:
-    from engine.collect.sources.coinbase import CoinbaseNormalizer
+    from engine.collect.coinbase.normalize import CoinbaseNormalizer
 
     msgs, what = coinbase_update_frames()
     head, frames, rows = make_stream(msgs, target_rows)
     recv = [T0] * len(frames)
     # receive times near the event times so the skew check passes
     et = json.loads(frames[0])["events"][0]["updates"][0]["event_time"]
-    from engine.collect.sources import parse_ts
+    from engine.collect.timestamps import parse_ts
 
     r0 = parse_ts(et) + 10**8
 
@@ -152,7 +152,7 @@ def bench_coinbase(target_rows: int) -> dict:
 
 
 def bench_kalshi(n_msgs: int) -> dict:
-    from engine.collect.sources.kalshi import KalshiNormalizer
+    from engine.collect.kalshi.normalize import KalshiNormalizer
 
     tickers = [f"KXBTC-26NOV2617-B{97000 + 250 * i}" for i in range(20)]
     head = [json.dumps({"id": 1, "type": "subscribed", "msg": {"channel": "orderbook_delta", "sid": 1}})]
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("ENGINE_LOG_LEVEL", "ERROR")
-    from engine.collect.sources import tune_gc
+    from engine.collect.base import tune_gc
 
     tune_gc()  # the collector and ingest processes run with these GC settings
     cb = bench_coinbase(a.rows)

@@ -10,7 +10,7 @@ import sys
 # subcommand → "module:function(argv) -> int"
 DISPATCH = {
     "collect": ("engine.collect.runner:cli", "run the exchange collectors"),
-    "status": ("engine.collect.runner:status_cli", "show collector counters"),
+    "status": ("engine.collect.status:status_cli", "show collector counters"),
     "ingest": ("engine.collect.ingest:cli", "normalize capture files offline into the lake"),
     "replay-exchange": ("engine.sim.replay:cli", "serve a capture as a local exchange"),
     "gen-capture": ("engine.sim.capture_gen:cli", "generate a protocol-exact capture"),
@@ -122,7 +122,7 @@ def cmd_sql(args) -> int:
 
 
 def cmd_flush(args) -> int:
-    from engine.collect.runner import request_flush
+    from engine.collect.status import request_flush
 
     n = request_flush(args.home)
     print(f"flush requested from {n} running collector(s)")

@@ -28,7 +28,7 @@ class FlushError(RuntimeError):
 
 @dg.op(description="Ask every running collector of the lake to flush its buffers to Parquet now (SIGUSR1).")
 def request_collector_flush(context: dg.OpExecutionContext, engine: EngineResource) -> int:
-    from engine.collect.runner import request_flush
+    from engine.collect.status import request_flush
 
     n = request_flush(engine.home)
     if n == 0:

@@ -10,8 +10,10 @@ import polars as pl
 import pytest
 
 from engine.collect.capture import CaptureWriter
-from engine.collect.sources import L2Cols, fixed_units, parse_ts
-from engine.collect.sources.coinbase import CoinbaseNormalizer
+from engine.collect.base import fixed_units
+from engine.collect.columns import L2Cols
+from engine.collect.timestamps import parse_ts
+from engine.collect.coinbase.normalize import CoinbaseNormalizer
 from engine_tests.exchange_fixtures import coinbase_recording
 
 T0 = 1_795_712_400_000_000_000  # 2026-11-26T17:00:00Z

@@ -314,7 +314,7 @@ def _parquet_files(home: Path) -> list[Path]:
 
 
 def test_flush_request_status_and_sigterm(cb_capture, tmp_path):
-    from engine.collect.runner import request_flush, status_cli
+    from engine.collect.status import request_flush, status_cli
 
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="coinbase", capture=str(cb_capture), speed=2.0) as srv:
@@ -390,7 +390,7 @@ def test_sigkill_then_restart_recovers_spool_and_records_restart_gap(cb_capture,
 
 
 def test_kalshi_discovery_rotation_auth_and_live_equals_offline(tmp_path):
-    from engine.collect.kalshi_auth import generate_keypair
+    from engine.collect.kalshi.auth import generate_keypair
 
     priv, pub = generate_keypair(tmp_path / "keys", bits=2048)
     capf = tmp_path / "kalshi.jsonl.zst"

@@ -480,7 +480,7 @@ def test_flush_job_without_collector(tmp_path):
     with dg.instance_for_test() as inst:
         r = flush_job.execute_in_process(instance=inst, resources={"engine": res})
         assert r.success and r.output_for_node("request_collector_flush") == 0
-    from engine.collect.runner import status_dir
+    from engine.collect.status import status_dir
 
     assert (status_dir(tmp_path / "h") / "flush.request").exists()  # left for the next collector
 
@@ -490,7 +490,7 @@ def test_flush_job_signals_running_collector(tmp_path):
     import sys
     import time
 
-    from engine.collect.runner import status_dir
+    from engine.collect.status import status_dir
     from engine_defs.jobs import flush_job
 
     marker = tmp_path / "flushed"

@@ -10,7 +10,7 @@ import pytest
 
 from engine.collect.capture import CaptureReader, CaptureWriter, read_capture
 from engine.collect.ingest import apply_line, cli, ingest_files
-from engine.collect.sources.kalshi import KalshiNormalizer
+from engine.collect.kalshi.normalize import KalshiNormalizer
 
 H = 3_600_000_000_000
 T0 = 1_795_712_400_000_000_000  # 2026-11-26T17:00:00Z

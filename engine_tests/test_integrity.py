@@ -421,7 +421,7 @@ def test_collector_counts_refused_rows_and_keeps_the_rest(tmp_path):
     characters, an exchange time 1.5 days off under a 2-day skew setting) are counted as skipped
     rows with a reason; the rest of the chunk is appended."""
     from engine.collect.append import append_tables
-    from engine.collect.sources.coinbase import CoinbaseNormalizer
+    from engine.collect.coinbase.normalize import CoinbaseNormalizer
     from engine_tests.test_coinbase import T0, l2_frame, trades_frame
 
     n = CoinbaseNormalizer(max_skew_ns=2 * NS_PER_DAY)

@@ -8,8 +8,10 @@ from decimal import Decimal
 
 import pytest
 
-from engine.collect.sources import parse_ts
-from engine.collect.sources.kalshi import KalshiNormalizer, fetch_markets, open_tickers, p4, q2
+from engine.collect.timestamps import parse_ts
+from engine.collect.kalshi.discovery import fetch_markets, open_tickers
+from engine.collect.kalshi.normalize import KalshiNormalizer
+from engine.collect.kalshi.wire import p4, q2
 from engine_tests import exchange_fixtures as fx
 
 T0 = 1_795_712_400_000_000_000

@@ -366,7 +366,7 @@ def _capture_coinbase(tmp_path):
 
 def _capture_kalshi(tmp_path):
     from engine.collect.capture import CaptureWriter
-    from engine.collect.sources import parse_ts
+    from engine.collect.timestamps import parse_ts
     from engine_tests.exchange_fixtures import kalshi_get_snapshot
 
     lines = kalshi_get_snapshot().items

@@ -55,7 +55,7 @@ def test_credentials_never_leak(tmp_path, moto_server):
     """Distinctive fake AWS keys and a Kalshi private key go through uploads (good and failing),
     a collector run with capture, and error paths; none of them appears in any log, capture,
     Parquet file (data or metadata), catalog, status file, manifest or exception message."""
-    from engine.collect.kalshi_auth import generate_keypair
+    from engine.collect.kalshi.auth import generate_keypair
     from engine.sim.capture_gen import generate_kalshi, write_capture
     from engine.sim.replay import ReplayServer
 

@@ -9,13 +9,14 @@ from engine.timeutil import NS
 log = get_logger(component="collect")
 
 
-def seed_coinbase_trades(eng, norm, lookback_ns: int = 2 * 86400 * NS) -> None:
-    """Max stored trade_id per product, so re-sent trade snapshots are not stored twice."""
-    last = eng.last_recv_ts("coinbase")
+def seed_trade_ids(eng, norm, source: str, lookback_ns: int = 2 * 86400 * NS) -> None:
+    """Max stored (integer) trade_id per instrument of `source` to `norm.seed_trade_ids`, so re-sent
+    trade snapshots are not stored twice."""
+    last = eng.last_recv_ts(source)
     if last is None:
         return
     try:
-        df = eng.trades(source="coinbase", start=last - lookback_ns, allow_unsealed=True, raw_ns=True)
+        df = eng.trades(source=source, start=last - lookback_ns, allow_unsealed=True, raw_ns=True)
     except Exception as e:  # noqa: BLE001 - a lake without trades or a query error must not stop collection
         log.warning("trade_seed_failed", error=repr(e)[:200])
         return

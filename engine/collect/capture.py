@@ -1,8 +1,10 @@
 """Raw capture files: JSON Lines (plain or .zst), one object per line, in receive order.
 
     {"recv_ns": <int>, "frame": "<raw text frame>"}
-    {"recv_ns": <int>, "meta": {"type": "connect", "source": "coinbase"|"kalshi", "conn": <int>, "use_yes_price": <bool>}}
+    {"recv_ns": <int>, "meta": {"type": "connect", "source": <name>, "conn": <int>, ...}}
     {"recv_ns": <int>, "meta": {"type": "disconnect", "conn": <int>, "reason": "<text>"}}
+
+A connect line's further fields are the source's `Source.connect_meta` (Kalshi: "use_yes_price": <bool>).
 
 Written live by the collector (rotated at each UTC hour; the file name carries the hour) and read
 by `ingest`, which replays the same normalization offline.

@@ -1,4 +1,4 @@
-"""`data-engine ingest FILE... --source coinbase|kalshi`: the live normalization, run offline.
+"""`data-engine ingest FILE... --source NAME`: the live normalization, run offline.
 
 Same capture -> same rows: the normalizer is the one the collector uses, receive times come from
 the capture, and no wall clock is consulted while normalizing.
@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from engine.collect.append import append_tables, seed_coinbase_trades
+from engine.collect import registry
+from engine.collect.append import append_tables
+from engine.collect.base import CHUNK_ROWS, BaseNormalizer, tune_gc
 from engine.collect.capture import CaptureReader
-from engine.collect.sources import CHUNK_ROWS, BaseNormalizer, make_normalizer, tune_gc
 from engine.log import get_logger
 from engine.timeutil import NS
 
@@ -32,9 +33,7 @@ def apply_line(norm: BaseNormalizer, recv_ns: int, frame: str | None, meta: dict
     if typ == "connect":
         if meta.get("continued") and norm.conn is not None and norm.conn == meta.get("conn"):
             return  # the same connection continues in a rotated file
-        kw = {}
-        if norm.source == "kalshi":
-            kw["use_yes_price"] = bool(meta.get("use_yes_price", False))
+        kw = registry.get(norm.source).connect_kwargs(meta)  # what the source's meta line means
         conn = meta.get("conn")
         norm.on_connect(recv_ns, conn=int(conn) if conn is not None else None, **kw)
     elif typ == "disconnect":
@@ -47,9 +46,10 @@ def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progre
     kw = {}
     if max_skew_s is not None:
         kw["max_skew_ns"] = int(max_skew_s * NS)
-    norm = make_normalizer(source, **kw)
-    if seed and source == "coinbase":
-        seed_coinbase_trades(eng, norm)
+    src = registry.get(source)
+    norm = src.normalizer(**kw)
+    if seed:
+        src.seed(eng, norm)
     files = [Path(f) for f in files]
     total = sum(f.stat().st_size for f in files)
     bar = None
@@ -91,7 +91,7 @@ def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progre
 def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="data-engine ingest", description="Normalize raw capture files into the lake.")
     ap.add_argument("files", nargs="+", help="capture files (.jsonl or .jsonl.zst), read in the order given")
-    ap.add_argument("--source", required=True, choices=["coinbase", "kalshi"])
+    ap.add_argument("--source", required=True, choices=registry.names())
     ap.add_argument("--home", default=os.environ.get("ENGINE_HOME", "./lake"))
     ap.add_argument("--max-skew", type=float, default=None, help="seconds an exchange timestamp may differ from recv")
     ap.add_argument("--no-progress", action="store_true")

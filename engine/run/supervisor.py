@@ -4,7 +4,8 @@ Each child runs in its own session (and process group) so that shutdown (Ctrl-C,
 reaches every grandchild, and nothing is left behind; if the launcher itself dies (`kill -9`), its
 children get SIGTERM from the kernel and a reaper process stops their sessions (engine/run/reaper.py). `dagster dev` is not used: backgrounded it ignores signals.
 `--demo` needs no internet: local replay exchanges play generated captures (stamped "now", so the
-data is live-looking), Kalshi auth uses a throw-away key pair, and files flush every 15 s.
+data is live-looking), sources that sign their connections (Kalshi) get throw-away keys, and files
+flush every 15 s. Every registered source is run; what differs per exchange is asked of its `Source`.
 """
 
 from __future__ import annotations
@@ -106,25 +107,67 @@ def _bin(name: str) -> str:
 
 
 def prepare_demo(demo_dir: Path, minutes: float) -> dict:
-    """Fresh captures stamped now, and a throw-away Kalshi key pair (never a shipped private key)."""
-    from engine.collect import kalshi_auth
+    """Fresh captures stamped now, and what each source needs besides (`Source.demo`: throw-away
+    credentials, never a shipped private key). Returns {"captures": {name: path}, "demo": {name:
+    Demo}} and the files the sources made (e.g. "private_key", "public_key")."""
+    from engine.collect import registry
     from engine.collect.capture import read_capture
     from engine.sim import capture_gen
 
     demo_dir.mkdir(parents=True, exist_ok=True)
     start = time.time_ns() + 6 * 10**9  # generation takes about 4 s: stamp when playback starts
     caps = {}
-    for src in ("coinbase", "kalshi"):
+    for src in registry.names():
         out = demo_dir / f"{src}-now.jsonl.zst"
         capture_gen.cli(["--source", src, "--minutes", str(minutes), "--start", str(start), "--out", str(out)])
         caps[src] = out
+    demos = {src: registry.get(src).demo(demo_dir) for src in caps}
     # play no frame stamped in the future: the exchange times would run ahead of the receive times
     # (a negative feed lag in `data-engine status`) for the whole demo
     first = max(next(r for r, frame, _ in read_capture(p) if frame is not None) for p in caps.values())
     time.sleep(max(0.0, (first - time.time_ns()) / 1e9))
-    keys = demo_dir / "keys"
-    priv, pub = kalshi_auth.generate_keypair(keys, name="demo")
-    return {"captures": caps, "private_key": Path(priv), "public_key": Path(pub)}
+    out = {"captures": caps, "demo": demos}
+    for d in demos.values():
+        out.update(d.files)
+    return out
+
+
+def _start_demo(sup: Supervisor, de: str, env: dict, demo_dir: Path, minutes: float) -> list[str] | None:
+    """Replay exchanges for every source, playing fresh captures; the collector options pointing the
+    sources at them (None if one does not listen). `env` gets the sources' demo credentials."""
+    print("generating demo captures ...", flush=True)
+    d = prepare_demo(demo_dir, minutes)
+    from engine.collect import registry
+
+    ports = {}
+    for src, cap in d["captures"].items():
+        ports[src] = port = _free_port()
+        sup.start(f"replay-{src}", [de, "replay-exchange", "--source", src, "--capture", str(cap),
+                                    "--port", str(port), "--speed", "1", "--loop", *d["demo"][src].replay_args], env)
+    for demo in d["demo"].values():  # the collector's credentials, not the exchanges'
+        env.update(demo.env)
+    for p in ports.values():
+        if not _wait_port(p, 30):
+            print(f"error: replay exchange did not listen on 127.0.0.1:{p}", file=sys.stderr)
+            return None
+    args = ["--source", *ports]
+    for src, port in ports.items():
+        args += registry.get(src).local_args(port)
+    return args
+
+
+def _live_sources() -> list[str]:
+    """Every registered source whose credentials are in the environment."""
+    from engine.collect import registry
+
+    out = []
+    for src in registry.names():
+        missing = [v for v in registry.get(src).credentials_env if not os.environ.get(v)]
+        if missing:
+            print(f"{src}: {' / '.join(missing)} not set, not collected", flush=True)
+        else:
+            out.append(src)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,31 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         env.setdefault("ENGINE_DAGSTER_SENSOR_INTERVAL", "5")
         week_ago = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 7 * 86400))
         env.setdefault("ENGINE_DAGSTER_START_DATE", week_ago)  # a readable partitions page
-        print("generating demo captures ...", flush=True)
-        d = prepare_demo(demo_dir, args.demo_minutes)
-        cb_port, k_port = _free_port(), _free_port()
-        sup.start("replay-coinbase", [de, "replay-exchange", "--source", "coinbase", "--capture", str(d["captures"]["coinbase"]),
-                                      "--port", str(cb_port), "--speed", "1", "--loop"], env)
-        sup.start("replay-kalshi", [de, "replay-exchange", "--source", "kalshi", "--capture", str(d["captures"]["kalshi"]),
-                                    "--port", str(k_port), "--speed", "1", "--loop",
-                                    "--kalshi-public-key", str(d["public_key"])], env)
-        for p in (cb_port, k_port):
-            if not _wait_port(p, 30):
-                print(f"error: replay exchange did not listen on 127.0.0.1:{p}", file=sys.stderr)
-                sup.stop()
-                return 1
-        env["KALSHI_API_KEY_ID"] = "demo-key-id"
-        env["KALSHI_PRIVATE_KEY_PATH"] = str(d["private_key"])
-        collect += ["--source", "coinbase", "kalshi", "--coinbase-url", f"ws://127.0.0.1:{cb_port}",
-                    "--kalshi-url", f"ws://127.0.0.1:{k_port}/trade-api/ws/v2",
-                    "--kalshi-rest-url", f"http://127.0.0.1:{k_port}/trade-api/v2"]
+        local = _start_demo(sup, de, env, demo_dir, args.demo_minutes)
+        if local is None:
+            sup.stop()
+            return 1
+        collect += local
     else:
-        srcs = ["coinbase"]
-        if os.environ.get("KALSHI_API_KEY_ID") and os.environ.get("KALSHI_PRIVATE_KEY_PATH"):
-            srcs.append("kalshi")
-        else:
-            print("Kalshi: KALSHI_API_KEY_ID / KALSHI_PRIVATE_KEY_PATH not set, collecting Coinbase only", flush=True)
-        collect += ["--source", *srcs]
+        collect += ["--source", *_live_sources()]
     sup.start("collector", collect, env)
     if not args.no_dagster:
         ws = str(ROOT / "workspace.yaml")
