@@ -20,9 +20,6 @@ Same parameters (including seed and start time) → byte-identical output.
 from __future__ import annotations
 
 import argparse
-import calendar
-import datetime as dt
-import io
 import json
 import random
 import sys
@@ -33,100 +30,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-import zstandard
 
-from engine.timeutil import us_eastern
+from engine.sim.capture import read_capture, write_capture
+from engine.sim.fmt import DEFAULT_START_NS, fmt_dp, fmt_fixed, fmt_iso_seconds, fmt_rfc3339, parse_start
+from engine.sim.kalshi.markets import (
+    DEFAULT_SERIES,
+    KalshiMarketSpec,
+    kalshi_event_code,
+    kalshi_markets,
+    kalshi_schedule,
+    market_object,
+)
+
+__all__ = ["DEFAULT_PRODUCTS", "DEFAULT_SERIES", "DEFAULT_START_NS", "KalshiMarketSpec", "cli", "fmt_dp",
+           "fmt_fixed", "fmt_iso_seconds", "fmt_rfc3339", "generate_coinbase", "generate_kalshi",
+           "kalshi_event_code", "kalshi_markets", "kalshi_schedule", "market_object", "parse_start",
+           "read_capture", "write_capture"]
 
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
-DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
-DEFAULT_START_NS = 1795712400 * 10**9  # 2026-11-26T17:00:00Z, fixed so output is reproducible
 _enc = msgspec.json.Encoder()
-
-# ---------------------------------------------------------------------------------------------- formatting
-
-
-def fmt_rfc3339(ns: int, digits: int) -> str:
-    """RFC 3339 UTC with up to `digits` fractional digits, trailing zeros trimmed (Coinbase style)."""
-    sec, frac = divmod(ns, 10**9)
-    base = dt.datetime.fromtimestamp(sec, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    f = f"{frac:09d}"[:digits].rstrip("0")
-    return f"{base}.{f}Z" if f else f"{base}Z"
-
-
-def fmt_iso_seconds(ns: int) -> str:
-    """RFC 3339 with whole seconds (Kalshi REST times)."""
-    return dt.datetime.fromtimestamp(ns // 10**9, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def fmt_fixed(units: int, scale: int) -> str:
-    """Integer `units` of 10**-scale as a decimal string with trailing zeros trimmed ("65062.5", "0")."""
-    neg = units < 0
-    units = abs(units)
-    ip, fp = divmod(units, 10**scale)
-    s = str(ip)
-    if fp:
-        s += "." + f"{fp:0{scale}d}".rstrip("0")
-    return "-" + s if neg else s
-
-
-def fmt_dp(units: int, scale: int) -> str:
-    """Integer units of 10**-scale with exactly `scale` decimals ("0.2100", "-100.00")."""
-    neg = units < 0
-    ip, fp = divmod(abs(units), 10**scale)
-    return f"{'-' if neg else ''}{ip}.{fp:0{scale}d}"
-
-
-_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
-
-
-def kalshi_event_code(close_ns: int, with_minutes: bool) -> str:
-    """`25NOV2617` (YY MON DD HH in US Eastern time of the close), plus MM for sub-hour contracts."""
-    t = us_eastern(close_ns)
-    s = f"{t.year % 100:02d}{_MONTHS[t.month - 1]}{t.day:02d}{t.hour:02d}"
-    return s + f"{t.minute:02d}" if with_minutes else s
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def write_capture(records: Iterable[dict], path: str | Path) -> int:
-    """Write capture records as JSON Lines (zstd when the name ends in .zst); returns the line count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "wb") as raw:
-        if path.suffix == ".zst":
-            cctx = zstandard.ZstdCompressor(level=10)
-            out = cctx.stream_writer(raw, closefd=False)
-        else:
-            out = raw
-        buf = io.BytesIO()
-        for rec in records:
-            buf.write(_enc.encode(rec))
-            buf.write(b"\n")
-            n += 1
-            if buf.tell() > 1 << 20:
-                out.write(buf.getvalue())
-                buf = io.BytesIO()
-        out.write(buf.getvalue())
-        if out is not raw:
-            out.close()
-    return n
-
-
-def read_capture(path: str | Path) -> Iterator[dict]:
-    """Iterate the records of a capture file (plain or .zst); blank lines are skipped."""
-    path = Path(path)
-    with open(path, "rb") as raw:
-        if path.suffix == ".zst":
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-        else:
-            stream = raw
-        for line in stream:
-            line = line.strip()
-            if line:
-                yield msgspec.json.decode(line)
-
 
 # ---------------------------------------------------------------------------------------------- Coinbase
 
@@ -348,94 +270,6 @@ def generate_coinbase(
 
 # ---------------------------------------------------------------------------------------------- Kalshi
 
-_SERIES_PARAMS = {"KXBTC": (97_000, 500, 0), "KXETH": (3_400, 20, 0), "KXSOL": (240, 2, 0)}
-
-
-@dataclass
-class KalshiMarketSpec:
-    ticker: str
-    event_ticker: str
-    series_ticker: str
-    open_ns: int
-    close_ns: int
-    floor_strike: float
-    cap_strike: float
-    market_id: str
-
-
-def kalshi_schedule(
-    series: Iterable[str] = DEFAULT_SERIES,
-    seconds: float = 600.0,
-    seed: int = 0,
-    start_ns: int = DEFAULT_START_NS,
-    contract_minutes: int = 60,
-    strikes: int = 6,
-) -> list[KalshiMarketSpec]:
-    """Every contract whose trading window [open, close) overlaps [start, start + seconds). An event's
-    contracts close at a period boundary (multiple of `contract_minutes`) and open half a period before
-    the previous event's contracts close, so two events per series overlap half the time."""
-    period = contract_minutes * 60 * 10**9
-    end = start_ns + int(seconds * 1e9)
-    out = []
-    for si, s in enumerate(series):
-        base, width, _ = _SERIES_PARAMS.get(s, (100 * (si + 1), 5, 0))
-        lead = period // 2  # the next event's contracts open half a period before the current ones close
-        t = start_ns // period * period
-        while t - lead < end:
-            close = t + period
-            rng = random.Random(f"{seed}:{s}:{t}")
-            center = (base + rng.randint(-3, 3) * width) // width * width
-            code = kalshi_event_code(close, contract_minutes % 60 != 0)
-            ev = f"{s}-{code}"
-            for k in range(strikes):
-                c = center + (k - strikes // 2) * width
-                tick = f"{s}-{code}-B{c}"
-                mid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-                out.append(
-                    KalshiMarketSpec(tick, ev, s, t - lead, close, c - width / 2, c + width / 2 - 0.01, mid)
-                )
-            t = close
-    return out
-
-
-def market_object(m: KalshiMarketSpec, at_ns: int) -> dict:
-    """Kalshi REST `/markets` object for a contract at replay time `at_ns` (status uses the values the
-    live API returns: `initialized` before open, `active` while open, `closed` after close)."""
-    if at_ns < m.open_ns:
-        status = "initialized"
-    elif at_ns < m.close_ns:
-        status = "active"
-    else:
-        status = "closed"
-    return {
-        "ticker": m.ticker,
-        "event_ticker": m.event_ticker,
-        "series_ticker": m.series_ticker,
-        "market_type": "binary",
-        "title": f"{m.series_ticker} price range {m.floor_strike:g} to {m.cap_strike:g}",
-        "status": status,
-        "open_time": fmt_iso_seconds(m.open_ns),
-        "close_time": fmt_iso_seconds(m.close_ns),
-        "expected_expiration_time": fmt_iso_seconds(m.close_ns),
-        "expiration_time": fmt_iso_seconds(m.close_ns),
-        "latest_expiration_time": fmt_iso_seconds(m.close_ns + 7 * 86400 * 10**9),
-        "strike_type": "between",
-        "floor_strike": m.floor_strike,
-        "cap_strike": m.cap_strike,
-        "price_level_structure": "linear_cent",
-        "price_ranges": [{"start": "0.0000", "end": "1.0000", "step": "0.0100"}],
-        "can_close_early": False,
-    }
-
-
-def kalshi_markets(at_ns: int | None = None, **schedule_kwargs) -> list[dict]:
-    """REST `/markets` objects consistent with `generate_kalshi(**same kwargs)`, status as of `at_ns`
-    (default: the capture start)."""
-    sched = kalshi_schedule(**schedule_kwargs)
-    at = schedule_kwargs.get("start_ns", DEFAULT_START_NS) if at_ns is None else at_ns
-    return [market_object(m, at) for m in sched]
-
-
 def generate_kalshi(
     series: Iterable[str] = DEFAULT_SERIES,
     seconds: float = 600.0,
@@ -617,18 +451,6 @@ def generate_kalshi(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def parse_start(s: str | None) -> int:
-    if not s:
-        return DEFAULT_START_NS
-    if s.isdigit():
-        v = int(s)
-        return v if v > 10**15 else v * 10**9
-    t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return calendar.timegm(t.utctimetuple()) * 10**9 + t.microsecond * 1000
 
 
 def cli(argv: list[str]) -> int:

@@ -1,0 +1,1 @@
+"""Coinbase Advanced Trade in the simulator: its replay protocol (`replay`)."""
