@@ -96,9 +96,12 @@ def _ensure_builtins() -> None:
 
 def _register_builtins() -> None:
     """The exchanges that ship with the engine: the one place they are named."""
-    from engine.sim.capture_gen import generate_coinbase, generate_kalshi
+    from engine.sim.coinbase import gen as coinbase_gen
     from engine.sim.coinbase.replay import CoinbaseProtocol
+    from engine.sim.kalshi import gen as kalshi_gen
     from engine.sim.kalshi.replay import KalshiProtocol
 
-    register("coinbase", CoinbaseProtocol, generate_coinbase)
-    register("kalshi", KalshiProtocol, generate_kalshi)
+    register("coinbase", CoinbaseProtocol, coinbase_gen.generate_coinbase,
+             GenCli(coinbase_gen.add_gen_arguments, coinbase_gen.gen_records))
+    register("kalshi", KalshiProtocol, kalshi_gen.generate_kalshi,
+             GenCli(kalshi_gen.add_gen_arguments, kalshi_gen.gen_records))
