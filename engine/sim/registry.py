@@ -7,6 +7,12 @@ gen-capture --source NAME` look exchanges up here and name the known ones when a
 known. The built-in exchanges are registered in one place, `_register_builtins()` below, on the
 first look-up (so importing the registry imports no exchange). A test or a plugin registers its own
 exchange the same way (`unregister` removes it).
+
+Adding a simulated exchange: a package `engine/sim/<name>/` with `gen.py` (a deterministic
+generator of capture records, keyword arguments `seconds`, `seed`, `start_ns` and `rate`, plus a
+`GenCli` for its own gen-capture options if it has any) and `replay.py` (a `ReplayProtocol`
+subclass: see `engine.sim.replay.protocol` for the hooks), and one `register(...)` line in
+`_register_builtins()`. `engine_tests/test_sim_registry.py` shows the smallest exchange that plays.
 """
 
 from __future__ import annotations
