@@ -61,12 +61,12 @@ def replay_child(a) -> int:
     """Serve the capture (looped), counting on the wire what goes to the collector."""
     import asyncio
 
-    import engine.sim.replay as rp
+    from engine.sim.replay import Conn, ReplayServer
 
     counts = {"l2_update_rows": 0, "l2_snapshot_rows": 0, "trades": 0, "frames": 0}
     per_seq: dict[int, array] = {}
 
-    class CountingConn(rp._Conn):
+    class CountingConn(Conn):
         def put(self, item) -> None:
             if self.alive and isinstance(item, str):
                 counts["frames"] += 1
@@ -88,13 +88,14 @@ def replay_child(a) -> int:
                     counts["trades"] += item.count('"trade_id"')
             super().put(item)
 
-    rp._Conn = CountingConn
+    class CountingServer(ReplayServer):
+        conn_cls = CountingConn
 
     stop_feed = {"flag": False}
     signal.signal(signal.SIGUSR1, lambda *_: stop_feed.__setitem__("flag", True))
     done = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: done.__setitem__("flag", True))
-    with rp.ReplayServer.run_in_thread(source="coinbase", capture=a.capture, speed=a.speed, loop_capture=True) as srv:
+    with CountingServer.run_in_thread(source="coinbase", capture=a.capture, speed=a.speed, loop_capture=True) as srv:
         Path(a.url_file).write_text(srv.ws_url)
         while not stop_feed["flag"] and not done["flag"]:
             time.sleep(0.1)

@@ -13,7 +13,7 @@ DISPATCH = {
     "status": ("engine.collect.status:status_cli", "show collector counters"),
     "ingest": ("engine.collect.ingest:cli", "normalize capture files offline into the lake"),
     "replay-exchange": ("engine.sim.replay:cli", "serve a capture as a local exchange"),
-    "gen-capture": ("engine.sim.capture_gen:cli", "generate a protocol-exact capture"),
+    "gen-capture": ("engine.sim.generate:cli", "generate a protocol-exact capture"),
     "demo": ("engine.sim.demo:cli", "end-to-end demonstration on a generated lake"),
     "coverage": ("engine.research.coverage:cli", "coverage per market and hour (optionally a PNG heat map)"),
 }
