@@ -13,6 +13,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from polars.io.plugins import register_io_source
 
 from engine import schema
@@ -202,26 +203,39 @@ class Query:
 
         def source_fn(with_columns, predicate, n_rows, batch_size):
             left = n_rows
+            need = None
+            if with_columns is not None:  # read only the columns the plan uses (filters included)
+                cols = set(with_columns) | set(predicate.meta.root_names() if predicate is not None else ())
+                cols |= {"instrument"} if instrument is not None else set()
+                cols |= {c for c in ("source", sp.time_col, sp.part_col) if expr is not None}
+                need = [c for c in sp.schema.names if c in cols]
             for e in files:
-                if left is not None and left <= 0:
-                    return
-                with eng.cache.pinned():
+                with eng.cache.pinned():  # the open file stays readable even if the cache drops it later
                     path = str(eng.local_path(e))
                     try:
-                        t = pads.dataset([path], schema=sp.schema, format=parquet_format()).to_table(filter=expr)
+                        pf = pq.ParquetFile(path, page_checksum_verification=True)
                     except (pa.ArrowInvalid, OSError) as err:
                         raise eng.corrupt(e.key, path, str(err)) from None
-                df = result_times(pl.from_arrow(t), tcols, raw_ns=raw_ns)
-                if regex is not None:
-                    df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(regex))
-                if predicate is not None:
-                    df = df.filter(predicate)
-                if with_columns is not None:
-                    df = df.select(with_columns)
-                if left is not None:
-                    df = df.head(left)
-                    left -= df.height
-                yield df
+                try:  # row group by row group: a compacted day file is never held whole
+                    for b in pf.iter_batches(batch_size=batch_size or 262_144, columns=need):
+                        if left is not None and left <= 0:
+                            return
+                        t = pa.Table.from_batches([b])
+                        t = t.filter(expr) if expr is not None else t
+                        df = result_times(pl.from_arrow(t.cast(_schema_of(sp.schema, t.column_names))),
+                                          tcols, raw_ns=raw_ns)
+                        if regex is not None:
+                            df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(regex))
+                        if predicate is not None:
+                            df = df.filter(predicate)
+                        if with_columns is not None:
+                            df = df.select(with_columns)
+                        if left is not None:
+                            df = df.head(left)
+                            left -= df.height
+                        yield df
+                except (pa.ArrowInvalid, OSError) as err:
+                    raise eng.corrupt(e.key, path, str(err)) from None
 
         return register_io_source(source_fn, schema=polars_schema, explain_name=f"engine.{table}",
                                   explain_detail=f"{len(files)} catalogued file(s)")
@@ -309,6 +323,11 @@ class Query:
         path = self.eng.local_path(e)  # a cached copy is checked (and fetched again if damaged) here
         integrity.check_once(path, e.key, e.sha256)
         return path
+
+
+def _schema_of(schema_: pa.Schema, names: list[str]) -> pa.Schema:
+    """The table schema's fields for `names`: a file read column by column keeps the lake's types."""
+    return pa.schema([schema_.field(n) for n in names])
 
 
 def _referenced_tables(query: str) -> set[str]:
