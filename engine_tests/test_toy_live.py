@@ -17,7 +17,8 @@ import pytest
 
 from engine import Engine
 from engine.sim import registry as sim_registry
-from engine.sim.replay import ReplayProtocol, ReplayServer
+from engine.sim.replay import ReplayServer
+from engine_tests import test_sim_registry as sim_registry_test
 from engine_tests import toy_source as toy
 from engine_tests.test_collector import _env, _wait_read_all
 
@@ -34,27 +35,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-class ToyProtocol(ReplayProtocol):
-    """The toy wire as an exchange: a client's `{"subscribe": [...]}` starts the feed, and every
-    captured frame goes to subscribed connections as it is (one connection: the capture's seq)."""
-
-    ws_path = "/toy"
-
-    def new_conn_state(self) -> dict:
-        return {"subscribed": False}
-
-    def is_subscribed(self, conn) -> bool:
-        return conn.state["subscribed"]
+class ToyProtocol(sim_registry_test.ToyProtocol):
+    """The registry test's toy exchange, speaking the toy source's subscribe message: a client's
+    `{"subscribe": [...]}` starts the feed (no ack); captured frames go out as they are."""
 
     async def session(self, conn) -> None:
         async for raw in conn.ws:
             if "subscribe" in json.loads(raw):
                 conn.state["subscribed"] = True
                 self.server.clients_changed()
-
-    def on_frame(self, text: str) -> None:
-        srv = self.server
-        srv.deliver([(c, None) for c in srv.conns if c.alive and c.state["subscribed"]], lambda c, _: text)
 
 
 def _capture(t0: int, n: int = 300) -> list[dict]:

@@ -154,14 +154,15 @@ class FrameCatalog:
     opening 100,000 files costs a Parquet read, and each question a vectorized filter. It answers
     what `Catalog` answers for queries; FileEntry objects are made only for the files selected."""
 
-    retired: dict = {}
-    spool_hw: dict = {}
-    replaced_by: dict = {}
     torn_lines = 0
     version = 0
 
     def __init__(self, df: pl.DataFrame, watermarks: dict[str, int], writer_watermarks: dict[str, int]):
         self.df = df
+        # what only a writer's log has: empty here, one per instance (never shared between catalogs)
+        self.retired: dict[str, tuple[int, FileEntry]] = {}
+        self.spool_hw: dict[str, int] = {}
+        self.replaced_by: dict[str, str] = {}
         self.watermarks = dict(watermarks)
         self.writer_watermarks = dict(writer_watermarks)
         self._entries: list[FileEntry] | None = None

@@ -206,8 +206,10 @@ class Query:
             need = None
             if with_columns is not None:  # read only the columns the plan uses (filters included)
                 cols = set(with_columns) | set(predicate.meta.root_names() if predicate is not None else ())
-                cols |= {"instrument"} if instrument is not None else set()
-                cols |= {c for c in ("source", sp.time_col, sp.part_col) if expr is not None}
+                if instrument is not None:
+                    cols.add("instrument")
+                if expr is not None:  # the engine's own filter: time range and sync-boundary clamp
+                    cols |= {"source", sp.time_col, sp.part_col}
                 need = [c for c in sp.schema.names if c in cols]
             for e in files:
                 with eng.cache.pinned():  # the open file stays readable even if the cache drops it later
