@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+import msgspec
 import pyarrow as pa
 
 from engine.collect.columns import GapCols, L2Cols, TradeCols
@@ -101,6 +102,15 @@ class BaseNormalizer:
         self.pending_gap: tuple[str, int, str] | None = None  # (kind, start_ts, detail) awaiting reconnect
 
     # -- bad input ------------------------------------------------------------------------------
+    def probe(self, decoder, frame: Any):
+        """The loose envelope of a frame the typed decoder refused, or None when it is not even
+        JSON (counted and logged as `malformed_json`)."""
+        try:
+            return decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.skip(frame, "malformed_json", e)
+            return None
+
     def skip(self, frame: Any, reason: str, exc: BaseException | None = None) -> None:
         c = self.c
         c.skipped_frames += 1

@@ -286,10 +286,8 @@ class CoinbaseNormalizer(BaseNormalizer):
                         self.known.update(prods)
 
     def _untyped(self, recv_ns: int, frame, exc) -> None:
-        try:
-            p = _probe.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            self.skip(frame, "malformed_json", e)
+        p = self.probe(_probe, frame)
+        if p is None:
             return
         if p.type == "error":
             self.c.errors += 1

@@ -323,10 +323,8 @@ class KalshiNormalizer(BaseNormalizer):
                     self.valid.discard(t)
 
     def _untyped(self, recv_ns: int, frame, exc) -> None:
-        try:
-            p = _probe.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            self.skip(frame, "malformed_json", e)
+        p = self.probe(_probe, frame)
+        if p is None:
             return
         if p.type in IGNORED_TYPES:
             self.c.ignored_frames += 1
