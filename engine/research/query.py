@@ -123,8 +123,7 @@ class Query:
             if bad:
                 raise QueryError(f"table {table}: unknown column(s) {', '.join(bad)}; columns: {', '.join(sp.columns)}")
         files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed, instrument)
-        self.eng.cache.check_fits(self._remote_bytes(files), f"this {table} query")
-        self._prefetch(files)
+        self._fetch_remote(files, f"this {table} query")
         paths = [str(self.eng.local_path(e)) for e in files]
         inside = all(
             (start is None or (e.min_ts is not None and e.min_ts >= start))
@@ -136,15 +135,14 @@ class Query:
                                  {} if inside else clamp)
         return ReadPlan(table, files, paths, expr, instrument, columns)
 
-    def _prefetch(self, files) -> None:
-        if not self.eng.store.is_local:
-            self.eng.cache.prefetch([(e.key, e.sha256) for e in files if not self.eng.layout.staged(e.key).exists()])
-
-    def _remote_bytes(self, files) -> int:
-        """Bytes of the files that can only come through the read cache."""
+    def _fetch_remote(self, files, what: str) -> None:
+        """The files that can only come through the read cache: refused up front if they cannot all
+        be held at once, else fetched several at a time (one stat of each staged path)."""
         if self.eng.store.is_local:
-            return 0
-        return sum(e.bytes for e in files if not self.eng.layout.staged(e.key).exists())
+            return
+        remote = [e for e in files if not self.eng.layout.staged(e.key).exists()]
+        self.eng.cache.check_fits(sum(e.bytes for e in remote), what)
+        self.eng.cache.prefetch([(e.key, e.sha256) for e in remote])
 
     def read(self, p: ReadPlan) -> pa.Table:
         sp = schema.spec(p.table)
@@ -295,8 +293,7 @@ class Query:
         for table in schema.TABLES:
             if table in used:  # a table the statement never names cannot be read by it: no files to open
                 selected.append((table, *self.select(table, source, market, start, end, allow_unsealed)))
-        self.eng.cache.check_fits(sum(self._remote_bytes(f) for _, f, *_ in selected), "this sql() statement")
-        self._prefetch([f for _, files, *_ in selected for f in files])
+        self._fetch_remote([f for _, files, *_ in selected for f in files], "this sql() statement")
         for table, files, s, e, clamp in selected:
             sp = schema.spec(table)
             paths = [str(self._checked_path(f)) for f in files]
