@@ -47,6 +47,12 @@ class GapKind(str, enum.Enum):
     RESTART = "restart"
     STALE = "stale"
     CORRUPT = "corrupt"  # a damaged spool record, quarantined at recovery
+    CHECKSUM = "checksum"  # the venue's book checksum disagreed with the book kept (resubscribed)
+
+
+class InstrumentKind(str, enum.Enum):
+    SPOT = "spot"
+    BINARY = "binary"  # a Kalshi-style yes/no contract
 
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -115,6 +121,37 @@ QUOTES_SCHEMA = pa.schema(
 )
 
 
+# Reference data: one row per instrument and version (append-only). A version is in force from its
+# `valid_from` (the receive time of the message or REST answer it came from) until the next one of
+# the same (source, instrument). Contract fields are null for spot instruments.
+INSTRUMENTS_SCHEMA = pa.schema(
+    [
+        _f("valid_from", pa.int64()),
+        _f("source", _DICT),
+        _f("market", _DICT),
+        _f("instrument", _DICT),
+        _f("kind", _DICT),  # spot | binary
+        _f("base", pa.string(), nullable=True),  # BTC (spot) or the contract's underlying asset
+        _f("quote", pa.string(), nullable=True),  # USD
+        _f("tick_size", pa.float64(), nullable=True),
+        _f("size_increment", pa.float64(), nullable=True),
+        _f("min_size", pa.float64(), nullable=True),
+        _f("status", pa.string(), nullable=True),  # the venue's word (online, open, settled, ...)
+        _f("underlying", pa.string(), nullable=True),  # canonical asset of a contract (BTC)
+        _f("strike_type", pa.string(), nullable=True),  # as Kalshi names it: greater, less, between, ...
+        _f("floor_strike", pa.float64(), nullable=True),
+        _f("cap_strike", pa.float64(), nullable=True),
+        _f("open_ts", pa.int64(), nullable=True),
+        _f("close_ts", pa.int64(), nullable=True),
+        _f("expiration_ts", pa.int64(), nullable=True),
+        _f("result", pa.string(), nullable=True),  # yes | no | null (not determined)
+        _f("settlement_value", pa.float64(), nullable=True),
+        _f("settled_ts", pa.int64(), nullable=True),
+        _f("title", pa.string(), nullable=True),
+    ]
+)
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """How a table is stored: its schema, which column places a row in time, how files sort."""
@@ -158,6 +195,15 @@ TABLES: dict[str, TableSpec] = {
         {"kind": frozenset(k.value for k in GapKind)},
         seq_col=None,
     ),
+    "instruments": TableSpec(
+        "instruments",
+        INSTRUMENTS_SCHEMA,
+        "valid_from",
+        "valid_from",
+        ("instrument", "valid_from"),
+        {"kind": frozenset(k.value for k in InstrumentKind)},
+        seq_col=None,
+    ),
     "quotes": TableSpec(
         "quotes",
         QUOTES_SCHEMA,
@@ -168,7 +214,7 @@ TABLES: dict[str, TableSpec] = {
     ),
 }
 
-RAW_TABLES = ("l2", "trades", "gaps")
+RAW_TABLES = ("l2", "trades", "gaps", "instruments")
 
 # Columns holding int64 ns times, per table and per derived result. Storage and the engine's own
 # code keep them int64; the public query API hands them out as Datetime("ns", "UTC") (raw_ns=True: int64).
@@ -177,6 +223,7 @@ TIME_COLS: dict[str, tuple[str, ...]] = {
     "trades": ("ts", "recv_ts"),
     "gaps": ("start_ts", "end_ts"),
     "quotes": ("ts", "recv_ts"),
+    "instruments": ("valid_from", "open_ts", "close_ts", "expiration_ts", "settled_ts"),
     "book": ("ts", "snapshot_ts", "book_ts"),  # book() and books()
     "bars": ("ts", "end_ts"),
     "valid": ("start_ts", "end_ts"),  # valid() spans
@@ -195,7 +242,7 @@ def time_cols(kind: str) -> tuple[str, ...]:
 
 def is_time_name(name: str) -> bool:
     """A result column named like the lake's time columns (`ts`, `*_ts`): how sql() picks them."""
-    return name == "ts" or name.endswith("_ts")
+    return name == "ts" or name.endswith("_ts") or name == "valid_from"
 
 
 class SchemaError(ValueError):
@@ -355,7 +402,7 @@ def row_faults(table: str, t: pa.Table) -> list[tuple[str, str, np.ndarray]]:
                     out.append((name, "not finite (NaN or inf)", ~finite))
                 if (finite & (x < 0)).any():
                     out.append((name, "negative", finite & (x < 0)))
-    times = {c: _np(t.column(c)) for c in ("ts", "recv_ts", "start_ts", "end_ts") if c in t.column_names}
+    times = {c: _np(t.column(c)) for c in ("ts", "recv_ts", "start_ts", "end_ts", "valid_from") if c in t.column_names}
     for name, x in times.items():
         early = x < MIN_TS_NS
         if early.any():

@@ -19,9 +19,10 @@ import pyarrow as pa
 from engine.collect.columns import GapCols, L2Cols, TradeCols
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
 from engine.log import get_logger
-from engine.schema import drop_faulty_rows
+from engine.schema import INSTRUMENTS_SCHEMA, drop_faulty_rows
 
 CHUNK_ROWS = 65_536
+_REF_FIELDS = frozenset(INSTRUMENTS_SCHEMA.names) - {"valid_from", "source", "market", "instrument", "kind"}
 
 
 def fixed_units(s: str, digits: int) -> int:
@@ -56,6 +57,7 @@ class Counters:
     ignored_frames: int = 0
     skipped_rows: int = 0
     dup_trades: int = 0
+    instrument_versions: int = 0
     gaps: int = 0
     reconnects: int = 0
     errors: int = 0
@@ -90,6 +92,8 @@ class BaseNormalizer:
         self.l2 = L2Cols(self.source, max_skew_ns)
         self.trades = TradeCols(self.source)
         self.gaps = GapCols(self.source)
+        self.ref: list[dict[str, Any]] = []  # instruments rows (reference data), see `instrument()`
+        self._ref_last: dict[tuple[str, str], dict[str, Any]] = {}
         self.c = Counters()
         self.max_skew_ns = max_skew_ns
         self.actions: list[Action] = []
@@ -156,6 +160,22 @@ class BaseNormalizer:
         self.c.skip_reasons[key] = self.c.skip_reasons.get(key, 0) + 1
         self.log.warning("frame_skipped", reason=f"{key}: {reason}", instrument=run[6], recv_ns=run[1], seq=run[8])
 
+    # -- reference data -------------------------------------------------------------------------
+    def instrument(self, valid_from: int, market: str, instrument: str, kind: str, **fields: Any) -> None:
+        """One version of an instrument (a row of the `instruments` table); the other columns of
+        `schema.INSTRUMENTS_SCHEMA` are given by name and default to null. A version equal to the
+        last one recorded for this instrument (every column but `valid_from`) is not stored again."""
+        row = {"market": market, "instrument": instrument, "kind": kind, **fields}
+        unknown = set(fields) - _REF_FIELDS
+        if unknown:
+            raise TypeError(f"instrument(): unknown column(s) {sorted(unknown)}")
+        key = (market, instrument)
+        if self._ref_last.get(key) == row:
+            return
+        self._ref_last[key] = row
+        self.ref.append({"valid_from": valid_from, "source": self.source, **row})
+        self.c.instrument_versions += 1
+
     # -- gaps -----------------------------------------------------------------------------------
     def gap(self, market: str, instrument: str | None, start: int, end: int, kind: str, detail: str) -> None:
         self.gaps.add(market, instrument, start, end, kind, detail)
@@ -198,7 +218,7 @@ class BaseNormalizer:
 
     # -- output ---------------------------------------------------------------------------------
     def rows_pending(self) -> int:
-        return self.l2.rows + self.trades.rows + self.gaps.rows
+        return self.l2.rows + self.trades.rows + self.gaps.rows + len(self.ref)
 
     def take(self) -> dict[str, pa.Table]:
         out = {}
@@ -217,6 +237,11 @@ class BaseNormalizer:
         t = self.admit("trades", self.trades.take())
         if t is not None and t.num_rows:
             out["trades"] = t
+        if self.ref:
+            rows, self.ref = self.ref, []
+            r = self.admit("instruments", pa.Table.from_pylist(rows, schema=INSTRUMENTS_SCHEMA))
+            if r is not None and r.num_rows:
+                out["instruments"] = r
         return out
 
     def pop_actions(self) -> list[Action]:
