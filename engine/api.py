@@ -662,6 +662,16 @@ class Engine:
 
         return coverage(self, *args, **kw)
 
+    def instruments(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.reference import instruments
+
+        return instruments(self, *args, **kw)
+
+    def related(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.reference import related
+
+        return related(self, *args, **kw)
+
 
 def _first(col: pa.ChunkedArray) -> str:
     """First value of a dictionary column (all rows of a split group share it)."""
