@@ -4,6 +4,9 @@ and `catalog` (publishes the manifest). All are partitioned by date × market an
 """
 
 
+import os
+import warnings
+
 import dagster as dg
 
 from engine_defs import lake
@@ -114,9 +117,35 @@ def stats_metadata(st: lake.PartStats, store_url: str | None = None) -> dict:
     return md
 
 
-def _part(context, table: str) -> tuple[str, str, str, str]:
-    date, source, market = split_partition_key(context.partition_key)
-    return table, source, market, date
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+# Backfills run up to this many (date, market) partitions per run: one process, one Engine open and
+# one manifest publish for all of them, instead of one of each per partition.
+BACKFILL_PARTITIONS = int(os.environ.get("ENGINE_DAGSTER_BACKFILL_PARTITIONS", "30"))
+backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=BACKFILL_PARTITIONS)
+
+
+def partitions_of(context) -> list[tuple[str, str, str]]:
+    """(date, source, market) of every partition of this run: one for sensor and schedule runs, up to
+    BACKFILL_PARTITIONS for a backfill's ranged runs."""
+    return [split_partition_key(pk) for pk in context.partition_keys]
+
+
+def range_metadata(per_part: list[tuple[str, dict]], sums: tuple[str, ...] = ("dagster/row_count",)) -> dict:
+    """The metadata of a run over several partitions (every partition's materialization carries it):
+    totals, and one table row per partition with its own figures."""
+    if len(per_part) == 1:
+        return per_part[0][1]
+    md: dict = {"partitions": dg.MetadataValue.int(len(per_part))}
+    for k in sums:
+        md[k] = dg.MetadataValue.int(sum(m[k].value for _, m in per_part if k in m and m[k].value is not None))
+    cols = [k for k in ("dagster/row_count", "files", "bytes", "files_merged", "uploaded_files", "recorded_gaps")
+            if any(k in m for _, m in per_part)]
+    lines = ["| partition | " + " | ".join(c.replace("dagster/", "") for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for pk, m in per_part:
+        lines.append(f"| {pk} | " + " | ".join(str(m[c].value) if c in m else "" for c in cols) + " |")
+    md["by_partition"] = dg.MetadataValue.md("\n".join(lines))
+    return md
 
 
 def _gaps_figures(eng, source, market, date) -> dict:
@@ -132,29 +161,33 @@ def make_uploaded(table: str) -> dg.AssetsDefinition:
         partitions_def=partitions_def,
         group_name=GROUP,
         kinds={"parquet", "s3"},
+        backfill_policy=backfill_policy,
         description=f"The partition's raw {table} files copied to the object store and verified (size and "
                     "checksum); local copies stay until the day is compacted.",
     )
     def _uploaded(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
         eng = engine.engine(writer=True)
-        t, source, market, date = _part(context, table)
-        res = eng.upload(table=t, source=source, market=market, date=date)
-        st = lake.part_stats(eng, t, source, market, date)
-        md = stats_metadata(st, eng.store.url)
-        md.update({"uploaded_files": dg.MetadataValue.int(res["uploaded"]),
-                   "uploaded_bytes": dg.MetadataValue.int(res["bytes"]),
-                   "failed_files": dg.MetadataValue.int(res["failed"])})
-        if table != "gaps":
-            md.update(_gaps_figures(eng, source, market, date))
-        if res["failed"]:
-            raise dg.Failure(
-                description=f"{res['failed']} of {res['failed'] + res['uploaded']} file(s) of {table} "
-                            f"{source}:{market} {date} did not upload to {eng.store.url}; they stay local and the "
-                            f"next run retries: " + "; ".join(res["errors"][:5]),
-                metadata=md,
-            )
-        context.log.info(f"uploaded {res['uploaded']} file(s), {res['bytes']} bytes of {table} {source}:{market} "
-                         f"{date}; partition now {st.files} file(s), {st.remote_files} remote")
+        per_part, failures = [], []
+        for date, source, market in partitions_of(context):
+            res = eng.upload(table=table, source=source, market=market, date=date)
+            st = lake.part_stats(eng, table, source, market, date)
+            md = stats_metadata(st, eng.store.url)
+            md.update({"uploaded_files": dg.MetadataValue.int(res["uploaded"]),
+                       "uploaded_bytes": dg.MetadataValue.int(res["bytes"]),
+                       "failed_files": dg.MetadataValue.int(res["failed"])})
+            if table != "gaps":
+                md.update(_gaps_figures(eng, source, market, date))
+            per_part.append((f"{date}|{source}:{market}", md))
+            if res["failed"]:
+                failures.append(f"{res['failed']} of {res['failed'] + res['uploaded']} file(s) of {table} "
+                                f"{source}:{market} {date} did not upload to {eng.store.url}: " + "; ".join(res["errors"][:5]))
+                continue
+            context.log.info(f"uploaded {res['uploaded']} file(s), {res['bytes']} bytes of {table} {source}:{market} "
+                             f"{date}; partition now {st.files} file(s), {st.remote_files} remote")
+        md = range_metadata(per_part)
+        if failures:
+            raise dg.Failure(description="; ".join(failures[:10]) + ". They stay local and the next run retries.",
+                             metadata=md)
         return dg.MaterializeResult(metadata=md)
 
     return _uploaded
@@ -188,6 +221,71 @@ def integrity_result(table: str, rep: lake.Integrity, key: str | None) -> dg.Ass
     )
 
 
+def compact_one(context, eng, t: str, date: str, source: str, market: str):
+    """Compact one partition: (integrity check result or None, metadata or None, failure text or None).
+    A failure leaves that partition unchanged; the others of a ranged run go on."""
+    part = (t, source, market, date)
+    files = eng.catalog.files_in(part)
+    if files and not (len(files) == 1 and files[0].compacted):
+        from engine.lake.compaction import closed_partitions
+
+        if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
+            day_end = lake.day_bounds(date)[1]
+            wm = eng.sealed_until(source)
+            why = ("the UTC day has not ended" if not lake.is_closed_day(date) else
+                   f"the sealed watermark of {source} ({lake.fmt_ts(wm)}) is before the day's end "
+                   f"({lake.fmt_ts(day_end)}): a collector may still hold rows of that day")
+            return None, None, (f"not compacting {t} {source}:{market} {date}: only closed days are compacted and "
+                                f"{why}. Nothing was changed; run it again once the day is sealed.")
+        try:
+            res, rep = lake.compact_gated(eng, part)
+        except lake.IntegrityError as err:
+            return (integrity_result(t, err.report, err.key), None,
+                    f"compaction of {t} {source}:{market} {date} blocked: {'; '.join(err.report.problems)}. "
+                    "The merged file was deleted before upload; the raw files and the catalog are unchanged.")
+        st = lake.part_stats(eng, t, source, market, date)
+        md = stats_metadata(st, eng.store.url)
+        if res is not None:
+            md.update({"files_merged": dg.MetadataValue.int(res.files_in), "key": dg.MetadataValue.text(res.key),
+                       "compaction_s": dg.MetadataValue.float(round(res.seconds, 3))})
+        if t != "gaps":
+            md.update(_gaps_figures(eng, source, market, date))
+        context.log.info(f"compacted {t} {source}:{market} {date}: {st.rows} rows into {st.keys}")
+        return integrity_result(t, rep, res.key if res else None), md, None
+    # Already compacted (idempotent re-run: re-verify the committed file) or no data at all.
+    st = lake.part_stats(eng, t, source, market, date)
+    md = stats_metadata(st, eng.store.url)
+    md["note"] = dg.MetadataValue.text("already compacted; nothing changed" if files else "no data in this partition")
+    if t != "gaps":
+        md.update(_gaps_figures(eng, source, market, date))
+    if not files:
+        return integrity_result(t, lake.Integrity(t, 0, 0, True, True, 0, 0, []), None), md, None
+    e = files[0]
+    rep = lake.integrity_of_file(t, eng.local_path(e), expected_rows=e.rows, source=source, market=market, date=date)
+    failure = (None if rep.passed else
+               f"the committed compacted file {e.key} fails integrity: {'; '.join(rep.problems)}; "
+               "run `data-engine catalog verify`.")
+    return integrity_result(t, rep, e.key), md, failure
+
+
+def range_check(table: str, checks: list) -> dg.AssetCheckResult:
+    """One integrity result for a ranged run: passed when every partition's passed, with a table of
+    the partitions and their figures."""
+    failed = [(pk, c) for pk, c in checks if not c.passed]
+    lines = ["| partition | passed | rows | duplicates | problems |", "|---|---|---|---|---|"]
+    for pk, c in checks:
+        lines.append(f"| {pk} | {c.passed} | {c.metadata['rows'].value} | {c.metadata['duplicate_rows'].value} | "
+                     f"{(c.description or '')[:120] if not c.passed else ''} |")
+    return dg.AssetCheckResult(
+        check_name=INTEGRITY, asset_key=compacted_key(table), passed=not failed, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"partitions": dg.MetadataValue.int(len(checks)), "failed": dg.MetadataValue.int(len(failed)),
+                  "rows": dg.MetadataValue.int(sum(c.metadata["rows"].value for _, c in checks)),
+                  "by_partition": dg.MetadataValue.md("\n".join(lines))},
+        description=(f"{len(failed)} of {len(checks)} partitions failed: " + "; ".join(pk for pk, _ in failed[:10])
+                     if failed else f"{len(checks)} partitions: schema, sort order, duplicates and row count OK"),
+    )
+
+
 def make_compacted(table: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=f"compacted_{table}",
@@ -201,65 +299,25 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
                         "checked on the merged file before it is uploaded and swapped in; a failure blocks the upload "
                         "and everything downstream (the catalog manifest).",
         )],
+        backfill_policy=backfill_policy,
         description=f"The closed day of {table} merged into one sorted file (0000.parquet), verified, uploaded, "
                     "swapped into the catalog in one entry; replaced raw objects are retired after a grace period.",
     )
     def _compacted(context: dg.AssetExecutionContext, engine: EngineResource):
         eng = engine.engine(writer=True)
-        part = _part(context, table)
-        t, source, market, date = part
-        files = eng.catalog.files_in(part)
-        if files and not (len(files) == 1 and files[0].compacted):
-            from engine.lake.compaction import closed_partitions
-
-            if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
-                day_end = lake.day_bounds(date)[1]
-                wm = eng.sealed_until(source)
-                why = ("the UTC day has not ended" if not lake.is_closed_day(date) else
-                       f"the sealed watermark of {source} ({lake.fmt_ts(wm)}) is before the day's end "
-                       f"({lake.fmt_ts(day_end)}): a collector may still hold rows of that day")
-                raise dg.Failure(
-                    description=f"not compacting {t} {source}:{market} {date}: only closed days are compacted and "
-                                f"{why}. Nothing was changed; run it again once the day is sealed.",
-                    allow_retries=False,
-                )
-            try:
-                res, rep = lake.compact_gated(eng, part)
-            except lake.IntegrityError as err:
-                yield integrity_result(t, err.report, err.key)
-                raise dg.Failure(
-                    description=f"compaction of {t} {source}:{market} {date} blocked: {'; '.join(err.report.problems)}. "
-                                "The merged file was deleted before upload; the raw files and the catalog are unchanged.",
-                    allow_retries=False,
-                ) from None
-            st = lake.part_stats(eng, t, source, market, date)
-            yield integrity_result(t, rep, res.key if res else None)
-            md = stats_metadata(st, eng.store.url)
-            if res is not None:
-                md.update({"files_merged": dg.MetadataValue.int(res.files_in), "key": dg.MetadataValue.text(res.key),
-                           "compaction_s": dg.MetadataValue.float(round(res.seconds, 3))})
-            if t != "gaps":
-                md.update(_gaps_figures(eng, source, market, date))
-            context.log.info(f"compacted {t} {source}:{market} {date}: {st.rows} rows into {st.keys}")
-            yield dg.MaterializeResult(metadata=md)
-            return
-        # Already compacted (idempotent re-run: re-verify the committed file) or no data at all.
-        st = lake.part_stats(eng, t, source, market, date)
-        if files:
-            e = files[0]
-            rep = lake.integrity_of_file(t, eng.local_path(e), expected_rows=e.rows, source=source, market=market,
-                                         date=date)
-            yield integrity_result(t, rep, e.key)
-            if not rep.passed:
-                raise dg.Failure(description=f"the committed compacted file {e.key} fails integrity: "
-                                             f"{'; '.join(rep.problems)}; run `data-engine catalog verify`.")
-        else:
-            yield integrity_result(t, lake.Integrity(t, 0, 0, True, True, 0, 0, []), None)
-        md = stats_metadata(st, eng.store.url)
-        md["note"] = dg.MetadataValue.text("already compacted; nothing changed" if files else "no data in this partition")
-        if t != "gaps":
-            md.update(_gaps_figures(eng, source, market, date))
-        yield dg.MaterializeResult(metadata=md)
+        done = [(f"{d}|{s}:{m}", *compact_one(context, eng, table, d, s, m)) for d, s, m in partitions_of(context)]
+        checks = [(pk, c) for pk, c, _, _ in done if c is not None]
+        if len(done) == 1:
+            if checks:
+                yield checks[0][1]
+        elif checks:
+            yield range_check(table, checks)
+        failures = [f for _, _, _, f in done if f]
+        if failures:
+            raise dg.Failure(description=" | ".join(failures[:10]) + (f" (and {len(failures) - 10} more)"
+                                                                       if len(failures) > 10 else ""),
+                             allow_retries=False)
+        yield dg.MaterializeResult(metadata=range_metadata([(pk, md) for pk, _, md, _ in done]))
 
     return _compacted
 
@@ -270,29 +328,33 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
     partitions_def=partitions_def,
     group_name=GROUP,
     kinds={"parquet"},
+    backfill_policy=backfill_policy,
     description="Publishes the catalog manifest (one Parquet object listing every remote file and the sealed "
                 "watermarks) to the store, so another machine opens the lake with one GET and no LIST. "
                 "Materialized per partition after its uploads or compaction.",
 )
 def catalog(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
     eng = engine.engine(writer=True)
-    date, source, market = split_partition_key(context.partition_key)
-    key = eng.publish_manifest()
+    key = eng.publish_manifest()  # once per run, whatever the number of partitions
     entries = eng.catalog.entries()
     remote = [e for e in entries if e.remote]
-    mine = [e for e in entries if e.source == source and e.market == market and e.date == date]
     wms = {s: lake.fmt_ts(w) for s, w in sorted(eng.catalog.watermarks.items())}
-    return dg.MaterializeResult(metadata={
+    md = {
         "manifest": dg.MetadataValue.text(f"{eng.store.url}/{key}"),
         "dagster/row_count": dg.MetadataValue.int(sum(e.rows for e in remote)),
         "listed_files": dg.MetadataValue.int(len(remote)),
         "listed_bytes": dg.MetadataValue.int(sum(e.bytes for e in remote)),
         "local_only_files": dg.MetadataValue.int(len(entries) - len(remote)),
-        "partition_files": dg.MetadataValue.int(len(mine)),
-        "partition_rows": dg.MetadataValue.int(sum(e.rows for e in mine)),
-        "partition_remote_files": dg.MetadataValue.int(sum(1 for e in mine if e.remote)),
         "watermarks": dg.MetadataValue.json(wms),
-    })
+    }
+    parts = set(partitions_of(context))
+    mine = [e for e in entries if (e.date, e.source, e.market) in parts]
+    md.update({"partition_files": dg.MetadataValue.int(len(mine)),
+               "partition_rows": dg.MetadataValue.int(sum(e.rows for e in mine)),
+               "partition_remote_files": dg.MetadataValue.int(sum(1 for e in mine if e.remote))})
+    if len(parts) > 1:
+        md["partitions"] = dg.MetadataValue.int(len(parts))
+    return dg.MaterializeResult(metadata=md)
 
 
 uploaded_assets = [make_uploaded(t) for t in TABLES]

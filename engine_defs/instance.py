@@ -19,9 +19,12 @@ telemetry:
   enabled: false
 nux:
   enabled: false
-storage:
-  sqlite:
-    base_dir: {home}/storage
+storage:  # Dagster's SQLite storage, event batches in one transaction (engine_defs/event_storage.py)
+  custom:
+    module: engine_defs.event_storage
+    class: EngineSqliteStorage
+    config:
+      base_dir: {home}/storage
 local_artifact_storage:
   module: dagster._core.storage.root
   class: LocalArtifactStorage

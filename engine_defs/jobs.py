@@ -7,8 +7,11 @@ import dagster as dg
 from engine_defs.assets import CATALOG_KEY, TABLES, compacted_key, uploaded_key
 from engine_defs.resources import EngineResource
 
+# One process per run: the steps (a few tables and the manifest) share one interpreter and one
+# Engine open instead of a subprocess each, which cost ~2 s and ~250 MB per step.
 upload_job = dg.define_asset_job(
     "upload_job",
+    executor_def=dg.in_process_executor,
     selection=dg.AssetSelection.assets(*[uploaded_key(t) for t in TABLES], CATALOG_KEY),
     description="Upload a (date, market) partition's new raw files, run the gap/coverage checks and republish "
                 "the manifest. The catalog sensor requests one run per touched partition.",
@@ -16,9 +19,11 @@ upload_job = dg.define_asset_job(
 
 compact_job = dg.define_asset_job(
     "compact_job",
+    executor_def=dg.in_process_executor,
     selection=dg.AssetSelection.assets(*[compacted_key(t) for t in TABLES], CATALOG_KEY),
     description="Compact a closed (date, market) partition (integrity-checked before upload) and republish the "
-                "manifest. Nightly schedule; backfill any date × market range from the UI or the CLI.",
+                "manifest. Nightly schedule; backfill any date × market range from the UI or the CLI (up to "
+                "ENGINE_DAGSTER_BACKFILL_PARTITIONS partitions per run).",
 )
 
 

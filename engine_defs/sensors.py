@@ -24,6 +24,7 @@ from pathlib import Path
 import dagster as dg
 
 from engine_defs import lake
+from engine_defs.event_storage import record_events
 from engine_defs.assets import CATALOG_KEY, file_metadata, files_metadata, raw_key, uploaded_key
 from engine_defs.jobs import upload_job
 from engine_defs.partitions import (
@@ -156,10 +157,11 @@ def evaluate(context, log_path: Path, *, max_files: int = MAX_FILES_PER_TICK) ->
     context.log.info(f"{len(files)} raw file(s) as {len(events)} event(s), {len(runs)} upload run(s) for "
                      f"{len(touched)} partition(s), {len(new_markets)} new market(s); "
                      f"offset {offset} → {end} of {lr.size}; {dt_s:.3f} s")
+    stored = record_events(context.instance, events, new_markets)
     return dg.SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[market_partitions.build_add_request(new_markets)] if new_markets else [],
-        asset_events=events,
+        asset_events=[] if stored else events,
         cursor=new_cursor,
     )
 
