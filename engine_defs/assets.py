@@ -1,12 +1,15 @@
 """Assets per table: raw_<t> (external, written by the collector) → uploaded_<t> → compacted_<t>,
 and `catalog` (publishes the manifest). All are partitioned by date × market and return
-`MaterializeResult`s; no IO manager moves data through Dagster, the engine does the work.
+`MaterializeResult`s: the engine moves the data, never Dagster. The lake IO manager
+(`engine_defs.io`) makes the table assets loadable by name, read through the engine.
 """
 
 
 import dagster as dg
 
 from engine_defs import lake
+from engine_defs.display import hourly_markdown
+from engine_defs.io import LAKE_IO_MANAGER_KEY
 from engine_defs.partitions import partitions_def, split_partition_key
 from engine_defs.resources import EngineResource
 
@@ -43,7 +46,7 @@ raw_specs = [
         partitions_def=partitions_def,
         group_name=GROUP,
         kinds={"parquet"},
-    )
+    ).with_io_manager_key(LAKE_IO_MANAGER_KEY)  # loadable by name: engine_defs.io
     for t in TABLES
 ]
 
@@ -106,6 +109,8 @@ def stats_metadata(st: lake.PartStats, store_url: str | None = None) -> dict:
         md["instruments"] = dg.MetadataValue.int(st.instruments)
     if st.largest_gap_s is not None:
         md["largest_gap_s"] = dg.MetadataValue.float(round(st.largest_gap_s, 6))
+    if st.hourly_rows is not None:
+        md["rows_per_hour"] = dg.MetadataValue.md(hourly_markdown(st.hourly_rows))
     if st.coverage_pct is not None:
         md["coverage_pct"] = dg.MetadataValue.float(st.coverage_pct)
         md["hours_with_data"] = dg.MetadataValue.int(st.hours_with_data)
@@ -128,6 +133,7 @@ def _gaps_figures(eng, source, market, date) -> dict:
 def make_uploaded(table: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=f"uploaded_{table}",
+        io_manager_key=LAKE_IO_MANAGER_KEY,  # loads the partition through the engine; stores nothing
         deps=[raw_key(table)],
         partitions_def=partitions_def,
         group_name=GROUP,
@@ -191,6 +197,7 @@ def integrity_result(table: str, rep: lake.Integrity, key: str | None) -> dg.Ass
 def make_compacted(table: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=f"compacted_{table}",
+        io_manager_key=LAKE_IO_MANAGER_KEY,  # loads the partition through the engine; stores nothing
         deps=[uploaded_key(table)],
         partitions_def=partitions_def,
         group_name=GROUP,

@@ -1,0 +1,131 @@
+"""`LakeIOManager`: lake assets load by name, read through the engine; it never writes.
+
+`defs.load_asset_value(AssetKey("compacted_l2"), partition_key="2026-11-25|coinbase:BTC-USD")`, or
+a downstream asset declaring `compacted_l2` as an input, gets the partition as a `polars.DataFrame`:
+exactly `eng.l2(source="coinbase", market="BTC-USD", start="2026-11-25", end="2026-11-26")` — the
+catalog's files, clamped to the sealed watermark, remote files through the read cache. The stages
+`raw_*`, `uploaded_*` and `compacted_*` of a table are the same rows at different points of their
+life (local, in the store, merged), so they load the same query: what the lake holds now.
+
+The assets that move data (upload, compaction, quotes) do their work through the engine and
+return `MaterializeResult`s, so nothing reaches `handle_output` but None; any other value is
+refused (a read-only lake must not be written by pickling a frame into it).
+
+Another lake asset is one entry of `LOADERS` (asset name → function of the engine and the partition),
+plus `io_manager_key=LAKE_IO_MANAGER_KEY` on its definition.
+"""
+
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Callable
+
+import dagster as dg
+import polars as pl
+
+from engine import schema
+from engine.timeutil import result_times
+from engine_defs.partitions import split_partition_key
+from engine_defs.resources import EngineResource
+
+LAKE_IO_MANAGER_KEY = "lake_io_manager"
+
+
+@dataclass(frozen=True, order=True)
+class Part:
+    """One (date, source, market) partition and the query window it stands for: the UTC day."""
+
+    date: str
+    source: str
+    market: str
+
+    @classmethod
+    def of(cls, partition_key) -> "Part":
+        return cls(*split_partition_key(partition_key))
+
+    @property
+    def end(self) -> str:
+        return (dt.date.fromisoformat(self.date) + dt.timedelta(days=1)).isoformat()
+
+    def window(self) -> dict:
+        """Keyword arguments of the engine query for this partition."""
+        return {"source": self.source, "market": self.market, "start": self.date, "end": self.end}
+
+
+Loader = Callable[..., pl.DataFrame]  # (engine, Part) -> frame
+
+
+def empty(table: str) -> pl.DataFrame:
+    """An empty result shaped like the engine's for `table` (time columns Datetime("ns", "UTC"))."""
+    return result_times(pl.from_arrow(schema.spec(table).schema.empty_table()), schema.time_cols(table))
+
+
+def read_table(table: str) -> Loader:
+    """The partition of `table` as `eng.read(table, ...)` returns it; empty when the market never had
+    rows of this table (e.g. a Kalshi series without l2), where the engine would raise."""
+    from engine.research.query import UnknownMarketError
+
+    def load(eng, p: Part) -> pl.DataFrame:
+        try:
+            return eng.read(table, **p.window())
+        except UnknownMarketError:
+            return empty(table)
+
+    return load
+
+
+def read_quotes(eng, p: Part) -> pl.DataFrame:
+    from engine.research.query import UnknownMarketError
+
+    try:
+        return eng.quotes(**p.window())
+    except UnknownMarketError:
+        return empty("quotes")
+
+
+STAGES = ("raw", "uploaded", "compacted")
+LOADERS: dict[str, Loader] = {
+    **{f"{stage}_{t}": read_table(t) for t in ("l2", "trades", "gaps") for stage in STAGES},
+    "quotes": read_quotes,
+}
+
+
+class LakeIOManagerError(RuntimeError):
+    pass
+
+
+class LakeIOManager(dg.ConfigurableIOManager):
+    """Loads lake assets through the engine (read-only: `handle_output` accepts only None)."""
+
+    engine: dg.ResourceDependency[EngineResource]
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        if obj is None:  # the asset did its writing through the engine
+            return
+        raise LakeIOManagerError(
+            f"asset {context.asset_key.to_user_string() if context.has_asset_key else context.name} returned a "
+            f"{type(obj).__name__}, but the lake IO manager is read-only: lake assets write through the engine and "
+            "return a MaterializeResult (or None); give an asset whose value Dagster should store another IO manager")
+
+    def load_input(self, context: dg.InputContext) -> pl.DataFrame:
+        key = context.asset_key
+        name = key.path[-1]
+        loader = LOADERS.get(name)
+        if loader is None:
+            raise LakeIOManagerError(f"the lake IO manager cannot load asset {key.to_user_string()}: it loads "
+                                     f"{', '.join(sorted(LOADERS))} (add a loader to engine_defs.io.LOADERS)")
+        if not context.has_asset_partitions:
+            raise LakeIOManagerError(f"asset {key.to_user_string()} is partitioned by date|source:market: give a "
+                                     "partition key, e.g. partition_key='2026-11-25|coinbase:BTC-USD'")
+        eng = self.engine.engine()
+        parts = sorted(Part.of(pk) for pk in context.asset_partition_keys)
+        frames = [loader(eng, p) for p in parts]
+        if context.log is not None:
+            context.log.debug(f"loaded {key.to_user_string()} for {len(parts)} partition(s): "
+                              f"{sum(f.height for f in frames)} rows")
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+
+
+def lake_resources(engine: EngineResource) -> dict:
+    """The resources the lake definitions need: the engine and the IO manager reading through it."""
+    return {"engine": engine, LAKE_IO_MANAGER_KEY: LakeIOManager(engine=engine)}
