@@ -11,8 +11,10 @@ The assets that move data (upload, compaction, quotes) do their work through the
 return `MaterializeResult`s, so nothing reaches `handle_output` but None; any other value is
 refused (a read-only lake must not be written by pickling a frame into it).
 
-Another lake asset is one entry of `LOADERS` (asset name → function of the engine and the partition),
-plus `io_manager_key=LAKE_IO_MANAGER_KEY` on its definition.
+Another lake asset is one entry of `LOADERS` (asset name → function of the engine and the partition,
+None when the asset is not partitioned), plus `io_manager_key=LAKE_IO_MANAGER_KEY` on its
+definition; e.g. reference data:
+`LOADERS["instruments"] = lambda eng, p: eng.instruments(**({"source": p.source, "market": p.market} if p else {}), history=True)`.
 """
 
 
@@ -52,7 +54,14 @@ class Part:
         return {"source": self.source, "market": self.market, "start": self.date, "end": self.end}
 
 
-Loader = Callable[..., pl.DataFrame]  # (engine, Part) -> frame
+Loader = Callable[..., pl.DataFrame]  # (engine, Part, or None for an unpartitioned asset) -> frame
+
+
+def partitioned(p: "Part | None", what: str) -> "Part":
+    if p is None:
+        raise LakeIOManagerError(f"{what} is partitioned by date|source:market: give a partition key, e.g. "
+                                 "partition_key='2026-11-25|coinbase:BTC-USD'")
+    return p
 
 
 def empty(table: str) -> pl.DataFrame:
@@ -65,20 +74,20 @@ def read_table(table: str) -> Loader:
     rows of this table (e.g. a Kalshi series without l2), where the engine would raise."""
     from engine.research.query import UnknownMarketError
 
-    def load(eng, p: Part) -> pl.DataFrame:
+    def load(eng, p: Part | None) -> pl.DataFrame:
         try:
-            return eng.read(table, **p.window())
+            return eng.read(table, **partitioned(p, f"table {table}").window())
         except UnknownMarketError:
             return empty(table)
 
     return load
 
 
-def read_quotes(eng, p: Part) -> pl.DataFrame:
+def read_quotes(eng, p: Part | None) -> pl.DataFrame:
     from engine.research.query import UnknownMarketError
 
     try:
-        return eng.quotes(**p.window())
+        return eng.quotes(**partitioned(p, "quotes").window())
     except UnknownMarketError:
         return empty("quotes")
 
@@ -114,11 +123,8 @@ class LakeIOManager(dg.ConfigurableIOManager):
         if loader is None:
             raise LakeIOManagerError(f"the lake IO manager cannot load asset {key.to_user_string()}: it loads "
                                      f"{', '.join(sorted(LOADERS))} (add a loader to engine_defs.io.LOADERS)")
-        if not context.has_asset_partitions:
-            raise LakeIOManagerError(f"asset {key.to_user_string()} is partitioned by date|source:market: give a "
-                                     "partition key, e.g. partition_key='2026-11-25|coinbase:BTC-USD'")
+        parts = sorted(Part.of(pk) for pk in context.asset_partition_keys) if context.has_asset_partitions else [None]
         eng = self.engine.engine()
-        parts = sorted(Part.of(pk) for pk in context.asset_partition_keys)
         frames = [loader(eng, p) for p in parts]
         if context.log is not None:
             context.log.debug(f"loaded {key.to_user_string()} for {len(parts)} partition(s): "
