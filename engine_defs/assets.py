@@ -9,7 +9,7 @@ import dagster as dg
 
 from engine_defs import lake
 from engine_defs.display import hourly_markdown
-from engine_defs.io import LAKE_IO_MANAGER_KEY
+from engine_defs.io import lake_asset, lake_external
 from engine_defs.partitions import partitions_def, split_partition_key
 from engine_defs.resources import EngineResource
 
@@ -46,7 +46,7 @@ raw_specs = [
         partitions_def=partitions_def,
         group_name=GROUP,
         kinds={"parquet"},
-    ).with_io_manager_key(LAKE_IO_MANAGER_KEY)  # loadable by name: engine_defs.io
+    )
     for t in TABLES
 ]
 
@@ -131,9 +131,8 @@ def _gaps_figures(eng, source, market, date) -> dict:
 
 
 def make_uploaded(table: str) -> dg.AssetsDefinition:
-    @dg.asset(
+    @lake_asset(  # loadable by name through the engine (engine_defs.io); stores nothing
         name=f"uploaded_{table}",
-        io_manager_key=LAKE_IO_MANAGER_KEY,  # loads the partition through the engine; stores nothing
         deps=[raw_key(table)],
         partitions_def=partitions_def,
         group_name=GROUP,
@@ -195,9 +194,8 @@ def integrity_result(table: str, rep: lake.Integrity, key: str | None) -> dg.Ass
 
 
 def make_compacted(table: str) -> dg.AssetsDefinition:
-    @dg.asset(
+    @lake_asset(  # loadable by name through the engine (engine_defs.io); stores nothing
         name=f"compacted_{table}",
-        io_manager_key=LAKE_IO_MANAGER_KEY,  # loads the partition through the engine; stores nothing
         deps=[uploaded_key(table)],
         partitions_def=partitions_def,
         group_name=GROUP,
@@ -304,4 +302,5 @@ def catalog(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.Mat
 
 uploaded_assets = [make_uploaded(t) for t in TABLES]
 compacted_assets = [make_compacted(t) for t in TABLES]
-all_assets = [*raw_specs, *uploaded_assets, *compacted_assets, catalog]
+raw_assets = [lake_external(s) for s in raw_specs]  # materializations reported by the catalog sensor
+all_assets = [*raw_assets, *uploaded_assets, *compacted_assets, catalog]

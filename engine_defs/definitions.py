@@ -5,7 +5,6 @@ import dagster as dg
 from engine_defs.assets import all_assets
 from engine_defs.checks import all_checks
 from engine_defs.derived import derived_assets
-from engine_defs.io import lake_resources
 from engine_defs.jobs import compact_job, flush_job, upload_job
 from engine_defs.research import research_assets
 from engine_defs.resources import EngineResource
@@ -18,6 +17,6 @@ defs = dg.Definitions(
     jobs=[upload_job, compact_job, flush_job],
     sensors=[catalog_sensor],
     schedules=[nightly_compaction],
-    resources=lake_resources(EngineResource.from_env()),  # the engine and the lake IO manager
+    resources={"engine": EngineResource.from_env()},  # lake assets carry their IO manager (engine_defs.io)
     executor=dg.in_process_executor,  # steps are I/O on one lake: one process per run, one Engine per run
 )

@@ -12,7 +12,7 @@ import dagster as dg
 
 from engine_defs import lake
 from engine_defs.assets import GROUP, compacted_key, stats_metadata
-from engine_defs.io import LAKE_IO_MANAGER_KEY
+from engine_defs.io import lake_asset
 from engine_defs.partitions import partitions_def, split_partition_key
 from engine_defs.resources import EngineResource
 
@@ -25,12 +25,11 @@ def stored_quotes_current(eng, source: str, market: str, date: str) -> bool:
     return _is_current(eng, source, market, date)
 
 
-@dg.asset(
+@lake_asset(
     name="quotes",
     deps=[compacted_key("l2")],
     partitions_def=partitions_def,
     group_name=GROUP,
-    io_manager_key=LAKE_IO_MANAGER_KEY,
     kinds={"parquet", "polars"},
     description="Best bid/ask per change, derived from l2. Stored per compacted day (compaction writes it; this "
                 "asset fills a compacted day without current quotes); an open day's quotes are derived when read. "

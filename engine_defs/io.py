@@ -11,14 +11,16 @@ The assets that move data (upload, compaction, quotes) do their work through the
 return `MaterializeResult`s, so nothing reaches `handle_output` but None; any other value is
 refused (a read-only lake must not be written by pickling a frame into it).
 
-Another lake asset is one entry of `LOADERS` (asset name → function of the engine and the partition,
-None when the asset is not partitioned), plus `io_manager_key=LAKE_IO_MANAGER_KEY` on its
-definition; e.g. reference data:
+Lake assets are declared with `@lake_asset(...)` (or `lake_external(spec)` for one written outside
+Dagster), which binds the IO manager to them: `{"engine": EngineResource(...)}` stays the only
+resource to give. Another lake asset is one entry of `LOADERS` (asset name → function of the
+engine and the partition, None when the asset is not partitioned); e.g. reference data:
 `LOADERS["instruments"] = lambda eng, p: eng.instruments(**({"source": p.source, "market": p.market} if p else {}), history=True)`.
 """
 
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,10 +105,11 @@ class LakeIOManagerError(RuntimeError):
     pass
 
 
-class LakeIOManager(dg.ConfigurableIOManager):
+class LakeIOManager(dg.IOManager):
     """Loads lake assets through the engine (read-only: `handle_output` accepts only None)."""
 
-    engine: dg.ResourceDependency[EngineResource]
+    def __init__(self, engine: EngineResource):
+        self.engine = engine
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         if obj is None:  # the asset did its writing through the engine
@@ -132,6 +135,27 @@ class LakeIOManager(dg.ConfigurableIOManager):
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
 
 
-def lake_resources(engine: EngineResource) -> dict:
-    """The resources the lake definitions need: the engine and the IO manager reading through it."""
-    return {"engine": engine, LAKE_IO_MANAGER_KEY: LakeIOManager(engine=engine)}
+@dg.io_manager(required_resource_keys={"engine"},
+               description="Read-only: loads lake assets by name through the engine (the `engine` resource).")
+def lake_io_manager(init_context) -> LakeIOManager:
+    """The IO manager on the run's own `engine` resource (one Engine per run for assets and loads)."""
+    return LakeIOManager(init_context.resources.engine)
+
+
+def lake_asset(**kw):
+    """`@dg.asset(...)` with `lake_io_manager` bound to the asset (`io_manager_def`), so any
+    `resources={"engine": ...}` (Definitions, `materialize`, tests) is all it needs. Dagster marks
+    `io_manager_def` beta; its warning is silenced here, once for all lake assets."""
+
+    def deco(fn):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*io_manager_def.*")
+            return dg.asset(io_manager_def=lake_io_manager, **kw)(fn)
+
+    return deco
+
+
+def lake_external(spec: dg.AssetSpec) -> dg.AssetsDefinition:
+    """An external lake asset (written outside Dagster, e.g. raw files) loadable through `lake_io_manager`."""
+    return dg.AssetsDefinition(specs=[spec.with_io_manager_key(LAKE_IO_MANAGER_KEY)],
+                               resource_defs={LAKE_IO_MANAGER_KEY: lake_io_manager})

@@ -24,7 +24,7 @@ from engine_defs.assets import all_assets  # noqa: E402
 from engine_defs.checks import all_checks  # noqa: E402
 from engine_defs.derived import derived_assets  # noqa: E402
 from engine_defs.display import fmt_duration, hourly_counts, sparkline  # noqa: E402
-from engine_defs.io import LAKE_IO_MANAGER_KEY, LOADERS, LakeIOManagerError, lake_resources  # noqa: E402
+from engine_defs.io import LOADERS, LakeIOManagerError, lake_asset  # noqa: E402
 from engine_defs.partitions import MARKETS, partitions_def  # noqa: E402
 from engine_defs.research import research_assets  # noqa: E402
 from engine_defs.resources import EngineResource  # noqa: E402
@@ -68,12 +68,12 @@ def build_lake(home, store=None) -> Engine:
 
 
 def defs_for(res: EngineResource, extra=()) -> dg.Definitions:
-    return dg.Definitions(assets=[*ALL, *extra], asset_checks=all_checks, resources=lake_resources(res))
+    return dg.Definitions(assets=[*ALL, *extra], asset_checks=all_checks, resources={"engine": res})
 
 
 def materialize(inst, res, selection, pk, extra=(), raise_on_error=True):
     return dg.materialize([*ALL, *all_checks, *extra], selection=selection, partition_key=pk, instance=inst,
-                          resources=lake_resources(res), raise_on_error=raise_on_error)
+                          resources={"engine": res}, raise_on_error=raise_on_error)
 
 
 def expected(eng: Engine, name: str, date: str, mk: str) -> pl.DataFrame | None:
@@ -218,7 +218,7 @@ def test_moving_assets_store_nothing_through_the_io_manager(tmp_path):
         assert "disconnect" in table and "45.0 s" in table and "socket closed (test)" in table
 
         # an asset that hands the read-only IO manager a value fails, naming the reason
-        @dg.asset(partitions_def=partitions_def, io_manager_key=LAKE_IO_MANAGER_KEY)
+        @lake_asset(partitions_def=partitions_def)
         def returns_a_frame() -> pl.DataFrame:
             return pl.DataFrame({"x": [1]})
 
@@ -229,7 +229,7 @@ def test_moving_assets_store_nothing_through_the_io_manager(tmp_path):
     with pytest.raises(LakeIOManagerError, match="read-only"):
         from engine_defs.io import LakeIOManager
 
-        LakeIOManager(engine=res).handle_output(dg.build_output_context(asset_key=dg.AssetKey("x")), pl.DataFrame())
+        LakeIOManager(res).handle_output(dg.build_output_context(asset_key=dg.AssetKey("x")), pl.DataFrame())
 
 
 # ---- the research asset ------------------------------------------------------------------------------------------
