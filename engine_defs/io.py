@@ -35,6 +35,10 @@ from engine_defs.resources import EngineResource
 LAKE_IO_MANAGER_KEY = "lake_io_manager"
 
 
+class LakeIOManagerError(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True, order=True)
 class Part:
     """One (date, source, market) partition and the query window it stands for: the UTC day."""
@@ -59,7 +63,7 @@ class Part:
 Loader = Callable[..., pl.DataFrame]  # (engine, Part, or None for an unpartitioned asset) -> frame
 
 
-def partitioned(p: "Part | None", what: str) -> "Part":
+def partitioned(p: Part | None, what: str) -> Part:
     if p is None:
         raise LakeIOManagerError(f"{what} is partitioned by date|source:market: give a partition key, e.g. "
                                  "partition_key='2026-11-25|coinbase:BTC-USD'")
@@ -99,10 +103,6 @@ LOADERS: dict[str, Loader] = {
     **{f"{stage}_{t}": read_table(t) for t in ("l2", "trades", "gaps") for stage in STAGES},
     "quotes": read_quotes,
 }
-
-
-class LakeIOManagerError(RuntimeError):
-    pass
 
 
 class LakeIOManager(dg.IOManager):
