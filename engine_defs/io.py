@@ -20,6 +20,7 @@ engine and the partition, None when the asset is not partitioned); e.g. referenc
 
 
 import datetime as dt
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -159,3 +160,24 @@ def lake_external(spec: dg.AssetSpec) -> dg.AssetsDefinition:
     """An external lake asset (written outside Dagster, e.g. raw files) loadable through `lake_io_manager`."""
     return dg.AssetsDefinition(specs=[spec.with_io_manager_key(LAKE_IO_MANAGER_KEY)],
                                resource_defs={LAKE_IO_MANAGER_KEY: lake_io_manager})
+
+
+def load_asset(asset, partition_key: str, *, defs: dg.Definitions | None = None,
+               instance: dg.DagsterInstance | None = None):
+    """`defs.load_asset_value(asset, partition_key=...)` (default: the project's definitions, lake
+    from the environment) that also works where no Dagster instance has the market partitions
+    registered, e.g. a laptop reading the bucket without DAGSTER_HOME: then an ephemeral instance
+    with that market key is used. Loading needs an instance because market keys are dynamic."""
+    from engine_defs.partitions import MARKETS, market_key
+
+    if defs is None:
+        from engine_defs.definitions import defs
+    if instance is None:
+        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    p = Part.of(partition_key)
+    mk = market_key(p.source, p.market)
+    if not instance.has_dynamic_partition(MARKETS, mk):
+        if not instance.is_ephemeral:
+            instance = dg.DagsterInstance.ephemeral()  # never register keys in a real instance from a read
+        instance.add_dynamic_partitions(MARKETS, [mk])
+    return defs.load_asset_value(asset, partition_key=str(partition_key), instance=instance)

@@ -24,7 +24,7 @@ from engine_defs.assets import all_assets  # noqa: E402
 from engine_defs.checks import all_checks  # noqa: E402
 from engine_defs.derived import derived_assets  # noqa: E402
 from engine_defs.display import fmt_duration, hourly_counts, sparkline  # noqa: E402
-from engine_defs.io import LOADERS, LakeIOManagerError, lake_asset  # noqa: E402
+from engine_defs.io import LOADERS, LakeIOManagerError, lake_asset, load_asset  # noqa: E402
 from engine_defs.partitions import MARKETS, partitions_def  # noqa: E402
 from engine_defs.research import research_assets  # noqa: E402
 from engine_defs.resources import EngineResource  # noqa: E402
@@ -170,9 +170,13 @@ def test_downstream_asset_gets_the_frame(tmp_path):
     assert seen["trades"].schema["ts"] == pl.Datetime("ns", "UTC")
 
 
-def test_unpartitioned_load_is_a_clear_error(tmp_path):
-    build_lake(tmp_path / "h")
+def test_load_without_a_dagster_home_and_without_a_partition(tmp_path, monkeypatch):
+    """`load_asset` works where no instance knows the market keys (a laptop); no partition key is a clear error."""
+    eng = build_lake(tmp_path / "h")
     res = EngineResource(home=str(tmp_path / "h"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    got = load_asset("compacted_trades", f"{D1}|{KX}", defs=defs_for(res))
+    assert got.equals(eng.trades(source="kalshi", market="KXBTC", start=D1, end=next_day(D1))) and got.height == 500
     with dg.instance_for_test() as inst:
         with pytest.raises(LakeIOManagerError, match="partitioned by date.source:market: give a partition key"):
             defs_for(res).load_asset_value(dg.AssetKey("compacted_l2"), instance=inst)
