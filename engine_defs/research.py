@@ -154,7 +154,7 @@ def realized_vol_1m(context: dg.AssetExecutionContext, engine: EngineResource, q
                            else dg.MetadataValue.null()),
         "max_abs_ret": dg.MetadataValue.float(s["max_abs_ret"]) if s["max_abs_ret"] is not None
         else dg.MetadataValue.null(),
-        "data_end": dg.MetadataValue.text(lake.fmt_ts(end)),
+        "window_end": dg.MetadataValue.text(lake.fmt_ts(end)),  # day end or the sealed watermark
     }
     if df.height:
         md["by_instrument"] = dg.MetadataValue.md(instruments_table(df))
