@@ -1,6 +1,7 @@
 """Assets per table: raw_<t> (external, written by the collector) → uploaded_<t> → compacted_<t>,
 and `catalog` (publishes the manifest). All are partitioned by date × market and return
-`MaterializeResult`s; no IO manager moves data through Dagster, the engine does the work.
+`MaterializeResult`s: the engine moves the data, never Dagster. The lake IO manager
+(`engine_defs.io`) makes the table assets loadable by name, read through the engine.
 """
 
 
@@ -10,6 +11,8 @@ import warnings
 import dagster as dg
 
 from engine_defs import lake
+from engine_defs.display import hourly_markdown
+from engine_defs.io import lake_asset, lake_external
 from engine_defs.partitions import partitions_def, split_partition_key
 from engine_defs.resources import EngineResource
 
@@ -109,6 +112,8 @@ def stats_metadata(st: lake.PartStats, store_url: str | None = None) -> dict:
         md["instruments"] = dg.MetadataValue.int(st.instruments)
     if st.largest_gap_s is not None:
         md["largest_gap_s"] = dg.MetadataValue.float(round(st.largest_gap_s, 6))
+    if st.hourly_rows is not None:
+        md["rows_per_hour"] = dg.MetadataValue.md(hourly_markdown(st.hourly_rows))
     if st.coverage_pct is not None:
         md["coverage_pct"] = dg.MetadataValue.float(st.coverage_pct)
         md["hours_with_data"] = dg.MetadataValue.int(st.hours_with_data)
@@ -155,7 +160,7 @@ def _gaps_figures(eng, source, market, date) -> dict:
 
 
 def make_uploaded(table: str) -> dg.AssetsDefinition:
-    @dg.asset(
+    @lake_asset(  # loadable by name through the engine (engine_defs.io); stores nothing
         name=f"uploaded_{table}",
         deps=[raw_key(table)],
         partitions_def=partitions_def,
@@ -287,7 +292,7 @@ def range_check(table: str, checks: list) -> dg.AssetCheckResult:
 
 
 def make_compacted(table: str) -> dg.AssetsDefinition:
-    @dg.asset(
+    @lake_asset(  # loadable by name through the engine (engine_defs.io); stores nothing
         name=f"compacted_{table}",
         deps=[uploaded_key(table)],
         partitions_def=partitions_def,
@@ -359,4 +364,5 @@ def catalog(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.Mat
 
 uploaded_assets = [make_uploaded(t) for t in TABLES]
 compacted_assets = [make_compacted(t) for t in TABLES]
-all_assets = [*raw_specs, *uploaded_assets, *compacted_assets, catalog]
+raw_assets = [lake_external(s) for s in raw_specs]  # materializations reported by the catalog sensor
+all_assets = [*raw_assets, *uploaded_assets, *compacted_assets, catalog]

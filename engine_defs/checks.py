@@ -13,6 +13,7 @@ import dagster as dg
 
 from engine_defs import lake
 from engine_defs.assets import uploaded_key
+from engine_defs.display import fmt_duration
 from engine_defs.partitions import partitions_def, split_partition_key
 from engine_defs.resources import EngineResource
 
@@ -29,15 +30,16 @@ def _md_table(header: list[str], rows: list[list], total: int | None = None) -> 
 
 
 def gaps_table(g) -> str:
+    """One line per gap, in time order: kind, instrument, start, end, duration (readable), detail."""
     rows = [[r["kind"], r["instrument"] or "(whole market)", lake.fmt_ts(r["start_ts"]), lake.fmt_ts(r["end_ts"]),
-             round((r["end_ts"] - r["start_ts"]) / 1e9, 3), (r["detail"] or "")[:120]]
+             fmt_duration(r["end_ts"] - r["start_ts"]), (r["detail"] or "")[:120]]
             for r in g.iter_rows(named=True)]
-    return _md_table(["kind", "instrument", "start", "end", "seconds", "detail"], rows)
+    return _md_table(["kind", "instrument", "start", "end", "duration", "detail"], rows)
 
 
 def silences_table(holes) -> str:
-    rows = [[lake.fmt_ts(a), lake.fmt_ts(b), round((b - a) / 1e9, 3)] for a, b in holes]
-    return _md_table(["from", "to", "seconds"], rows)
+    rows = [[lake.fmt_ts(a), lake.fmt_ts(b), fmt_duration(b - a)] for a, b in holes]
+    return _md_table(["from", "to", "duration"], rows)
 
 
 def make_gap_check(table: str) -> dg.AssetChecksDefinition:

@@ -24,6 +24,7 @@ from engine import schema
 from engine.lake.catalog import BadLine, FileEntry, Op, decode_op
 from engine.lake.writer import read_parquet
 from engine.timeutil import NS, NS_PER_DAY, NS_PER_HOUR, now_ns, to_ns
+from engine_defs.display import hourly_counts
 
 RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
@@ -111,6 +112,7 @@ class PartStats:
     hours_with_data: int = 0
     keys: list[str] = field(default_factory=list)
     instruments: int | None = None  # distinct instruments (Kalshi: contracts) in the files; None: not recorded
+    hourly_rows: list[int] | None = None  # rows per UTC hour of the day (receive time), when rows were read
 
     @property
     def span_hours(self) -> float:
@@ -186,6 +188,7 @@ def part_stats(eng, table: str, source: str, market: str, date: str, *, read_row
     st.window = (day0, wend)
     recv = np.sort(read_column(eng, files, schema.spec(table).part_col)) if files else np.empty(0, np.int64)
     recv = recv[(recv >= day0) & (recv < day1)]
+    st.hourly_rows = hourly_counts(recv, day0)
     if len(recv):
         diffs = np.diff(recv)
         st.largest_gap_s = float(diffs.max()) / NS if len(diffs) else 0.0
