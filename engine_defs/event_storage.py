@@ -57,12 +57,22 @@ class EngineSqliteStorage(DagsterSqliteStorage):
         return cls(inst_data=inst_data, **config_value)
 
 
+def batched_storage(instance) -> BatchedSqliteEventLogStorage | None:
+    """The instance's batched event log, also where Dagster wraps it (an instance rebuilt from its
+    ref, as in code servers, holds `LegacyEventLogStorage` around the unified storage)."""
+    s = getattr(instance, "event_log_storage", None)
+    inner = getattr(s, "_storage", None)  # LegacyEventLogStorage
+    if inner is not None:
+        s = getattr(inner, "event_log_storage", None)
+    return s if isinstance(s, BatchedSqliteEventLogStorage) else None
+
+
 def record_events(instance, events: list, new_partitions: list[str] = (), partitions_def: str = "markets") -> bool:
     """Store runless asset events (AssetMaterialization) in one batch if this instance's storage
     can; True when stored, False when the caller must hand them to the daemon instead. Dynamic
     partitions the events name are added first (the daemon would add them after the events)."""
-    storage = getattr(instance, "event_log_storage", None)
-    if not events or not isinstance(storage, BatchedSqliteEventLogStorage):
+    storage = batched_storage(instance)
+    if not events or storage is None:
         return False
     if new_partitions:
         instance.add_dynamic_partitions(partitions_def, list(new_partitions))

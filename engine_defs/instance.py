@@ -41,6 +41,9 @@ run_coordinator:
   config:
     max_concurrent_runs: {max_runs}
     dequeue_interval_seconds: {dequeue_s}
+    tag_concurrency_limits:  # a backfill runs one (multi-partition) run at a time: bounded memory, uploads go on
+      - key: dagster/backfill
+        limit: {backfill_runs}
 run_monitoring:
   enabled: true
   start_timeout_seconds: 180
@@ -71,6 +74,7 @@ def instance_yaml(home: Path, max_concurrent_runs: int | None = None) -> str:
         home=Path(home).resolve(),
         max_runs=max_concurrent_runs or int(os.environ.get("ENGINE_DAGSTER_MAX_RUNS", "2")),
         dequeue_s=int(os.environ.get("ENGINE_DAGSTER_DEQUEUE_S", "2")),
+        backfill_runs=int(os.environ.get("ENGINE_DAGSTER_BACKFILL_RUNS", "1")),
         monitor_s=int(os.environ.get("ENGINE_DAGSTER_MONITOR_S", "30")),
     )
 

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning) if hasattr(dg, "Pr
 from engine_defs.assets import all_assets, backfill_policy  # noqa: E402
 from engine_defs.checks import all_checks  # noqa: E402
 from engine_defs.definitions import defs  # noqa: E402
-from engine_defs.event_storage import BatchedSqliteEventLogStorage  # noqa: E402
+from engine_defs.event_storage import BatchedSqliteEventLogStorage, batched_storage  # noqa: E402
 from engine_defs.instance import ensure_instance  # noqa: E402
 from engine_defs.partitions import MARKETS  # noqa: E402
 from engine_defs.sensors import evaluate  # noqa: E402
@@ -93,6 +93,9 @@ def test_sensor_stores_its_events_in_one_batch(tmp_path):
     home = ensure_instance(tmp_path / "dh")
     with dg.DagsterInstance.from_config(str(home)) as inst:
         assert isinstance(inst.event_log_storage, BatchedSqliteEventLogStorage)
+        # as a code server or run worker sees it: rebuilt from the instance ref, wrapped by Dagster
+        with dg.DagsterInstance.from_ref(inst.get_ref()) as again:
+            assert batched_storage(again) is not None
         with dg.build_sensor_context(instance=inst) as ctx:
             r = evaluate(ctx, eng.layout.catalog_log)
         assert not r.asset_events  # stored by the sensor itself
