@@ -167,10 +167,14 @@ def quotes(eng, source=None, market=None, instrument=None, start=None, end=None,
     _shade_gaps(ax, gaps)
     _shade_gaps(sp, gaps, label=None)
     if q.height:
-        x = _dt(np.append(q["ts"].to_numpy(), t.end - 1))  # each quote holds until the next (or the window's end)
-        bid = np.append(q["bid_price"].to_numpy(), np.nan).astype(float)
-        ask = np.append(q["ask_price"].to_numpy(), np.nan).astype(float)
-        bid[-1], ask[-1] = bid[-2], ask[-2]
+        # each quote holds until the next, the window's end, or a recorded gap (unknown: the line breaks)
+        ts = np.append(q["ts"].to_numpy(), [a for a, _ in gaps if t.start <= a < t.end] + [t.end - 1])
+        bid = np.append(q["bid_price"].cast(pl.Float64).fill_null(np.nan).to_numpy(), np.full(len(ts) - q.height, np.nan))
+        ask = np.append(q["ask_price"].cast(pl.Float64).fill_null(np.nan).to_numpy(), np.full(len(ts) - q.height, np.nan))
+        order = np.argsort(ts, kind="stable")
+        x, bid, ask = _dt(ts[order]), bid[order], ask[order]
+        if order[-1] == len(ts) - 1:  # the window's end repeats the last quote so its step is drawn
+            bid[-1], ask[-1] = bid[-2], ask[-2]
         ax.fill_between(x, bid, ask, step="post", color="#bbbbbb", alpha=0.35, linewidth=0, label="spread")
         ax.step(x, bid, where="post", color=BID, linewidth=1.1, label="best bid")
         ax.step(x, ask, where="post", color=ASK, linewidth=1.1, label="best ask")
