@@ -32,7 +32,6 @@ import pyarrow as pa
 from engine import schema
 from engine.fsio import commit, fsync_dir, tmp_path_for
 from engine.log import get_logger
-from engine.timeutil import to_ns
 
 log = get_logger(component="export")
 
@@ -153,15 +152,16 @@ def export(eng, table: str, *, source=None, market=None, instrument=None, start=
     schema.spec(table)  # unknown table: a SchemaError naming the tables
     if batch_rows < 1:
         raise ValueError("export: batch_rows must be >= 1")
-    lf = eng.scan(table, source=source, market=market, instrument=instrument, start=start, end=end,
-                  allow_unsealed=allow_unsealed, raw_ns=raw_ns)
-    lf = lf.with_columns(_plain(lf.collect_schema()))
-    frame_schema = lf.collect_schema()
+    from engine.research.query import Query
+
+    eng._maybe_refresh()
+    reader = Query(eng).batches(table, source, market, instrument, start, end, allow_unsealed, raw_ns)
+    cast = _plain(reader.schema)
+    frame_schema = pl.DataFrame(schema=reader.schema).with_columns(cast).schema
     arrow_schema = pl.DataFrame(schema=frame_schema).to_arrow(compat_level=pl.CompatLevel.oldest()).schema
     folder = out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir())
     out = Path(out) if out is not None else default_out(table, fmt, source, market)
-    estimate = sum(e.rows for e in eng.catalog.files(table, source, market, to_ns(start, name="start"),
-                                                     to_ns(end, name="end"), instrument=instrument))
+    estimate = sum(e.rows for e in reader.files)
     prog = _Progress(estimate, progress is True, progress if callable(progress) else None)
     sinks: dict[str, _Sink] = {}
 
@@ -175,9 +175,10 @@ def export(eng, table: str, *, source=None, market=None, instrument=None, start=
     try:
         if not folder:
             sink(out)
-        for df in lf.collect_batches(chunk_size=batch_rows):
+        for df in reader(batch_size=batch_rows):  # pulled one at a time: nothing is read ahead
             if df.height == 0:
                 continue
+            df = df.with_columns(cast)
             if folder:
                 for part in _by_partition(df, time_col, raw_ns):
                     s, m, d = part["__s"][0], part["__m"][0], part["__d"][0]
