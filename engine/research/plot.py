@@ -135,8 +135,12 @@ def target(eng, source=None, market=None, instrument=None, start=None, end=None,
     figs = eng.catalog.summary(table=table, source=source, market=market, by="instrument", instrument=instrument,
                                start=start, end=end, raw_ns=True).filter(pl.col("instrument").is_not_null())
     if figs.height == 0:
-        what = f"instrument {instrument!r}" if instrument else "instruments"
-        raise NoDataError(f"no {what} of {source}/{market} in the {table} files of this window")
+        what = f"{source}/{market}" + (f" instrument {instrument!r}" if instrument else "")
+        when = f"between {iso(start)} and {iso(end)}" if start is not None and end is not None else (
+            f"at or after {iso(start)}" if start is not None else f"before {iso(end)}")
+        have = eng.catalog.summary(table=table, source=source, market=market, raw_ns=True)
+        span = f"; its {table} data: {iso(have['min_ts'].min())} .. {iso(have['max_ts'].max())}" if have.height else ""
+        raise NoDataError(f"{what} has no {table} data {when}{span}")
     top = figs.sort("rows", descending=True).row(0, named=True)
     instrument = top["instrument"]  # exact: itself; a glob or nothing: the most active match
     if end is None:
@@ -161,8 +165,9 @@ def quotes(eng, source=None, market=None, instrument=None, start=None, end=None,
                         allow_unsealed=allow_unsealed, raw_ns=True)
     if q.height == 0 and (tr is None or tr.height == 0):
         raise NoDataError(f"no quotes or trades for {t.label()}")
-    fig = figure(*size, dpi, layout="constrained")
+    fig = figure(*size, dpi)
     ax, sp = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    fig.subplots_adjust(left=0.08, right=0.985, top=0.94, bottom=0.08, hspace=0.08)  # fixed: layout solvers cost seconds
     gaps = _gaps(eng, t)
     _shade_gaps(ax, gaps)
     _shade_gaps(sp, gaps, label=None)
@@ -262,19 +267,19 @@ def depth(eng, source=None, market=None, instrument=None, start=None, end=None, 
         raise NoDataError(f"no resting size at any sample of {t.label()} (every {step / NS:g} s)")
     edges = _price_bins(shown)
     x = _dt(np.append(samples, samples[-1] + step))
-    fig = figure(*size, dpi, layout="constrained")
+    fig = figure(*size, dpi)
     ax = fig.subplots()
+    fig.subplots_adjust(left=0.08, right=0.83, top=0.94, bottom=0.08)  # fixed: layout solvers cost seconds
     sizes = np.concatenate([sides["bid"][1], sides["ask"][1]])
     norm = mcolors.LogNorm(vmin=max(float(sizes.min()), float(sizes.max()) * 1e-4), vmax=float(sizes.max()))
-    for side, cmap in (("bid", "Blues"), ("ask", "Oranges")):
+    for i, (side, cmap) in enumerate((("bid", "Blues"), ("ask", "Oranges"))):
         p, sz, c = sides[side]
         mat = np.zeros((len(edges) - 1, len(samples)))
         np.add.at(mat, (np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2), c), sz)
-        cm = matplotlib.colormaps[cmap].copy()
-        cm.set_bad(alpha=0.0)
+        cm = matplotlib.colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # empty levels: no colour
         mesh = ax.pcolormesh(x, edges, np.ma.masked_less_equal(mat, 0.0), cmap=cm, norm=norm, shading="flat",
                              rasterized=True)  # one image in SVG/HTML, not a path per cell
-        fig.colorbar(mesh, ax=ax, pad=0.005, fraction=0.03, label=f"{side} size")
+        fig.colorbar(mesh, cax=fig.add_axes((0.845 + 0.075 * i, 0.08, 0.014, 0.86)), label=f"{side} size")
     tx = _dt(np.append(top["ts"].to_numpy(), top["ts"].to_numpy()[-1] + step))
     for side, colour in (("bid", BID), ("ask", ASK)):
         y = top[f"{side}_price"].cast(pl.Float64).fill_null(np.nan).to_numpy()
