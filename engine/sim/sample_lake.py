@@ -32,6 +32,23 @@ class SampleLake:
     rows: int
 
 
+def _without_trade_history(records):
+    """The reconnection's capture with an empty trade snapshot: the second simulated exchange's
+    history (its own prices, before the reconnect) would sit in the disconnect beside the first
+    one's trades. Frames are kept (the connection's sequence numbers stay contiguous)."""
+    import json
+
+    for r in records:
+        f = r.get("frame")
+        if f is not None and f.startswith('{"channel":"market_trades"') and '"type":"snapshot"' in f:
+            msg = json.loads(f)
+            for ev in msg["events"]:
+                if ev.get("type") == "snapshot":
+                    ev["trades"] = []
+            r = {**r, "frame": json.dumps(msg, separators=(",", ":"))}
+        yield r
+
+
 def build(home, *, minutes: float = 20.0, coinbase_rate: float = 100.0, kalshi_rate: float = 30.0, seed: int = 0,
           end_ns: int | None = None) -> SampleLake:
     """Fill a fresh lake at `home` with `minutes` of Coinbase (BTC/ETH/SOL-USD) and Kalshi
@@ -55,8 +72,8 @@ def build(home, *, minutes: float = 20.0, coinbase_rate: float = 100.0, kalshi_r
     try:
         caps = {
             "cb1": (generate_coinbase(seconds=(cut - start) / NS, rate=coinbase_rate, seed=seed, start_ns=start), "coinbase"),
-            "cb2": (generate_coinbase(seconds=(end - resume) / NS, rate=coinbase_rate, seed=seed + 1, start_ns=resume,
-                                      conn=1), "coinbase"),
+            "cb2": (_without_trade_history(generate_coinbase(seconds=(end - resume) / NS, rate=coinbase_rate,
+                                                             seed=seed + 1, start_ns=resume, conn=1)), "coinbase"),
             "k": (generate_kalshi(seconds=secs, rate=kalshi_rate, seed=seed + 2, start_ns=start), "kalshi"),
         }
         eng = Engine.open(home, background=False, writer=True, book_anchors=True)
