@@ -1,8 +1,10 @@
-"""Export a table range to Parquet, CSV or Arrow (IPC) files, streaming through the lazy scan.
+"""Export a table range to Parquet, CSV or Arrow (IPC) files, streaming through the scan's reader.
 
-Rows come from `eng.scan(...)` batch by batch (one file, one row group at a time, a remote file
-fetched through the read cache only when reached), so a month of l2 never has to fit in memory or
-in the cache. Each batch is appended to the open writer and dropped.
+Rows come from the reader behind `eng.scan(...)` (`Query.batches`: one file, one row group at a
+time, a remote file fetched through the read cache only when reached), pulled one batch at a time
+as the writer takes them, so a month of l2 never has to fit in memory or in the cache. Polars'
+`collect_batches` and sinks over the same scan read ahead of a slow writer (a ~200 MB plateau
+measured); pulling keeps it to about one batch. Each batch is appended to the open writer and dropped.
 
 Types: Parquet and Arrow keep the result's types (times `timestamp[ns, UTC]`, or int64 ns with
 `raw_ns=True`); the lake's dictionary columns (source, market, instrument, side, kind) are written
@@ -142,7 +144,7 @@ class _Progress:
 def export(eng, table: str, *, source=None, market=None, instrument=None, start=None, end=None,
            format: str = "parquet", out=None, progress: bool | Callable[[int, int], None] = True,
            allow_unsealed: bool = False, raw_ns: bool = False, batch_rows: int = BATCH_ROWS) -> ExportResult:
-    """Write the rows `eng.scan(table, ...)` returns to `out` (see the module doc), in bounded memory.
+    """Write the rows `eng.scan(table, ...)` would return to `out` (see the module doc), in bounded memory.
 
     `progress`: True shows a tqdm bar on stderr (off when stderr is not a terminal), False nothing,
     a callable is called as `progress(rows_done, rows_estimate)` after every batch."""
