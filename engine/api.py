@@ -672,6 +672,19 @@ class Engine:
 
         return related(self, *args, **kw)
 
+    def export(self, table: str, **kw):
+        """Stream a table range into a Parquet, CSV or Arrow file (engine.research.export)."""
+        from engine.research.export import export
+
+        return export(self, table, **kw)
+
+    @property
+    def plot(self):
+        """Pictures: `eng.plot.quotes(...)`, `.depth(...)`, `.coverage(...)` (engine.research.plot; needs matplotlib)."""
+        from engine.research.plot import Plots
+
+        return Plots(self)
+
 
 def _first(col: pa.ChunkedArray) -> str:
     """First value of a dictionary column (all rows of a split group share it)."""

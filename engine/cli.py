@@ -16,6 +16,8 @@ DISPATCH = {
     "gen-capture": ("engine.sim.generate:cli", "generate a protocol-exact capture"),
     "demo": ("engine.sim.demo:cli", "end-to-end demonstration on a generated lake"),
     "coverage": ("engine.research.coverage:cli", "coverage per market and hour (optionally a PNG heat map)"),
+    "plot": ("engine.research.plot:cli", "draw quotes and trades, book depth or coverage to PNG or HTML"),
+    "export": ("engine.research.export:cli", "stream a table range to a Parquet, CSV or Arrow file"),
 }
 
 

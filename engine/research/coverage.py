@@ -105,11 +105,11 @@ def _coverage(eng, start, end, source, market, join_s: float) -> pl.DataFrame:
     return pl.concat(frames)
 
 
-def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int = 100) -> dict:
-    """Draw `cov` as a market x hour heat map into PNG `path`. Returns what was drawn: `matrix`
-    (rows = markets, cols = hours), `rows`, `hours`, and `centers` (pixel x, y of each cell centre in
-    the PNG, y from the top) so callers can check the picture against the numbers. Times may be
-    Datetime or int ns."""
+def draw(cov: pl.DataFrame, gaps: pl.DataFrame | None = None, *, dpi: int = 100):
+    """The market x hour heat map of `cov` as a matplotlib Figure (no pyplot: safe in notebooks and
+    servers), and what was drawn: `matrix` (rows = markets, cols = hours), `rows`, `hours`, and
+    `centers` (pixel x, y of each cell centre at `dpi`, y from the top) so callers can check the
+    picture against the numbers. Times may be Datetime or int ns."""
     cov = result_times(cov, schema.time_cols("coverage"), raw_ns=True)
     if gaps is not None:
         gaps = result_times(gaps, schema.time_cols("gaps"), raw_ns=True)
@@ -117,9 +117,8 @@ def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int 
         import matplotlib
     except ImportError as e:
         raise ImportError("coverage plots need matplotlib: pip install 'engine[plot]'") from e
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = [f"{s}:{m}" for s, m in cov.select("source", "market").unique(maintain_order=True).iter_rows()]
     hours = sorted(set(cov["hour"].to_list()))
@@ -130,8 +129,10 @@ def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int 
         mat[row[f"{s}:{m}"], col[h]] = c
     w = min(max(6.0, 0.35 * len(hours) + 3), 40.0)
     hgt = min(max(2.5, 0.45 * len(rows) + 1.8), 30.0)
-    fig, ax = plt.subplots(figsize=(w, hgt), dpi=dpi)
-    cmap = plt.get_cmap("RdYlGn")
+    fig = Figure(figsize=(w, hgt), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["RdYlGn"]
     im = ax.imshow(mat, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="fraction of hour covered")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
@@ -159,9 +160,27 @@ def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int 
         for j in range(len(hours)):
             x, y = ax.transData.transform((j, i))
             centers[i, j] = (x, height - y)
+    return fig, {"matrix": mat, "rows": rows, "hours": hours, "centers": centers, "cmap": "RdYlGn"}
+
+
+def plot(cov: pl.DataFrame, path, gaps: pl.DataFrame | None = None, *, dpi: int = 100) -> dict:
+    """Draw `cov` as a market x hour heat map into PNG `path`; returns what `draw` drew."""
+    fig, drawn = draw(cov, gaps, dpi=dpi)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return {"matrix": mat, "rows": rows, "hours": hours, "centers": centers, "cmap": "RdYlGn"}
+    return drawn
+
+
+def gaps_of(eng, cov: pl.DataFrame) -> pl.DataFrame | None:
+    """Every gap of the (source, market) pairs in `cov` (for the red bars), or None when there are none."""
+    from engine.research.query import UnknownMarketError
+
+    g = []
+    for s, m in cov.select("source", "market").unique(maintain_order=True).iter_rows():
+        try:
+            g.append(eng.gaps(source=s, market=m, allow_unsealed=True, raw_ns=True).select("source", "market", "start_ts", "end_ts"))
+        except UnknownMarketError:  # a market without a gaps table just has no bars
+            pass
+    return pl.concat([x.with_columns(pl.col("source", "market").cast(pl.String)) for x in g]) if g else None
 
 
 def cli(argv: list[str]) -> int:
@@ -188,14 +207,7 @@ def cli(argv: list[str]) -> int:
         with pl.Config(tbl_rows=500, tbl_width_chars=160):
             print(summ)
         if a.png:
-            g = []
-            for s, m in summ.select("source", "market").iter_rows():
-                try:
-                    g.append(eng.gaps(source=s, market=m, allow_unsealed=True, raw_ns=True).select("source", "market", "start_ts", "end_ts"))
-                except Exception:  # noqa: BLE001 - a market without a gaps table just has no bars
-                    pass
-            gaps = pl.concat([x.with_columns(pl.col("source", "market").cast(pl.String)) for x in g]) if g else None
-            plot(cov, a.png, gaps)
+            plot(cov, a.png, gaps_of(eng, cov))
             print(f"wrote {a.png}")
         return 0
     finally:

@@ -191,54 +191,21 @@ class Query:
         remote file is fetched through the cache only when the scan reaches it, and released after,
         so a month of l2 can be filtered and aggregated in bounded memory. Time columns are cast per
         file (`raw_ns=False`: Datetime), so predicates on them still reach each file's read."""
+        r = self.batches(table, source, market, instrument, start, end, allow_unsealed, raw_ns)
+        return register_io_source(r, schema=r.schema, explain_name=f"engine.{table}",
+                                  explain_detail=f"{len(r.files)} catalogued file(s)")
+
+    def batches(self, table: str, source=None, market=None, instrument=None, start=None, end=None,
+                allow_unsealed=False, raw_ns: bool = True) -> "BatchReader":
+        """The reader behind `scan`: called, it yields Polars frames row group by row group, each
+        read only when the caller asks for it (a plain generator: no read-ahead)."""
         sp = schema.spec(table)
         files, start, end, clamp = self.select(table, source, market, start, end, allow_unsealed, instrument)
         expr = self._filter_expr(table, None if is_pattern(instrument) else instrument, start, end, clamp)
-        regex = pattern_regex(instrument) if is_pattern(instrument) else None
         tcols = schema.time_cols(table)
         polars_schema = result_times(pl.from_arrow(sp.schema.empty_table()), tcols, raw_ns=raw_ns).schema
-        eng = self.eng
-
-        def source_fn(with_columns, predicate, n_rows, batch_size):
-            left = n_rows
-            need = None
-            if with_columns is not None:  # read only the columns the plan uses (filters included)
-                cols = set(with_columns) | set(predicate.meta.root_names() if predicate is not None else ())
-                if instrument is not None:
-                    cols.add("instrument")
-                if expr is not None:  # the engine's own filter: time range and sync-boundary clamp
-                    cols |= {"source", sp.time_col, sp.part_col}
-                need = [c for c in sp.schema.names if c in cols]
-            for e in files:
-                with eng.cache.pinned():  # the open file stays readable even if the cache drops it later
-                    path = str(eng.local_path(e))
-                    try:
-                        pf = pq.ParquetFile(path, page_checksum_verification=True)
-                    except (pa.ArrowInvalid, OSError) as err:
-                        raise eng.corrupt(e.key, path, str(err)) from None
-                try:  # row group by row group: a compacted day file is never held whole
-                    for b in pf.iter_batches(batch_size=batch_size or 262_144, columns=need):
-                        if left is not None and left <= 0:
-                            return
-                        t = pa.Table.from_batches([b])
-                        t = t.filter(expr) if expr is not None else t
-                        df = result_times(pl.from_arrow(t.cast(_schema_of(sp.schema, t.column_names))),
-                                          tcols, raw_ns=raw_ns)
-                        if regex is not None:
-                            df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(regex))
-                        if predicate is not None:
-                            df = df.filter(predicate)
-                        if with_columns is not None:
-                            df = df.select(with_columns)
-                        if left is not None:
-                            df = df.head(left)
-                            left -= df.height
-                        yield df
-                except (pa.ArrowInvalid, OSError) as err:
-                    raise eng.corrupt(e.key, path, str(err)) from None
-
-        return register_io_source(source_fn, schema=polars_schema, explain_name=f"engine.{table}",
-                                  explain_detail=f"{len(files)} catalogued file(s)")
+        return BatchReader(self.eng, table, files, expr, pattern_regex(instrument) if is_pattern(instrument) else None,
+                           instrument is not None, raw_ns, polars_schema)
 
     # ---- SQL -----------------------------------------------------------------------------
     def sql(self, query: str, source=None, market=None, start=None, end=None, allow_unsealed=False,
@@ -322,6 +289,62 @@ class Query:
         path = self.eng.local_path(e)  # a cached copy is checked (and fetched again if damaged) here
         integrity.check_once(path, e.key, e.sha256)
         return path
+
+
+@dataclass
+class BatchReader:
+    """A table read as a sequence of Polars frames: the catalogued `files`, one row group at a time,
+    filtered by the engine's own expression (time range, sync-boundary clamp) and the caller's
+    (`with_columns`, `predicate`, `n_rows`: the `register_io_source` protocol)."""
+
+    eng: object
+    table: str
+    files: list
+    expr: pads.Expression | None
+    regex: str | None
+    has_instrument: bool
+    raw_ns: bool
+    schema: pl.Schema
+
+    def __call__(self, with_columns=None, predicate=None, n_rows=None, batch_size=None):
+        eng, sp = self.eng, schema.spec(self.table)
+        tcols = schema.time_cols(self.table)
+        left = n_rows
+        need = None
+        if with_columns is not None:  # read only the columns the plan uses (filters included)
+            cols = set(with_columns) | set(predicate.meta.root_names() if predicate is not None else ())
+            if self.has_instrument:
+                cols.add("instrument")
+            if self.expr is not None:  # the engine's own filter: time range and sync-boundary clamp
+                cols |= {"source", sp.time_col, sp.part_col}
+            need = [c for c in sp.schema.names if c in cols]
+        for e in self.files:
+            with eng.cache.pinned():  # the open file stays readable even if the cache drops it later
+                path = str(eng.local_path(e))
+                try:
+                    pf = pq.ParquetFile(path, page_checksum_verification=True)
+                except (pa.ArrowInvalid, OSError) as err:
+                    raise eng.corrupt(e.key, path, str(err)) from None
+            try:  # row group by row group: a compacted day file is never held whole
+                for b in pf.iter_batches(batch_size=batch_size or 262_144, columns=need):
+                    if left is not None and left <= 0:
+                        return
+                    t = pa.Table.from_batches([b])
+                    t = t.filter(self.expr) if self.expr is not None else t
+                    df = result_times(pl.from_arrow(t.cast(_schema_of(sp.schema, t.column_names))), tcols,
+                                      raw_ns=self.raw_ns)
+                    if self.regex is not None:
+                        df = df.filter(pl.col("instrument").cast(pl.Utf8).str.contains(self.regex))
+                    if predicate is not None:
+                        df = df.filter(predicate)
+                    if with_columns is not None:
+                        df = df.select(with_columns)
+                    if left is not None:
+                        df = df.head(left)
+                        left -= df.height
+                    yield df
+            except (pa.ArrowInvalid, OSError) as err:
+                raise eng.corrupt(e.key, path, str(err)) from None
 
 
 def _schema_of(schema_: pa.Schema, names: list[str]) -> pa.Schema:
