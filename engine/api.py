@@ -161,7 +161,10 @@ class Engine:
 
     def _reads_from_store(self) -> bool:
         """`from_store=None`: a home where no writer ever opened (no catalog log), on a store that is
-        not the home's own directory, is a second machine and reads the store's manifest."""
+        not the home's own directory, is a second machine and reads the store's manifest; so does a
+        reader of a collector shard's home, since the lake is every shard's manifest part."""
+        if self.shard_identity is not None:
+            return True  # a collector shard's home holds only its part of the lake: read all shards' parts
         if self.layout.catalog_log.exists():
             return False  # a writer's home: its log is the truth, even before the first file
         return not (self.store.is_local and self.store.root == self.layout.default_store.resolve())

@@ -35,6 +35,7 @@ from engine.collect.source import AuthError, Reconnect
 from engine.collect.status import _atomic_write, request_flush, status_cli, status_dir  # noqa: F401 - their old address
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
 from engine.log import get_logger
+from engine.run import shards
 from engine.timeutil import NS
 
 MAX_FRAME = 32 * 1024 * 1024
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--status-interval", type=float, default=60.0)
     for name in names:  # each source's own options: markets, URL, stall limit, ...
         registry.get(name).add_arguments(ap)
+    shards.add_arguments(ap)
     return ap
 
 
@@ -447,6 +449,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(cfg: argparse.Namespace) -> int:
+    try:
+        shards.configure(cfg)  # --shard-id/--shards: this shard's markets; the home records its id
+    except ValueError as e:
+        log.error("shard_config_refused", error=str(e))
+        print(f"data-engine collect: error: {e}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 
