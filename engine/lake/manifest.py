@@ -124,7 +124,12 @@ def publish(eng) -> str:
     files are in the part now), once."""
     eng.require_writer("publish_manifest")
     entries = list(eng.catalog.entries())
-    ident = eng.shard_identity
+    ident = shard_id.read(eng.layout)  # read again: the collector records what it collects at each start
+    if (ident.shard if ident is not None else None) != eng.shard:
+        raise shard_id.ShardError(
+            f"{eng.home} became shard {ident.shard if ident else None} after this engine opened it as "
+            f"{'shard ' + str(eng.shard) if eng.shard is not None else 'unsharded'}; not publishing (reopen the home)")
+    eng.shard_identity = ident
     key = MANIFEST_KEY if ident is None else manifest_part_key(ident.shard)
     data = build(entries, eng.catalog.watermarks, shard=eng.shard, sources=shard_id.declared_sources(ident, entries))
     eng.store.put_bytes(key, data)
@@ -141,7 +146,7 @@ def publish_after_change(eng) -> str | None:
     is logged, not raised: the change itself is durable, and the next change publishes again."""
     try:
         return publish(eng)
-    except StoreError as err:
+    except (StoreError, shard_id.ShardError) as err:
         log.error("manifest_publish_failed", store=eng.store.url, error=str(err))
         return None
 

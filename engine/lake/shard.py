@@ -66,7 +66,8 @@ def check_id(shard: int) -> int:
 
 def claim(layout: Layout, shard: int, *, shards: int | None = None, markets: dict[str, list[str]] | None = None,
           store: str | None = None) -> Identity:
-    """Make the home shard `shard` (or confirm it), recording what it collects now. A home keeps its
+    """Make the home shard `shard` (or confirm it), recording what it collects now (`markets` None:
+    keep what is recorded). A home keeps its
     id for life: asking for another id is refused, since its files already carry the first one. An
     unsharded home that already wrote becomes a shard by adopting the legacy manifest (its files keep
     their names; it publishes its part and retires `catalog/manifest.parquet`)."""
@@ -79,7 +80,9 @@ def claim(layout: Layout, shard: int, *, shards: int | None = None, markets: dic
     if wrote and shard != 0:
         raise ShardError(f"{layout.home} is an unsharded lake home with files: it can only become shard 0 "
                          f"(which keeps its files' names and takes over its manifest); use a new home for shard {shard}")
-    ident = Identity(shard=shard, shards=shards, markets={s: list(m) for s, m in sorted((markets or {}).items())},
+    if markets is None:  # a keeper confirming the id: what the collector recorded stays
+        markets, shards = (old.markets, old.shards) if old is not None else ({}, shards)
+    ident = Identity(shard=shard, shards=shards, markets={s: list(m) for s, m in sorted(markets.items())},
                      store=store if store is not None else (old.store if old else None),
                      retire_legacy=old.retire_legacy if old is not None else wrote,
                      claimed_ns=old.claimed_ns if old is not None else time.time_ns())

@@ -60,15 +60,25 @@ def one_pass(eng, compact: bool = True, publish: bool = False) -> dict:
 
 
 def keep(home, store: str | None = None, every_s: float = 60.0, compact: bool = True,
-         stop: threading.Event | None = None, duration: float | None = None) -> int:
-    """Run passes every `every_s` until `stop` is set (or `duration` s passed); one last upload then."""
+         stop: threading.Event | None = None, duration: float | None = None, shard: int | None = None) -> int:
+    """Run passes every `every_s` until `stop` is set (or `duration` s passed); one last upload then.
+    `shard`: the home is (or becomes) this shard, whichever of keeper and collector starts first."""
+    from engine.lake import shard as shard_id
+    from engine.paths import Layout
+
     stop = stop or threading.Event()
+    if shard is not None:
+        shard_id.claim(Layout(Path(home).resolve()), shard, store=store or os.environ.get("ENGINE_STORE") or None)
     eng = open_home(home, store)
     end = time.monotonic() + duration if duration else None
     log.info("keeper_started", home=str(eng.home), store=eng.store.url, shard=eng.shard, every_s=every_s)
     published = False
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
+            if _identity_changed(eng):  # the home became a shard after this keeper opened it
+                eng.close()
+                eng, published = open_home(home, store), False
+                log.info("keeper_reopened", home=str(eng.home), shard=eng.shard)
             published = one_pass(eng, compact=compact, publish=not published)["published"] or published
             stop.wait(every_s if end is None else max(0.0, min(every_s, end - time.monotonic())))
         one_pass(eng, compact=False)
@@ -78,6 +88,13 @@ def keep(home, store: str | None = None, every_s: float = 60.0, compact: bool = 
     return 0
 
 
+def _identity_changed(eng) -> bool:
+    from engine.lake import shard as shard_id
+
+    ident = shard_id.read(eng.layout)
+    return (ident.shard if ident is not None else None) != eng.shard
+
+
 def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="data-engine keep",
                                  description="Upload, compact and publish one lake home in a loop (a collector shard's batch side).")
@@ -85,12 +102,14 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--store", default=None, help="default: $ENGINE_STORE, the store the shard recorded, or HOME/store")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between passes")
     ap.add_argument("--no-compact", action="store_true", help="upload and publish only (compaction runs elsewhere)")
+    ap.add_argument("--shard-id", type=int, default=None,
+                    help="the home's shard id (claimed if the collector has not started yet; refused if it differs)")
     ap.add_argument("--for", dest="duration", type=float, default=None, help="stop after this many seconds")
     a = ap.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return keep(a.home, a.store, a.every, compact=not a.no_compact, stop=stop, duration=a.duration)
+    return keep(a.home, a.store, a.every, compact=not a.no_compact, stop=stop, duration=a.duration, shard=a.shard_id)
 
 
 if __name__ == "__main__":  # pragma: no cover

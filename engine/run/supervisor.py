@@ -175,6 +175,8 @@ def _start_shards(sup: Supervisor, de: str, env: dict, home: Path, collect: list
     all) and, where Dagster does not do the batch work, a keeper per shard. Returns whether Dagster
     should start: for one shard on this host (`--shard-id`), it works on that home like an unsharded
     lake; several shards here have several homes, which Dagster's one-home definitions do not cover."""
+    from engine.lake import shard as shard_id
+    from engine.paths import Layout
     from engine.run import shards
 
     if not os.environ.get("ENGINE_STORE"):  # every shard must upload to the same place
@@ -188,12 +190,17 @@ def _start_shards(sup: Supervisor, de: str, env: dict, home: Path, collect: list
         if not plan[i]:
             print(f"shard {i}: no market assigned to it of {args.shards} shards, not started", flush=True)
             continue
+        try:  # before any process opens the home: keeper and collector both name files by the id
+            shard_id.claim(Layout(h), i, shards=args.shards, markets=plan[i], store=env["ENGINE_STORE"])
+        except shard_id.ShardError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         print(f"shard {i} of {args.shards}: home {h}, markets " + "; ".join(
             f"{src} {' '.join(ms)}" for src, ms in plan[i].items()), flush=True)
         sup.start(f"collector-{i}", [de, "collect", "--home", str(h), *collect, "--shard-id", str(i),
                                      "--shards", str(args.shards)], env)
         if not dagster:
-            sup.start(f"keeper-{i}", [de, "keep", "--home", str(h), "--every", str(every)], env)
+            sup.start(f"keeper-{i}", [de, "keep", "--home", str(h), "--every", str(every), "--shard-id", str(i)], env)
     if args.shard_id is None and not args.no_dagster:
         print("note: with several shards on one host each shard's keeper uploads and compacts; Dagster is not "
               "started (run one shard per host with --shard-id for Dagster on each)", flush=True)
