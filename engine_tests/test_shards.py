@@ -19,7 +19,7 @@ from engine.lake import shard
 from engine.lake.shard import ShardError
 from engine.lake.verify import rebuild_from_store
 from engine.paths import (MANIFEST_KEY, Layout, compacted_key, file_key, manifest_part_key, name_parts, parse_key)
-from engine.run import shards
+from engine.collect import shards
 from engine.sim import synth
 from engine.timeutil import now_ns, to_ns
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.collect import registry
+from engine.collect import registry, shards
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, tune_gc
 from engine.collect.capture import CaptureWriter
@@ -35,7 +35,6 @@ from engine.collect.source import AuthError, Reconnect
 from engine.collect.status import _atomic_write, request_flush, status_cli, status_dir  # noqa: F401 - their old address
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
 from engine.log import get_logger
-from engine.run import shards
 from engine.timeutil import NS
 
 MAX_FRAME = 32 * 1024 * 1024

@@ -177,7 +177,7 @@ def _start_shards(sup: Supervisor, de: str, env: dict, home: Path, collect: list
     lake; several shards here have several homes, which Dagster's one-home definitions do not cover."""
     from engine.lake import shard as shard_id
     from engine.paths import Layout
-    from engine.run import shards
+    from engine.collect import shards
 
     if not os.environ.get("ENGINE_STORE"):  # every shard must upload to the same place
         env["ENGINE_STORE"] = str(home / "store")
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo-minutes", type=float, default=5.0, help="length of the generated demo captures (looped)")
     ap.add_argument("--demo-dir", default=None, help="demo captures, keys and logs (default ./.demo)")
     ap.add_argument("--shards", type=int, default=1,
-                    help="spread the markets over N collector processes (engine.run.shards), each with its own home "
+                    help="spread the markets over N collector processes (engine.collect.shards), each with its own home "
                          "(shard 0: the lake home; shard i: HOME/shards/i) and a keeper uploading to one store")
     ap.add_argument("--shard-id", type=int, default=None,
                     help="with --shards: run only this shard here, in the lake home (one host per shard)")
