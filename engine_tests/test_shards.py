@@ -120,6 +120,9 @@ def test_two_hosts_one_bucket_merge_never_collide_and_hold_back_only_what_they_c
     assert got.height == 11 * 50 and got.select("source", "market", "trade_id").unique().height == 11 * 50
     per_market = dict(got.group_by("market").len().iter_rows())
     assert per_market == {"BTC-USD": 150, "ETH-USD": 150, "KXBTC": 150, "SOL-USD": 100}
+    summ = r.catalog.summary(table="trades", by="instrument", raw_ns=True)
+    assert dict(summ.select("instrument", "rows").iter_rows()) == per_market  # figures of both parts
+    assert r.catalog.summary(market="SOL-USD", raw_ns=True)["files"].to_list() == [2]
     # each shard's own home reads the whole lake too (a shard's home is only its part of it)
     assert Engine.open(tmp_path / "host-a").trades(allow_unsealed=True).height == 11 * 50
 
@@ -203,7 +206,8 @@ def test_an_unsharded_lake_becomes_shard_0_and_readers_see_it_whole(tmp_path, s3
     w = Engine.open(tmp_path / "vps", s3_env, background=False, writer=True)
     _trades(w, "coinbase", "BTC-USD", 0)
     w.upload()
-    assert w.store.get_bytes(MANIFEST_KEY) is not None
+    legacy = w.store.get_bytes(MANIFEST_KEY)
+    assert legacy is not None
     w.close()
     r = Engine.open(tmp_path / "laptop", s3_env)
     assert r.trades(allow_unsealed=True).height == 50
@@ -218,6 +222,10 @@ def test_an_unsharded_lake_becomes_shard_0_and_readers_see_it_whole(tmp_path, s3
     assert w.store.list_etags("catalog/manifest").keys() == {manifest_part_key(0)}
     assert not shard.read(w.layout).retire_legacy
     assert r.refresh() and r.trades(allow_unsealed=True).height == 100
+    # between the part's PUT and the legacy DELETE a reader sees both: each file once
+    w.store.put_bytes(MANIFEST_KEY, legacy)
+    assert r.refresh() and r.trades(allow_unsealed=True).height == 100
+    w.store.delete(MANIFEST_KEY)
     assert [r.key.rsplit("/", 1)[1] for r in w.compact(grace_s=0)] == ["0000-s0.parquet"]
 
 

@@ -207,8 +207,9 @@ def merge(parts: list[Part]) -> "FrameCatalog":
     """A reader's catalog of several manifest objects: shard parts in shard order, then the legacy
     manifest; a key listed twice (a shard adopting the legacy manifest, between its two steps) once."""
     parts = sorted(parts, key=lambda p: (p.shard is None, p.shard or 0, p.key))
-    df = parts[0].df if len(parts) == 1 else pl.concat([p.df for p in parts]).unique("key", keep="first",
-                                                                                      maintain_order=True)
+    df = parts[0].df if len(parts) == 1 else pl.concat([p.df for p in parts], rechunk=False)
+    if len(parts) > 1 and parts[-1].shard is None:  # only then can a key be listed twice (shard names differ)
+        df = df.unique("key", keep="first", maintain_order=True)
     return FrameCatalog(df, _merge_watermarks(parts, "remote"), _merge_watermarks(parts, "local"))
 
 
