@@ -281,3 +281,45 @@ def test_scripts_run_shards_2_demo_starts_two_collectors_covering_every_market(t
         names = {parse_key(k).shard for k in Engine.open(shards.shard_home(home, i), background=False,
                                                          writer=True).catalog.by_key}
         assert names == {i}
+
+
+def test_keeper_uploads_and_publishes_its_part_and_follows_a_late_claim(tmp_path, s3_env):
+    import threading
+
+    from engine.run.keeper import keep
+
+    def run_keeper(home, **kw):
+        stop = threading.Event()
+        t = threading.Thread(target=keep, args=(home, s3_env, 0.2), kwargs=dict(stop=stop, **kw), daemon=True)
+        t.start()
+        return stop, t
+
+    def wait(cond, timeout=30.0):
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, "timed out"
+            time.sleep(0.1)
+
+    store = Engine.open(tmp_path / "probe", s3_env, background=False, writer=True).store
+    # started before its collector: the keeper claims the id, the collector then records its markets
+    stop, t = run_keeper(tmp_path / "b", shard=1)
+    wait(lambda: manifest_part_key(1) in store.list_etags("catalog/manifest"))
+    b = _shard_home(tmp_path, "b", 1, {"coinbase": ["ETH-USD"]}, s3_env)
+    _trades(b, "coinbase", "ETH-USD", 0)
+    wait(lambda: any("-s1.parquet" in k for k in store.list_keys("data/")))
+    stop.set()
+    t.join(30)
+    assert not t.is_alive()
+    r = Engine.open(tmp_path / "laptop", s3_env)
+    assert r.trades(allow_unsealed=True).height == 50 and r.catalog.watermark("coinbase") > 0
+    # a keeper that opened an unsharded home reopens it once the home becomes a shard
+    (tmp_path / "a").mkdir()
+    stop, t = run_keeper(tmp_path / "a")
+    wait(lambda: MANIFEST_KEY in store.list_etags("catalog/manifest"))
+    a = _shard_home(tmp_path, "a", 0, {"coinbase": ["BTC-USD"]}, s3_env)
+    _trades(a, "coinbase", "BTC-USD", 0)
+    wait(lambda: manifest_part_key(0) in store.list_etags("catalog/manifest")
+         and any("-s0.parquet" in k for k in store.list_keys("data/")))
+    stop.set()
+    t.join(30)
+    assert r.refresh() and r.trades(allow_unsealed=True).height == 100
