@@ -10,18 +10,17 @@ import time
 import warnings
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from engine import Engine
 from engine.api import SyncBoundaryWarning
+from engine.collect import shards
 from engine.lake import shard
 from engine.lake.shard import ShardError
 from engine.lake.verify import rebuild_from_store
-from engine.paths import (MANIFEST_KEY, Layout, compacted_key, file_key, manifest_part_key, name_parts, parse_key)
-from engine.collect import shards
+from engine.paths import MANIFEST_KEY, Layout, compacted_key, file_key, manifest_part_key, name_parts, parse_key
 from engine.sim import synth
-from engine.timeutil import now_ns, to_ns
+from engine.timeutil import now_ns
 
 ROOT = Path(__file__).resolve().parents[1]
 H = 3600 * 10**9

@@ -175,9 +175,9 @@ def _start_shards(sup: Supervisor, de: str, env: dict, home: Path, collect: list
     all) and, where Dagster does not do the batch work, a keeper per shard. Returns whether Dagster
     should start: for one shard on this host (`--shard-id`), it works on that home like an unsharded
     lake; several shards here have several homes, which Dagster's one-home definitions do not cover."""
+    from engine.collect import shards
     from engine.lake import shard as shard_id
     from engine.paths import Layout
-    from engine.collect import shards
 
     if not os.environ.get("ENGINE_STORE"):  # every shard must upload to the same place
         env["ENGINE_STORE"] = str(home / "store")
