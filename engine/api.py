@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from engine import schema
 from engine.fsio import tmp_path_for
+from engine.lake import shard as shard_id
 from engine.lake import staging
 from engine.lake.buffer import Buffer
 from engine.lake.catalog import Catalog, FileEntry
@@ -102,6 +103,11 @@ class Engine:
         self.writer = writer
         self.layout = Layout(self.home)
         self.home.mkdir(parents=True, exist_ok=True)
+        # a collector shard's home: its id names the files it writes and the manifest part it publishes
+        self.shard_identity = shard_id.read(self.layout)
+        self.shard = self.shard_identity.shard if self.shard_identity is not None else None
+        if store is None and not os.environ.get("ENGINE_STORE") and self.shard_identity is not None:
+            store = self.shard_identity.store  # where the shard uploads, whoever opens its home
         self.store = open_store(store, self.layout.default_store)
         self.cache = ReadCache(self.layout.cache, self.store, cache_bytes)
         self.refresh_s = refresh_s
@@ -155,7 +161,10 @@ class Engine:
 
     def _reads_from_store(self) -> bool:
         """`from_store=None`: a home where no writer ever opened (no catalog log), on a store that is
-        not the home's own directory, is a second machine and reads the store's manifest."""
+        not the home's own directory, is a second machine and reads the store's manifest; so does a
+        reader of a collector shard's home, since the lake is every shard's manifest part."""
+        if self.shard_identity is not None:
+            return True  # a collector shard's home holds only its part of the lake: read all shards' parts
         if self.layout.catalog_log.exists():
             return False  # a writer's home: its log is the truth, even before the first file
         return not (self.store.is_local and self.store.root == self.layout.default_store.resolve())
@@ -435,7 +444,7 @@ class Engine:
             log.warning("book_anchor_unavailable", key=key, hint="an older buffer of this market is not written yet")
         elif anchors and not stream:  # a rebuild is always of the oldest unwritten buffer
             anchor = self._books.get(key)
-        first = self.layout.staged(file_key(table, source, market, date_of_ns(hour * NS_PER_HOUR), 0))
+        first = self.layout.staged(file_key(table, source, market, date_of_ns(hour * NS_PER_HOUR), 0, self.shard))
         return Buffer(table, source, market, hour, self._encoder, stream_tmp=tmp_path_for(first) if stream else None,
                       anchor=anchor, track_book=anchors)
 
@@ -459,12 +468,12 @@ class Engine:
         """The next file name of a partition: never one catalogued, retired or left on disk."""
         part = (table, source, market, date)
         self.catalog.refresh()  # another process (compaction) may have written to this partition
-        existing = [parse_key(e.key).name for e in self.catalog.files_in(part)]
-        existing += [parse_key(k).name for k, (_, e) in self.catalog.retired.items()
+        existing = [parse_key(e.key).seq for e in self.catalog.files_in(part)]
+        existing += [parse_key(k).seq for k, (_, e) in self.catalog.retired.items()
                      if (e.table, e.source, e.market, e.date) == part]
-        seq = 1 + max((int(n) for n in existing if n.isdigit()), default=0)
+        seq = 1 + max((n for n in existing if n is not None), default=0)
         while True:
-            fkey = file_key(table, source, market, date, seq)
+            fkey = file_key(table, source, market, date, seq, self.shard)
             path = self.layout.staged(fkey)
             if not path.exists() and not (self.layout.quarantine / fkey).exists():  # never a name in use
                 return path, fkey

@@ -11,6 +11,7 @@ import sys
 DISPATCH = {
     "collect": ("engine.collect.runner:cli", "run the exchange collectors"),
     "status": ("engine.collect.status:status_cli", "show collector counters"),
+    "keep": ("engine.run.keeper:cli", "upload, compact and publish a home in a loop (a collector shard's batch side)"),
     "ingest": ("engine.collect.ingest:cli", "normalize capture files offline into the lake"),
     "replay-exchange": ("engine.sim.replay:cli", "serve a capture as a local exchange"),
     "gen-capture": ("engine.sim.generate:cli", "generate a protocol-exact capture"),

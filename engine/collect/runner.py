@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.collect import registry
+from engine.collect import registry, shards
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, tune_gc
 from engine.collect.capture import CaptureWriter
@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--status-interval", type=float, default=60.0)
     for name in names:  # each source's own options: markets, URL, stall limit, ...
         registry.get(name).add_arguments(ap)
+    shards.add_arguments(ap)
     return ap
 
 
@@ -447,6 +448,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(cfg: argparse.Namespace) -> int:
+    try:
+        shards.configure(cfg)  # --shard-id/--shards: this shard's markets; the home records its id
+    except ValueError as e:
+        log.error("shard_config_refused", error=str(e))
+        print(f"data-engine collect: error: {e}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 

@@ -125,6 +125,10 @@ class Source:
         """The configured markets (the normalizer's known markets; restart gaps are written for them)."""
         return list(getattr(cfg, self._markets_dest()))
 
+    def set_markets(self, cfg: argparse.Namespace, markets: list[str]) -> None:
+        """Narrow the configured markets (a collector shard keeps the markets assigned to it)."""
+        setattr(cfg, self._markets_dest(), list(markets))
+
     def url(self, cfg: argparse.Namespace) -> str:
         return getattr(cfg, f"{self.name}_url")
 

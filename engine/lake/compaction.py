@@ -1,4 +1,5 @@
-"""Daily compaction: a closed date partition's files merged into one sorted `0000.parquet`.
+"""Daily compaction: a closed date partition's files merged into one sorted `0000.parquet` (a
+collector shard's: `0000-s{shard}.parquet`, made of its own files only).
 
 Safe while collectors write: only partitions whose whole day is below the source's sealed
 watermark are touched, and only the files the catalog lists at the start. The new file is
@@ -25,7 +26,7 @@ from engine.lake.manifest import publish_after_change
 from engine.lake.store import StoreError
 from engine.lake.writer import read_parquet, write_parquet
 from engine.log import get_logger
-from engine.paths import parse_key, partition_prefix
+from engine.paths import compacted_key, parse_key
 from engine.timeutil import now_ns, to_ns
 
 log = get_logger(component="compaction")
@@ -106,12 +107,12 @@ def compact_partition(eng, part, validate=None, publish: bool = True) -> Compact
     if merged.num_rows != expected:
         raise CompactionError(f"merged {merged.num_rows} rows, expected {expected}")
     keys = {e.key for e in files}
-    name = "0000.parquet"
-    key = f"{partition_prefix(table, source, market, date)}/{name}"
-    n = 0
+    # a shard's compacted file carries its id: shards holding files of one partition (a market moved
+    # between shards that day) each compact only their own, into keys that never collide
+    key, n = compacted_key(table, source, market, date, eng.shard), 0
     while key in keys or key in eng.catalog.retired:  # never overwrite an object a reader may still use
         n += 1
-        key = f"{partition_prefix(table, source, market, date)}/0000-{n}.parquet"
+        key = compacted_key(table, source, market, date, eng.shard, n)
     # A temporary name: a reader never resolves the new key to a staged copy that is about to go.
     path = tmp_path_for(eng.layout.staged(key))
     wf = write_parquet(table, merged, path, extra_meta={"engine.replaces": json.dumps(sorted(keys))})
@@ -152,8 +153,8 @@ def _arrival_order(files: list[FileEntry]) -> list[FileEntry]:
     merge keeps rows with equal sort keys in arrival order."""
 
     def order(e: FileEntry) -> tuple:
-        name = parse_key(e.key).name
-        return (not e.compacted, int(name) if name.isdigit() else -1, e.key)
+        seq = parse_key(e.key).seq
+        return (not e.compacted, seq if seq is not None else -1, e.key)
 
     return sorted(files, key=order)
 

@@ -304,7 +304,7 @@ def derive_partition(eng, source: str, market: str, date: str):
 
     from engine.lake.catalog import FileEntry
     from engine.lake.writer import read_parquet, write_parquet
-    from engine.paths import partition_prefix
+    from engine.paths import compacted_key
     from engine.timeutil import now_ns
 
     t0 = time.perf_counter()
@@ -316,11 +316,10 @@ def derive_partition(eng, source: str, market: str, date: str):
     q = derive(l2).to_arrow()
     q = schema.validate("quotes", q)
     old = [e.key for e in eng.catalog.files_in(("quotes", source, market, date))]
-    prefix = partition_prefix("quotes", source, market, date)
-    key, n = f"{prefix}/0000.parquet", 0
+    key, n = compacted_key("quotes", source, market, date, eng.shard), 0  # a shard's quotes carry its id
     while key in old or key in eng.catalog.retired or key in eng.catalog.by_key:
         n += 1
-        key = f"{prefix}/0000-{n}.parquet"
+        key = compacted_key("quotes", source, market, date, eng.shard, n)
     path = eng.layout.staged(key)
     wf = write_parquet("quotes", q, path, extra_meta={"engine.derived_from": ",".join(e.key for e in files)})
     stats = wf.stats

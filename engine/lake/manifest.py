@@ -1,9 +1,16 @@
-"""The catalog manifest: one Parquet object in the store listing every uploaded file and, per source,
-the remote watermark, so another machine opens the lake with one GET and no LIST.
+"""The catalog manifest: Parquet objects in the store listing every uploaded file and, per source,
+the remote watermark, so another machine opens the lake with one LIST of `catalog/manifest*` and
+no LIST of the data.
+
+An unsharded writer publishes `catalog/manifest.parquet`; each collector shard publishes its own
+part, `catalog/manifest/part-{shard}.parquet` (engine.lake.shard), so shards never write the same
+object. A reader lists the prefix (one request, with every object's ETag), downloads only the
+objects whose ETag changed since it cached them, and merges them: files by key, and per source the
+minimum watermark over the parts that declare the source (the shards collecting it). An unchanged
+lake costs that one LIST and no download.
 
 Publishing is one PUT of one object (S3 and B2 replace an object atomically; the local store
-renames), so a reader sees the old manifest or the new one, never half of one. Readers fetch it
-with If-None-Match: an unchanged manifest costs one small request and no download.
+renames), so a reader sees the old part or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -19,12 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.lake import instruments as inst
-from engine.lake.catalog import FileEntry, Partition, check_by, filter_summary, instrument_list
 from engine.fsio import atomic_write_bytes
-from engine.lake.catalog import FileEntry, Partition, filter_summary
+from engine.lake import shard as shard_id
+from engine.lake.catalog import FileEntry, Partition, check_by, filter_summary, instrument_list
 from engine.lake.store import StoreError
 from engine.log import get_logger
-from engine.paths import MANIFEST_KEY
+from engine.paths import MANIFEST_KEY, MANIFEST_PREFIX, manifest_part_key, manifest_part_shard
 
 log = get_logger(component="manifest")
 
@@ -43,8 +50,10 @@ def remote_watermarks(entries: list[FileEntry], watermarks: dict[str, int]) -> d
     return out
 
 
-def build(entries: list[FileEntry], watermarks: dict[str, int]) -> bytes:
-    """The manifest of a catalog's live files (`entries`) and its sealed `watermarks`."""
+def build(entries: list[FileEntry], watermarks: dict[str, int], *, shard: int | None = None,
+          sources: list[str] | None = None) -> bytes:
+    """The manifest of a catalog's live files (`entries`) and its sealed `watermarks`; a shard's part
+    also names its shard and the `sources` whose watermark it holds (see `merge`)."""
     remote = sorted((e for e in entries if e.remote), key=lambda e: e.key)
     sch = _schema()
     cols = {f.name: pa.array([getattr(e, f.name) for e in remote], f.type) for f in sch if f.name != "instruments"}
@@ -52,6 +61,9 @@ def build(entries: list[FileEntry], watermarks: dict[str, int]) -> bytes:
     meta = {b"engine.watermarks": msgspec.json.encode(watermarks),
             b"engine.remote_watermarks": msgspec.json.encode(remote_watermarks(entries, watermarks)),
             b"engine.published_ns": str(time.time_ns()).encode()}
+    if shard is not None:
+        meta[b"engine.shard"] = str(shard).encode()
+        meta[b"engine.sources"] = msgspec.json.encode(sorted(sources or []))
     t = t.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(t, buf, compression="zstd", write_page_checksum=True, **_ENCODING)
@@ -107,12 +119,26 @@ def _schema() -> pa.Schema:
 
 
 def publish(eng) -> str:
-    """Only remote files are listed: the manifest describes what the bucket holds."""
+    """Only remote files are listed: the manifest describes what the bucket holds. A shard publishes
+    its own part; a shard that took over an unsharded home then retires the legacy manifest (its
+    files are in the part now), once."""
     eng.require_writer("publish_manifest")
-    data = build(list(eng.catalog.entries()), eng.catalog.watermarks)
-    eng.store.put_bytes(MANIFEST_KEY, data)
-    log.info("manifest_published", store=eng.store.url, bytes=len(data), files=len(eng.catalog.by_key))
-    return MANIFEST_KEY
+    entries = list(eng.catalog.entries())
+    ident = shard_id.read(eng.layout)  # read again: the collector records what it collects at each start
+    if (ident.shard if ident is not None else None) != eng.shard:
+        raise shard_id.ShardError(
+            f"{eng.home} became shard {ident.shard if ident else None} after this engine opened it as "
+            f"{'shard ' + str(eng.shard) if eng.shard is not None else 'unsharded'}; not publishing (reopen the home)")
+    eng.shard_identity = ident
+    key = MANIFEST_KEY if ident is None else manifest_part_key(ident.shard)
+    data = build(entries, eng.catalog.watermarks, shard=eng.shard, sources=shard_id.declared_sources(ident, entries))
+    eng.store.put_bytes(key, data)
+    log.info("manifest_published", store=eng.store.url, key=key, bytes=len(data), files=len(eng.catalog.by_key))
+    if ident is not None and ident.retire_legacy:
+        eng.store.delete(MANIFEST_KEY)
+        eng.shard_identity = shard_id.legacy_retired(eng.layout)
+        log.info("legacy_manifest_retired", store=eng.store.url, key=MANIFEST_KEY, part=key)
+    return key
 
 
 def publish_after_change(eng) -> str | None:
@@ -120,18 +146,32 @@ def publish_after_change(eng) -> str | None:
     is logged, not raised: the change itself is durable, and the next change publishes again."""
     try:
         return publish(eng)
-    except StoreError as err:
+    except (StoreError, shard_id.ShardError) as err:
         log.error("manifest_publish_failed", store=eng.store.url, error=str(err))
         return None
 
 
-def parse(data: bytes, url: str) -> "FrameCatalog":
-    """The manifest as a reader's catalog, clamped to its remote watermarks."""
+class Part(msgspec.Struct, frozen=True):
+    """One manifest object read: its files, watermarks and the sources it holds back."""
+
+    key: str
+    df: pl.DataFrame
+    remote: dict[str, int]  # per source: every row received before it is uploaded
+    local: dict[str, int]  # the writer's own sealed watermarks
+    shard: int | None
+    sources: tuple[str, ...] | None  # None: an unsharded manifest, holding every source it has a watermark of
+
+
+def read_part(data: bytes, url: str, key: str = MANIFEST_KEY) -> Part:
+    """One manifest object; a damaged one is a ManifestError naming it (never an empty lake)."""
     try:
         meta = pq.ParquetFile(io.BytesIO(data)).schema_arrow.metadata or {}
         local = msgspec.json.decode(meta.get(b"engine.watermarks", b"{}"), type=dict[str, int])
         remote = meta.get(b"engine.remote_watermarks")
         wms = msgspec.json.decode(remote, type=dict[str, int]) if remote else local  # older manifests
+        shard = int(meta[b"engine.shard"]) if b"engine.shard" in meta else None
+        sources = (tuple(msgspec.json.decode(meta[b"engine.sources"], type=list[str]))
+                   if b"engine.sources" in meta else None)
         df = pl.read_parquet(io.BytesIO(data))  # Polars reads 100k entries in ~8 ms, pyarrow in ~35
         want = pl.from_arrow(_schema().empty_table()).schema
         missing = [c for c in want if c not in df.columns and c != "instruments"]
@@ -140,13 +180,42 @@ def parse(data: bytes, url: str) -> "FrameCatalog":
         if "instruments" not in df.columns:  # a manifest from before per-instrument figures
             df = df.with_columns(pl.lit(None, dtype=want["instruments"]).alias("instruments"))
         df = df.select(want.names()).cast(dict(want)).with_columns(local=pl.lit(False))
-    except (pa.ArrowException, pl.exceptions.PolarsError, OSError, msgspec.MsgspecError, TypeError, ValueError) as e:
+    except (pa.ArrowException, pl.exceptions.PolarsError, OSError, msgspec.MsgspecError, TypeError, ValueError,
+            KeyError) as e:
         head = data[:40]
         raise ManifestError(
-            f"the catalog manifest at {url}/{MANIFEST_KEY} is unreadable ({type(e).__name__}: {e}; starts with "
+            f"the catalog manifest at {url}/{key} is unreadable ({type(e).__name__}: {e}; starts with "
             f"{head!r}); republish it on the writing machine with `data-engine catalog publish`, or check that "
             "the store URL and endpoint point at the lake's bucket") from None
-    return FrameCatalog(df.filter(pl.col("remote")), wms, local)
+    return Part(key, df.filter(pl.col("remote")), wms, local, shard, sources)
+
+
+def _merge_watermarks(parts: list[Part], which: str) -> dict[str, int]:
+    """Per source, the minimum over the parts holding it: a shard's part holds the sources it declares
+    (those it collects, or has files of not uploaded yet), at 0 until it has a watermark; an unsharded
+    manifest holds the sources of its watermarks. A shard collecting no market of a source does not
+    hold it back."""
+    out: dict[str, int] = {}
+    for p in parts:
+        wms = getattr(p, which)
+        for src in (p.sources if p.sources is not None else wms):
+            out[src] = min(out.get(src, wms.get(src, 0)), wms.get(src, 0))
+    return out
+
+
+def merge(parts: list[Part]) -> "FrameCatalog":
+    """A reader's catalog of several manifest objects: shard parts in shard order, then the legacy
+    manifest; a key listed twice (a shard adopting the legacy manifest, between its two steps) once."""
+    parts = sorted(parts, key=lambda p: (p.shard is None, p.shard or 0, p.key))
+    df = parts[0].df if len(parts) == 1 else pl.concat([p.df for p in parts], rechunk=False)
+    if len(parts) > 1 and parts[-1].shard is None:  # only then can a key be listed twice (shard names differ)
+        df = df.unique("key", keep="first", maintain_order=True)
+    return FrameCatalog(df, _merge_watermarks(parts, "remote"), _merge_watermarks(parts, "local"))
+
+
+def parse(data: bytes, url: str, key: str = MANIFEST_KEY) -> "FrameCatalog":
+    """One manifest object as a reader's catalog, clamped to its remote watermarks."""
+    return merge([read_part(data, url, key)])
 
 
 class FrameCatalog:
@@ -156,6 +225,7 @@ class FrameCatalog:
 
     torn_lines = 0
     version = 0
+    etags: dict[str, str] | None = None  # the manifest objects it was made of (ManifestReader)
 
     def __init__(self, df: pl.DataFrame, watermarks: dict[str, int], writer_watermarks: dict[str, int]):
         self.df = df
@@ -282,38 +352,76 @@ class FrameCatalog:
 
 
 class ManifestReader:
-    """A reader home's view of the bucket: the manifest cached under the home with its ETag, so an
-    open or refresh of an unchanged manifest is one conditional GET with no body."""
+    """A reader home's view of the bucket: every manifest object cached under the home with its ETag,
+    so an open or refresh of an unchanged lake is one LIST of `catalog/manifest*` and no download."""
 
     def __init__(self, store, catalog_dir: Path):
         self.store = store
-        self.cached = Path(catalog_dir) / "manifest.parquet"
-        self.etag_file = Path(catalog_dir) / "manifest.etag"
+        self.dir = Path(catalog_dir) / "manifests"
         self.checked = 0.0  # monotonic time of the last request
         self.requests = 0
 
-    def fetch(self, current: FrameCatalog | None) -> FrameCatalog | None:
-        """A new catalog when the manifest changed (or none is loaded yet), else None."""
-        etag = None
-        if current is not None or self.cached.exists():
-            etag = self.etag_file.read_text().strip() if self.etag_file.exists() else None
+    def _cache_path(self, key: str) -> Path:
+        return self.dir / key.removeprefix(MANIFEST_PREFIX).lstrip("/").replace("/", "_")
+
+    def _cached(self, key: str, etag: str) -> bytes | None:
+        p = self._cache_path(key)
+        try:
+            if p.with_name(p.name + ".etag").read_text().strip() == etag:
+                return p.read_bytes()
+        except FileNotFoundError:
+            pass
+        return None
+
+    def _keep(self, key: str, data: bytes, etag: str | None) -> None:
+        p = self._cache_path(key)
+        atomic_write_bytes(p, data)
+        atomic_write_bytes(p.with_name(p.name + ".etag"), (etag or "").encode())
+
+    def _forget_except(self, keys) -> None:
+        keep = {self._cache_path(k).name for k in keys}
+        for p in self.dir.glob("*"):
+            if p.name.removesuffix(".etag") not in keep and not p.name.startswith("."):
+                p.unlink(missing_ok=True)
+
+    def _listing(self) -> dict[str, str]:
         self.requests += 1
         try:
-            data, tag = self.store.get_bytes_if_changed(MANIFEST_KEY, etag)
-        except KeyError:
-            raise ManifestError(
-                f"no catalog manifest at {self.store.url}/{MANIFEST_KEY}: nothing was uploaded there yet, or the "
-                "store URL is wrong. On the writing machine run `data-engine upload` (it publishes the manifest)."
-            ) from None
+            found = self.store.list_etags(MANIFEST_PREFIX)
         finally:
             self.checked = time.monotonic()
-        if data is None:
-            if current is not None:
-                return None
-            return parse(self.cached.read_bytes(), self.store.url)  # unchanged since this home cached it
-        cat = parse(data, self.store.url)
-        self.cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.cached, data)
-        atomic_write_bytes(self.etag_file, (tag or "").encode())
-        log.info("manifest_loaded", store=self.store.url, files=len(cat.df), bytes=len(data))
+        return {k: t for k, t in found.items() if k == MANIFEST_KEY or manifest_part_shard(k) is not None}
+
+    def _missing(self) -> ManifestError:
+        return ManifestError(
+            f"no catalog manifest at {self.store.url}/{MANIFEST_KEY} (nor shard parts under {MANIFEST_PREFIX}/): "
+            "nothing was uploaded there yet, or the store URL is wrong. On the writing machine run "
+            "`data-engine upload` (it publishes the manifest).")
+
+    def fetch(self, current: "FrameCatalog | None") -> "FrameCatalog | None":
+        """A new catalog when a manifest object changed (or none is loaded yet), else None."""
+        listing = self._listing()
+        if not listing:
+            raise self._missing()
+        if current is not None and getattr(current, "etags", None) == listing:
+            return None
+        parts, etags, got = [], {}, 0
+        for key, tag in sorted(listing.items()):
+            data = self._cached(key, tag)
+            if data is None:
+                try:
+                    data, tag = self.store.get_bytes_if_changed(key, None)
+                except KeyError:  # gone since the LIST (a shard retiring the legacy manifest)
+                    continue
+                self.requests += 1
+                got += len(data)
+                self._keep(key, data, tag)
+            parts.append(read_part(data, self.store.url, key))
+            etags[key] = tag
+        if not parts:
+            raise self._missing()
+        self._forget_except(etags)
+        cat = merge(parts)
+        cat.etags = etags
+        log.info("manifest_loaded", store=self.store.url, parts=len(parts), files=len(cat.df), downloaded_bytes=got)
         return cat

@@ -57,6 +57,7 @@ class Store(Protocol):
     def get_bytes(self, key: str) -> bytes | None: ...
     def get_bytes_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str | None]: ...
     def list_keys(self, prefix: str) -> list[str]: ...
+    def list_etags(self, prefix: str) -> dict[str, str]: ...
     @property
     def is_local(self) -> bool: ...
 
@@ -126,6 +127,23 @@ class LocalStore:
         if tag == etag:
             return None, etag
         return p.read_bytes(), tag
+
+    def list_etags(self, prefix: str) -> dict[str, str]:
+        """Every `.parquet` key starting with `prefix` (a string prefix, as S3's), with the tag
+        `get_bytes_if_changed` gives it."""
+        parent = self.root / prefix if prefix.endswith("/") or not prefix else (self.root / prefix).parent
+        out = {}
+        if not parent.exists():
+            return out
+        for p in parent.rglob("*.parquet"):
+            key = p.relative_to(self.root).as_posix()
+            if key.startswith(prefix) and not p.name.startswith("."):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                out[key] = f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+        return dict(sorted(out.items()))
 
     def list_keys(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -207,6 +225,10 @@ class S3Store:
                     raise StoreConfigError(
                         f"{what} on {self.url} refused ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                     ) from None
+                if status == 404 and not code:  # a LIST or PUT answered by something that is not S3
+                    raise StoreError(
+                        f"{what} on {self.url}: the endpoint {self.endpoint_url or 'AWS'} answered HTTP 404 without "
+                        "an S3 error code; is AWS_ENDPOINT_URL an S3 endpoint (not a proxy or web page)?") from None
                 if code in ("NoSuchBucket",):
                     raise StoreConfigError(f"bucket {self.bucket!r} does not exist at {redact(self.endpoint_url or 'AWS')}") from None
                 if code not in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
@@ -342,7 +364,14 @@ class S3Store:
 
         return self._retry(f"download {key}", do)
 
+    def list_etags(self, prefix: str) -> dict[str, str]:
+        """Every `.parquet` key starting with `prefix`, with its ETag (as a GET returns it)."""
+        return dict(self._list(prefix))
+
     def list_keys(self, prefix: str) -> list[str]:
+        return [k for k, _ in self._list(prefix)]
+
+    def _list(self, prefix: str) -> list[tuple[str, str]]:
         out = []
         pfx = self._k(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
@@ -356,7 +385,7 @@ class S3Store:
         token = None
         while True:
             r = self._retry(f"list {prefix}", lambda: page(token))
-            out += [o["Key"][strip:] for o in r.get("Contents", []) if o["Key"].endswith(".parquet")]
+            out += [(o["Key"][strip:], o.get("ETag")) for o in r.get("Contents", []) if o["Key"].endswith(".parquet")]
             if not r.get("IsTruncated"):
                 return sorted(out)
             token = r["NextContinuationToken"]

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from engine import schema
 from engine.fsio import atomic_write_bytes, sha256_file
 from engine.lake.catalog import SNAPSHOT_NAME, FileEntry, Op, encode_ops
+from engine.lake.shard import owns
 from engine.lake.writer import read_parquet, table_stats
 from engine.log import get_logger
 from engine.paths import match, parse_key
@@ -105,12 +106,20 @@ def _store_sha256(eng, e, recorded: str | None) -> str:
     return e.sha256
 
 
+def _owned(eng, key: str) -> bool:
+    try:
+        return owns(eng.shard, key)
+    except ValueError:  # not a data key: skipped as before (parse_key below would refuse it)
+        return True
+
+
 def rebuild_from_store(eng) -> int:
     """Reconstruct the catalog log from the objects in the store (one LIST, each file read once)."""
     eng.require_writer("rebuild_from_store")
     import time
 
-    keys = eng.store.list_keys("data/")
+    # a shard takes only its own files (and shard 0 the unsharded names): never another shard's
+    keys = [k for k in eng.store.list_keys("data/") if _owned(eng, k)]
     ops = []
     replaced: set[str] = set()
     for key in keys:
@@ -128,7 +137,7 @@ def rebuild_from_store(eng) -> int:
         e = FileEntry(
             key=key, table=kp.table, source=kp.source, market=kp.market, date=kp.date, rows=t.num_rows,
             bytes=src.stat().st_size, sha256=sha256_file(src), local=False, remote=True,
-            compacted=kp.name.startswith("0000"), created_ns=time.time_ns(), **table_stats(kp.table, t),
+            compacted=kp.compacted, created_ns=time.time_ns(), **table_stats(kp.table, t),
         )
         ops.append(Op(op="add", file=e))
         if not eng.store.is_local:

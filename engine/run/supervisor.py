@@ -170,6 +170,45 @@ def _live_sources() -> list[str]:
     return out
 
 
+def _start_shards(sup: Supervisor, de: str, env: dict, home: Path, collect: list[str], args) -> bool:
+    """Collectors of the shards run here (each `--shard-id i --shards N`, its own home, one store for
+    all) and, where Dagster does not do the batch work, a keeper per shard. Returns whether Dagster
+    should start: for one shard on this host (`--shard-id`), it works on that home like an unsharded
+    lake; several shards here have several homes, which Dagster's one-home definitions do not cover."""
+    from engine.collect import shards
+    from engine.lake import shard as shard_id
+    from engine.paths import Layout
+
+    if not os.environ.get("ENGINE_STORE"):  # every shard must upload to the same place
+        env["ENGINE_STORE"] = str(home / "store")
+    ids = [args.shard_id] if args.shard_id is not None else list(range(args.shards))
+    plan = shards.plan(collect, args.shards)
+    dagster = args.shard_id is not None and not args.no_dagster
+    every = args.keep_every if args.keep_every is not None else (10.0 if args.demo else 60.0)
+    for i in ids:
+        h = home if args.shard_id is not None else shards.shard_home(home, i)
+        if not plan[i]:
+            print(f"shard {i}: no market assigned to it of {args.shards} shards, not started", flush=True)
+            continue
+        try:  # before any process opens the home: keeper and collector both name files by the id
+            shard_id.claim(Layout(h), i, shards=args.shards, markets=plan[i], store=env["ENGINE_STORE"])
+        except shard_id.ShardError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print(f"shard {i} of {args.shards}: home {h}, markets " + "; ".join(
+            f"{src} {' '.join(ms)}" for src, ms in plan[i].items()), flush=True)
+        sup.start(f"collector-{i}", [de, "collect", "--home", str(h), *collect, "--shard-id", str(i),
+                                     "--shards", str(args.shards)], env)
+        if not dagster:
+            sup.start(f"keeper-{i}", [de, "keep", "--home", str(h), "--every", str(every), "--shard-id", str(i)], env)
+    if args.shard_id is None and not args.no_dagster:
+        print("note: with several shards on one host each shard's keeper uploads and compacts; Dagster is not "
+              "started (run one shard per host with --shard-id for Dagster on each)", flush=True)
+    print(f"store (every shard's bucket): {env['ENGINE_STORE']}; read all shards from any home: "
+          f"Engine.open('<empty dir>', store='{env['ENGINE_STORE']}')", flush=True)
+    return dagster
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/run", description="Collectors + Dagster, supervised.")
     ap.add_argument("--demo", action="store_true", help="offline: replay exchanges play generated captures")
@@ -179,7 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dagster", action="store_true", help="collectors only")
     ap.add_argument("--demo-minutes", type=float, default=5.0, help="length of the generated demo captures (looped)")
     ap.add_argument("--demo-dir", default=None, help="demo captures, keys and logs (default ./.demo)")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="spread the markets over N collector processes (engine.collect.shards), each with its own home "
+                         "(shard 0: the lake home; shard i: HOME/shards/i) and a keeper uploading to one store")
+    ap.add_argument("--shard-id", type=int, default=None,
+                    help="with --shards: run only this shard here, in the lake home (one host per shard)")
+    ap.add_argument("--keep-every", type=float, default=None,
+                    help="seconds between a shard keeper's upload/compaction passes (default 60; 10 with --demo)")
     args = ap.parse_args(argv)
+    if args.shards < 1 or (args.shard_id is not None and not 0 <= args.shard_id < args.shards):
+        ap.error(f"--shards must be >= 1 and --shard-id in 0..{args.shards - 1}")
 
     demo_dir = Path(args.demo_dir).resolve() if args.demo_dir else ROOT / ".demo"
     home = Path(args.home or os.environ.get("ENGINE_HOME") or (demo_dir / "lake" if args.demo else ROOT / "lake")).resolve()
@@ -189,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     de = _bin("data-engine")
     print(f"lake home: {home}" + ("" if args.no_dagster else f"\nDagster home: {dagster_home}"), flush=True)
 
-    collect = [de, "collect", "--home", str(home)]
+    collect: list[str] = []
     if args.demo:
         env["ENGINE_FLUSH_AGE_S"] = env.get("ENGINE_FLUSH_AGE_S", "30")
         env.setdefault("ENGINE_DAGSTER_SENSOR_INTERVAL", "5")
@@ -202,8 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         collect += local
     else:
         collect += ["--source", *_live_sources()]
-    sup.start("collector", collect, env)
-    if not args.no_dagster:
+    sharded = args.shards > 1 or args.shard_id is not None
+    if sharded:
+        dagster = _start_shards(sup, de, env, home, collect, args)
+    else:
+        sup.start("collector", [de, "collect", "--home", str(home), *collect], env)
+        dagster = not args.no_dagster
+    if not any(n.startswith("collector") for n in sup.procs):
+        print("error: no collector to start", file=sys.stderr)
+        sup.stop()
+        return 1
+    if dagster:
         ws = str(ROOT / "workspace.yaml")
         # DAGSTER_HOME/dagster.yaml (engine_defs/instance.py), then the SQLite storages, created once
         # before two processes race to create them; in a child: this supervisor never imports Dagster
