@@ -31,6 +31,7 @@ from engine.collect import registry
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, tune_gc
 from engine.collect.capture import CaptureWriter
+from engine.collect.rest import rest_meta
 from engine.collect.source import AuthError, Reconnect
 from engine.collect.status import _atomic_write, request_flush, status_cli, status_dir  # noqa: F401 - their old address
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
@@ -104,6 +105,19 @@ class SourceRunner:
         fs = self.pending_futures
         if len(fs) > 64:
             self.pending_futures = [f for f in fs if not f.done()]
+
+    def rest(self, name: str, body: str) -> None:
+        """A REST answer the Link fetched (reference data): recorded in the capture as a `rest` meta
+        line and handed to the normalizer, as `ingest` does with that line (live == offline)."""
+        now = time.time_ns()
+        with self.lock:
+            if self.capture:
+                self.capture.meta(now, rest_meta(name, body))
+            try:
+                self.norm.rest(now, name, body)
+            except Exception as e:  # noqa: BLE001 - a normalizer bug must not stop collection
+                self.norm.skip(body, f"internal_error: {type(e).__name__}", e)
+                self.log.exception("normalizer_error", rest=name)
 
     def restart_gap(self) -> None:
         last = self.eng.last_recv_ts(self.source)
