@@ -672,6 +672,11 @@ class Engine:
 
         return related(self, *args, **kw)
 
+    def unsettled(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.reference import unsettled
+
+        return unsettled(self, *args, **kw)
+
 
 def _first(col: pa.ChunkedArray) -> str:
     """First value of a dictionary column (all rows of a split group share it)."""
