@@ -519,7 +519,7 @@ class KalshiNormalizer(BaseNormalizer):
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self.skip(body, f"bad_rest_{name}", e)
             return
-        raws = list(page.markets or ()) + ([page.market] if page.market is not None else [])
+        raws = list(page.markets or ()) + ([page.market] if bytes(page.market) != b"null" else [])
         for raw in raws:
             try:
                 mk = wire.market_decoder.decode(raw)

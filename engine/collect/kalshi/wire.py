@@ -182,7 +182,7 @@ class MarketsPage(Struct, kw_only=True, gc=False):
     only itself."""
 
     markets: list[msgspec.Raw] | None = None
-    market: msgspec.Raw | None = None
+    market: msgspec.Raw = msgspec.Raw(b"null")  # (Raw takes no union with None)
     cursor: str | None = None
 
 
