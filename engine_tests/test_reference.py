@@ -261,7 +261,7 @@ def test_versions_in_force_at_a_time_and_restart(tmp_path):
 # ---- live through the replay exchange == offline ingest --------------------------------------------------
 
 
-def _run_collector(home: Path, srv, args: list[str], source: str, env=None, until=None) -> str:
+def _run_collector(home: Path, srv, args: list[str], source: str, env=None, until=None, linger: float = 0.0) -> str:
     errf = home.parent / f"{home.name}-collector.err"
     with open(errf, "w") as ef:
         proc = subprocess.Popen(_cmd(home, *args), stdout=subprocess.DEVNULL, stderr=ef, text=True,
@@ -271,6 +271,7 @@ def _run_collector(home: Path, srv, args: list[str], source: str, env=None, unti
             end = time.monotonic() + 20
             while until is not None and not until(_status(home, source)) and time.monotonic() < end:
                 time.sleep(0.05)
+            time.sleep(linger)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
@@ -360,6 +361,55 @@ def test_kalshi_contracts_settle_live_equals_offline(tmp_path):
     assert _ref_rows(home, "kalshi") == _ref_rows(offline, "kalshi")
 
 
+class _NoResults(ReplayServer):
+    """A replay exchange whose lifecycle channel loses every determination and settlement (the REST
+    answers still know them): the collector must ask for the results by ticker."""
+
+    lost = 0
+
+    class conn_cls(ReplayServer.conn_cls):  # noqa: N801
+        def put(self, item) -> None:
+            if isinstance(item, str) and '"market_lifecycle_v2"' in item and (
+                    '"determined"' in item or '"settled"' in item):
+                _NoResults.lost += 1
+                return
+            super().put(item)
+
+
+def test_kalshi_results_asked_by_ticker_when_the_lifecycle_misses_them(tmp_path):
+    from engine.collect.kalshi.auth import generate_keypair
+
+    priv, pub = generate_keypair(tmp_path / "keys", bits=2048)
+    start = (NOW - 900 * S) // (120 * S) * (120 * S) + 30 * S  # contracts closed minutes ago (times as recorded)
+    recs = list(generate_kalshi(series=["KXBTC"], seconds=300, rate=20, seed=9, contract_minutes=2, strikes=3,
+                                start_ns=start))
+    want = {}
+    for r in recs:
+        if "market_lifecycle_v2" in (r.get("frame") or ""):
+            m = json.loads(r["frame"])["msg"]
+            if m.get("event_type") == "determined":  # (the subscribed ack names the channel too)
+                want[m["market_ticker"]] = m["result"]
+    home, cap = tmp_path / "live", tmp_path / "cap"
+    env = _env(KALSHI_API_KEY_ID="0f6a1c9e-test-key", KALSHI_PRIVATE_KEY_PATH=str(priv))
+    with _NoResults.run_in_thread(source="kalshi", capture=recs, speed=30.0, kalshi_public_key=str(pub),
+                                  at_present=False) as srv:
+        _run_collector(home, srv, ["--source", "kalshi", "--series", "KXBTC", "--kalshi-url", srv.ws_url,
+                                   "--kalshi-rest-url", srv.rest_url, "--discovery-interval", "0.2",
+                                   "--capture-dir", str(cap)], "kalshi", env=env, linger=1.5)
+    assert _NoResults.lost >= 2 * len(want) >= 12
+    st = _status(home, "kalshi")
+    assert st["results_polled"] > 0 and st["skipped_frames"] == 0, st
+    eng = Engine.open(home)
+    ref = eng.instruments(source="kalshi", raw_ns=True)
+    eng.close()
+    got = {r["instrument"]: r for r in ref.iter_rows(named=True) if r["instrument"] in want}
+    assert set(got) == set(want)
+    assert {t: r["result"] for t, r in got.items()} == want
+    assert {r["status"] for r in got.values()} == {"finalized"} and all(r["settled_ts"] for r in got.values())
+    offline = _offline(tmp_path, sorted(cap.glob("kalshi-*.jsonl*")), "kalshi")
+    assert _ref_rows(home, "kalshi") == _ref_rows(offline, "kalshi")
+
+
 # ---- generated captures (the demo's) ---------------------------------------------------------------------
 
 
@@ -436,11 +486,9 @@ def test_instruments_asset_and_settlement_check(tmp_path):
         assert chk.metadata["unsettled"].value == 1 and "KXBTC-A-B1" in chk.metadata["unsettled_contracts"].value
         assert "KXBTC-A-B2" not in chk.metadata["unsettled_contracts"].value
         # the result arrives: a new raw file, the sensor asks for a run, the check passes
-        w = Engine.open(home, writer=True, background=False)
-        w.append("instruments", _ref_table([_contract("KXBTC-A-B1", NOW - 7 * H, NOW - 8 * H, status="finalized",
-                                                      result="yes", settlement_value=1.0, settled_ts=NOW - 7 * H)]))
-        w.flush()
-        w.close()
+        eng.append("instruments", _ref_table([_contract("KXBTC-A-B1", NOW - 7 * H, NOW - 8 * H, status="finalized",
+                                                        result="yes", settlement_value=1.0, settled_ts=NOW - 7 * H)]))
+        eng.flush()
         with dg.build_sensor_context(instance=inst, cursor=first.cursor, resources={"engine": res}) as ctx:
             third = reference_sensor(ctx)
         assert len(third.run_requests) == 1 and third.run_requests[0].run_key != first.run_requests[0].run_key
