@@ -65,7 +65,7 @@ def _secs(v: int | None) -> int | None:
 
 
 def _result(v: str | None) -> str | None:
-    return v.strip().lower() or None if v else None
+    return (v.strip().lower() or None) if v else None
 
 
 def _dollars(v: str | int | float | None) -> float | None:
