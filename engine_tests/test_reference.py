@@ -24,7 +24,7 @@ from engine.collect.ingest import ingest_files
 from engine.collect.kalshi.normalize import KalshiNormalizer
 from engine.collect.kalshi.reference import underlying_of
 from engine.schema import INSTRUMENTS_SCHEMA
-from engine.sim.capture_gen import generate_coinbase, generate_kalshi, write_capture
+from engine.sim.capture_gen import generate_coinbase, generate_kalshi
 from engine.sim.replay import ReplayServer
 from engine_tests.exchange_fixtures import _shared
 from engine_tests.test_collector import ROOT, _cmd, _env, _status, _wait_read_all

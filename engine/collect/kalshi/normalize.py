@@ -528,11 +528,6 @@ class KalshiNormalizer(BaseNormalizer):
             except (msgspec.DecodeError, msgspec.ValidationError, BadReference, ValueError) as e:
                 self.skip(bytes(raw), f"bad_rest_{name}", e)
 
-    def resolved(self, ticker: str) -> bool:
-        """The contract's result and settlement time are known (lifecycle or REST)."""
-        r = self._ref_last.get((series_of(ticker), ticker))
-        return r is not None and r.get("result") is not None and r.get("settled_ts") is not None
-
     def unresolved(self, closed_before_ns: int, closed_after_ns: int) -> list[str]:
         """Contracts (recorded or seeded) closed in (closed_after_ns, closed_before_ns] whose result or
         settlement is not known yet."""

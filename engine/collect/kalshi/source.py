@@ -164,7 +164,6 @@ class KalshiLink(Link):
             except asyncio.TimeoutError:
                 pass
 
-
     async def _results(self, loop) -> None:
         """Closed contracts whose result or settlement is not known yet (from this run or seeded from
         the lake), asked for by ticker: their market objects then carry status, result and settlement."""
@@ -239,7 +238,6 @@ class KalshiSource(Source):
         if isinstance(meta.get("series"), list):
             kw["series"] = [str(x) for x in meta["series"]]
         return kw
-
 
     def local_args(self, port: int) -> list[str]:
         return ["--kalshi-url", f"ws://127.0.0.1:{port}{urlsplit(wire.DEFAULT_WS_URL).path}",
