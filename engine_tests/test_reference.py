@@ -107,6 +107,20 @@ def test_kalshi_market_objects_parsed_exactly():
     assert n.c.skip_reasons == {"bad_rest_markets": 3, "unknown_rest": 1}  # the bad object twice, the bad page
 
 
+def test_discovery_pages_keep_the_reference_fields_only():
+    from engine.collect.kalshi.discovery import reference_page
+
+    m = {"ticker": "KXBTC-X-B1", "status": "active", "floor_strike": 1, "yes_bid_dollars": "0.41", "yes_ask_size_fp": "3.00",
+         "no_bid_dollars": "0.5", "last_price_dollars": "0.4", "previous_price_dollars": "0.3", "volume_fp": "9.00",
+         "volume_24h_fp": "1.00", "open_interest_fp": "2.00", "liquidity_dollars": "5", "updated_time": "x",
+         "settlement_value_dollars": "1.0000", "notional_value_dollars": "1.0000", "title": "t"}
+    page = reference_page(json.dumps({"cursor": "", "markets": [m]}))
+    assert json.loads(page)["markets"] == [{"ticker": "KXBTC-X-B1", "status": "active", "floor_strike": 1,
+                                            "settlement_value_dollars": "1.0000", "notional_value_dollars": "1.0000",
+                                            "title": "t"}]
+    assert reference_page("{oops") == "{oops"
+
+
 def test_underlying_of_series():
     assert [underlying_of(s) for s in ("KXBTC", "KXBTCD", "KXBTC15M", "KXETH", "KXETHD", "KXSOLD", "KXDOGE", "INXD")] == [
         "BTC", "BTC", "BTC", "ETH", "ETH", "SOL", "DOGE", None]
@@ -342,6 +356,7 @@ def test_kalshi_contracts_settle_live_equals_offline(tmp_path):
             settled_rest = {m["ticker"]: m for m in json.loads(r.read())["markets"]}
     st = _status(home, "kalshi")
     assert st["skipped_frames"] == 0 and st["rest_answers"] > 3 and st["instrument_versions"] > 6, st
+    assert st["rest_unchanged"] > 0  # polls that found nothing new were neither recorded nor normalized
     eng = Engine.open(home)
     ref = eng.instruments(source="kalshi", raw_ns=True)
     eng.close()

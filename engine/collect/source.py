@@ -58,8 +58,9 @@ class Link:
     status counters. One per runner, kept across reconnects; the runner owns the socket.
 
     `runner` gives `cfg`, `log`, `lock` (held around every normalizer call), `norm`, `ws` (the
-    open socket or None) and `rest(name, body)`: a fetched REST answer (reference data) recorded in
-    the capture and handed to the normalizer's `on_rest`, the way `ingest` replays it."""
+    open socket or None) and `rest(name, body, key=None)`: a fetched REST answer (reference data)
+    recorded in the capture and handed to the normalizer's `on_rest`, the way `ingest` replays it
+    (with a `key`, only when it differs from the last answer of that key)."""
 
     def __init__(self, source: "Source", runner: Any):
         self.source = source

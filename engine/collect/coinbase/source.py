@@ -48,7 +48,7 @@ class CoinbaseLink(Link):
                 except Exception as e:  # noqa: BLE001 - the next round asks again
                     r.log.warning("product_fetch_failed", product=pid, error=repr(e)[:300])
                     continue
-                r.rest("product", body)  # captured, normalized like ingest does
+                r.rest("product", body, key=url)  # captured and normalized (like ingest does) when it changed
                 self.products_fetched += 1
             try:
                 await asyncio.wait_for(stop.wait(), cfg.products_interval)

@@ -40,6 +40,29 @@ def market_pages(rest_url: str, series: str | None = None, status: str | None = 
     return out
 
 
+# market-data fields of a market object: quotes, activity and their update time (the WebSocket carries
+# them, and they change on every poll); everything else is the contract's reference data
+_MARKET_DATA = ("yes_bid", "yes_ask", "no_bid", "no_ask", "last_price", "previous_", "volume", "open_interest",
+                "liquidity", "dollar_", "updated_time")
+
+
+def reference_page(body: str) -> str:
+    """A `/markets` page without the market-data fields of its objects, so that an answer with
+    nothing new about the contracts is the same text as the last one (and is not recorded again).
+    A body that is not a JSON object is returned as it is (the normalizer counts it as bad)."""
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(d, dict):
+        return body
+    for m in d.get("markets") or []:
+        if isinstance(m, dict):
+            for k in [k for k in m if k.startswith(_MARKET_DATA)]:
+                del m[k]
+    return json.dumps(d, separators=(",", ":"))
+
+
 def markets_of(body: str) -> list[dict]:
     """The market objects of one `/markets` page."""
     d = json.loads(body)

@@ -3,7 +3,8 @@ and the resync policy (get_snapshot on the sid, resubscribe when it is not answe
 
 Contracts are discovered per series through the REST API every `--discovery-interval` seconds and
 the subscription follows: new contracts are added to the open sids, expired ones deleted.
-Reference data: every discovery page goes to the normalizer (and the capture) as a REST answer;
+Reference data: every discovery page goes to the normalizer (and the capture) as a REST answer,
+without its quote fields and only when it changed;
 `market_lifecycle_v2` is subscribed on every connection (open, close-date changes, determination,
 settlement); contracts past their close without a known result are asked for by ticker each round
 (`GET /markets?tickers=`) for a day, so a settlement missed on the socket still arrives.
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 from engine.collect.base import Action
 from engine.collect.kalshi import wire
-from engine.collect.kalshi.discovery import market_pages, markets_of, open_tickers
+from engine.collect.kalshi.discovery import market_pages, markets_of, open_tickers, reference_page
 from engine.collect.kalshi.normalize import KalshiNormalizer
 from engine.collect.source import AuthError, Demo, Link, Reconnect, Source
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
@@ -145,8 +146,9 @@ class KalshiLink(Link):
                 for s in self.source.markets(cfg):
                     pages = await loop.run_in_executor(None, market_pages, cfg.kalshi_rest_url, s)
                     mk = []
-                    for body in pages:
-                        r.rest("markets", body)  # reference data: captured, normalized like ingest does
+                    for i, body in enumerate(pages):
+                        body = reference_page(body)  # quotes dropped: the socket has them
+                        r.rest("markets", body, key=f"{s}/{i}")  # captured and normalized, like ingest does
                         mk += markets_of(body)
                     found |= open_tickers(mk, s, time.time() if cfg.discovery_wall_clock else None)
                 if found != self.desired:
@@ -175,8 +177,8 @@ class KalshiLink(Link):
             batch = todo[i:i + RESULT_BATCH]
             pages = await loop.run_in_executor(None, lambda b=batch: market_pages(
                 r.cfg.kalshi_rest_url, status=None, tickers=b))
-            for body in pages:
-                r.rest("markets", body)
+            for i, body in enumerate(pages):
+                r.rest("markets", reference_page(body), key=f"tickers={','.join(batch)}/{i}")
         self.results_polled += len(todo)
 
 
