@@ -83,7 +83,8 @@ def summary(eng) -> dict:
     df = eng.read("instruments", raw_ns=True)
     if df.is_empty():
         return {"versions": 0, "instruments": {}, "by_kind": {}, "resolved": 0, "latest_valid_from": None}
-    latest = instruments(eng, raw_ns=True)
+    latest = (df.with_columns(pl.col("source").cast(pl.Utf8), pl.col("kind").cast(pl.Utf8))
+              .sort(["source", "instrument", "valid_from"]).group_by(["source", "instrument"]).last())
     per_source = latest.group_by("source").len().sort("source")
     per_kind = latest.group_by("kind").len().sort("kind")
     return {
