@@ -117,7 +117,7 @@ def cli(argv: list[str]) -> int:
         eng.close()
     print(
         f"ingested {len(a.files)} file(s): {st['frames']} frames, {st['rows_l2']} l2 rows, {st['rows_trades']} trades, "
-        f"{st['gaps']} gaps, {st['instrument_versions']} instrument versions, {st['skipped_frames']} skipped frames, "
-        f"{st['bad_lines']} bad lines"
+        f"{st['gaps']} gaps, {st['skipped_frames']} skipped frames, {st['bad_lines']} bad lines, "
+        f"{st['instrument_versions']} instrument versions"
     )
     return 0
