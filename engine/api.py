@@ -694,6 +694,11 @@ class Engine:
 
         return Plots(self)
 
+    def unsettled(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.reference import unsettled
+
+        return unsettled(self, *args, **kw)
+
 
 def _first(col: pa.ChunkedArray) -> str:
     """First value of a dictionary column (all rows of a split group share it)."""

@@ -35,8 +35,9 @@ EARLY = "KXBTC-25MAR040430-B96500"  # trades 09:00–09:30 UTC, then only carrie
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cap") / "kalshi.jsonl"
+    # book and trade data only (no lifecycle events, hence no reference data): the figures of l2 and trades files
     write_capture(generate_kalshi(series=["KXBTC"], seconds=4 * 3600, rate=2, seed=4, start_ns=START,
-                                  contract_minutes=30, strikes=4), path)
+                                  contract_minutes=30, strikes=4, lifecycle=False), path)
     return path
 
 

@@ -722,8 +722,11 @@ def test_kalshi_rest_pagination_and_rotation(k_capture, keys):
                 assert srv.done.is_set()
             after = {m["ticker"] for m in (await asyncio.to_thread(_get, f"{base}/markets?series_ticker=KXBTC&status=open"))["markets"]}
             closed = {m["ticker"] for m in (await asyncio.to_thread(_get, f"{base}/markets?series_ticker=KXBTC&status=closed"))["markets"]}
+            settled = (await asyncio.to_thread(_get, f"{base}/markets?series_ticker=KXBTC&status=settled"))["markets"]
             assert after and before - after and after - before
-            assert before - after <= closed
+            # expired contracts are closed, or settled once the capture's lifecycle events say so
+            assert before - after <= closed | {m["ticker"] for m in settled}
+            assert settled and all(m["status"] == "finalized" and m["result"] in ("yes", "no") for m in settled)
         finally:
             await srv.stop()
 

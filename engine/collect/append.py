@@ -34,9 +34,27 @@ def seed_trade_ids(eng, norm, source: str, lookback_ns: int = 2 * 86400 * NS) ->
     log.info("trade_ids_seeded", products=len(seeds))
 
 
+def seed_instrument_versions(eng, norm, source: str, lookback_ns: int = 30 * 86400 * NS) -> None:
+    """The latest stored version of each instrument of `source` (versions of the last `lookback_ns`
+    before the lake's last receive time) to `norm.seed_instruments`, so a restart does not store
+    unchanged versions again."""
+    last = eng.last_recv_ts(source)
+    if last is None:
+        return
+    try:
+        df = eng.read("instruments", source=source, start=last - lookback_ns, allow_unsealed=True, raw_ns=True)
+    except Exception as e:  # noqa: BLE001 - a lake without reference data must not stop collection
+        log.warning("instrument_seed_failed", error=repr(e)[:200])
+        return
+    if df is None or df.height == 0:
+        return
+    norm.seed_instruments(df.to_dicts())
+    log.info("instrument_versions_seeded", source=source, versions=df.height)
+
+
 def append_tables(eng, tables: dict) -> int:
     n = 0
-    for name in ("gaps", "l2", "trades"):
+    for name in ("gaps", "l2", "trades", "instruments"):
         t = tables.get(name)
         if t is not None and t.num_rows:
             n += eng.append(name, t)

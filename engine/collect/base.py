@@ -22,7 +22,9 @@ from engine.log import get_logger
 from engine.schema import INSTRUMENTS_SCHEMA, drop_faulty_rows
 
 CHUNK_ROWS = 65_536
-_REF_FIELDS = frozenset(INSTRUMENTS_SCHEMA.names) - {"valid_from", "source", "market", "instrument", "kind"}
+_REF_KEYS = ("valid_from", "source", "market", "instrument", "kind")
+REF_FIELDS = tuple(n for n in INSTRUMENTS_SCHEMA.names if n not in _REF_KEYS)  # instrument()'s keyword columns
+_REF_FIELDS = frozenset(REF_FIELDS)
 
 
 def fixed_units(s: str, digits: int) -> int:
@@ -58,6 +60,7 @@ class Counters:
     skipped_rows: int = 0
     dup_trades: int = 0
     instrument_versions: int = 0
+    rest_answers: int = 0
     gaps: int = 0
     reconnects: int = 0
     errors: int = 0
@@ -165,16 +168,47 @@ class BaseNormalizer:
         """One version of an instrument (a row of the `instruments` table); the other columns of
         `schema.INSTRUMENTS_SCHEMA` are given by name and default to null. A version equal to the
         last one recorded for this instrument (every column but `valid_from`) is not stored again."""
-        row = {"market": market, "instrument": instrument, "kind": kind, **fields}
         unknown = set(fields) - _REF_FIELDS
         if unknown:
             raise TypeError(f"instrument(): unknown column(s) {sorted(unknown)}")
+        row = {"market": market, "instrument": instrument, "kind": kind, **{f: fields.get(f) for f in REF_FIELDS}}
         key = (market, instrument)
         if self._ref_last.get(key) == row:
             return
         self._ref_last[key] = row
         self.ref.append({"valid_from": valid_from, "source": self.source, **row})
         self.c.instrument_versions += 1
+
+    def last_instrument(self, market: str, instrument: str) -> dict[str, Any] | None:
+        """The last version recorded (or seeded) for an instrument, without `valid_from` and `source`:
+        what a partial update (a lifecycle event) is merged into."""
+        row = self._ref_last.get((market, instrument))
+        return dict(row) if row is not None else None
+
+    def seed_instruments(self, rows: Iterable[dict[str, Any]]) -> None:
+        """The latest stored version of each instrument (rows of the `instruments` table, any order of
+        versions: the last per instrument by `valid_from` wins), so that a restarted collector does
+        not store an unchanged version again."""
+        latest: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        for r in rows:
+            key = (str(r["market"]), str(r["instrument"]))
+            vf = int(r.get("valid_from") or 0)
+            if key not in latest or vf >= latest[key][0]:
+                latest[key] = (vf, r)
+        for key, (_, r) in latest.items():
+            self._ref_last[key] = {"market": key[0], "instrument": key[1], "kind": str(r["kind"]),
+                                   **{f: r.get(f) for f in REF_FIELDS}}
+
+    def rest(self, recv_ns: int, name: str, body: str) -> None:
+        """A REST answer (the body text as received) that the live `Link` fetched and the capture
+        recorded as a `rest` meta line: it reaches the normalizer the same way live and offline."""
+        self.c.rest_answers += 1
+        self.on_rest(recv_ns, name, body)
+
+    def on_rest(self, recv_ns: int, name: str, body: str) -> None:
+        """Override to turn a source's REST answers (reference data) into rows; never raise: a bad
+        body is a counted, logged skip."""
+        self.skip(body, f"unknown_rest: {name!r}")
 
     # -- gaps -----------------------------------------------------------------------------------
     def gap(self, market: str, instrument: str | None, start: int, end: int, kind: str, detail: str) -> None:

@@ -3,7 +3,10 @@
     {"recv_ns": <int>, "frame": "<raw text frame>"}
     {"recv_ns": <int>, "meta": {"type": "connect", "source": <name>, "conn": <int>, ...}}
     {"recv_ns": <int>, "meta": {"type": "disconnect", "conn": <int>, "reason": "<text>"}}
+    {"recv_ns": <int>, "meta": {"type": "rest", "name": "<endpoint>", "body": "<answer text>"}}
 
+A `rest` line is a REST answer a source's Link fetched (reference data: Kalshi markets, Coinbase
+products; `engine.collect.rest`), recorded where it reached the normalizer among the frames.
 A connect line's further fields are the source's `Source.connect_meta` (Kalshi: "use_yes_price": <bool>).
 
 Written live by the collector (rotated at each UTC hour; the file name carries the hour) and read

@@ -16,6 +16,7 @@ from engine.collect import registry
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, BaseNormalizer, tune_gc
 from engine.collect.capture import CaptureReader
+from engine.collect.rest import REST_META
 from engine.log import get_logger
 from engine.timeutil import NS
 
@@ -39,6 +40,12 @@ def apply_line(norm: BaseNormalizer, recv_ns: int, frame: str | None, meta: dict
     elif typ == "disconnect":
         if norm.conn is not None:
             norm.on_disconnect(recv_ns, str(meta.get("reason", "")))
+    elif typ == REST_META:  # a REST answer the live Link fetched, at the place it reached the normalizer
+        body = meta.get("body")
+        if isinstance(body, str):
+            norm.rest(recv_ns, str(meta.get("name", "")), body)
+        else:
+            norm.skip(str(meta)[:200], "bad_rest_line: no body text")
 
 
 def ingest_files(eng, files: Iterable[str | os.PathLike], source: str, *, progress: bool = True,
@@ -110,6 +117,7 @@ def cli(argv: list[str]) -> int:
         eng.close()
     print(
         f"ingested {len(a.files)} file(s): {st['frames']} frames, {st['rows_l2']} l2 rows, {st['rows_trades']} trades, "
-        f"{st['gaps']} gaps, {st['skipped_frames']} skipped frames, {st['bad_lines']} bad lines"
+        f"{st['gaps']} gaps, {st['skipped_frames']} skipped frames, {st['bad_lines']} bad lines, "
+        f"{st['instrument_versions']} instrument versions"
     )
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from engine.collect import registry, shards
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, tune_gc
 from engine.collect.capture import CaptureWriter
+from engine.collect.rest import rest_meta
 from engine.collect.source import AuthError, Reconnect
 from engine.collect.status import _atomic_write, request_flush, status_cli, status_dir  # noqa: F401 - their old address
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
@@ -81,6 +83,8 @@ class SourceRunner:
         self.connected_since: float | None = None
         self.pending_futures: list = []
         self.started_ns = time.time_ns()
+        self._rest_last: dict[str, bytes] = {}  # request key -> digest of its last answer (see rest())
+        self.rest_unchanged = 0
         self.link = src.link(self)
 
     # ---- shared helpers -----------------------------------------------------------------------
@@ -105,6 +109,31 @@ class SourceRunner:
         if len(fs) > 64:
             self.pending_futures = [f for f in fs if not f.done()]
 
+    def rest(self, name: str, body: str, key: str | None = None) -> bool:
+        """A REST answer the Link fetched (reference data): recorded in the capture as a `rest` meta
+        line and handed to the normalizer, as `ingest` does with that line (live == offline).
+        `key` names the request (e.g. its URL): an answer equal to the last one of the same key says
+        nothing new and is neither recorded nor normalized, so a poll costs no capture space until
+        something changes. Returns whether the answer was taken."""
+        if key is not None:
+            digest = hashlib.blake2b(body.encode(), digest_size=16).digest()
+            if self._rest_last.get(key) == digest:
+                self.rest_unchanged += 1
+                return False
+            if len(self._rest_last) >= 4096:  # bounded: the oldest request key goes
+                self._rest_last.pop(next(iter(self._rest_last)))
+            self._rest_last[key] = digest
+        now = time.time_ns()
+        with self.lock:
+            if self.capture:
+                self.capture.meta(now, rest_meta(name, body))
+            try:
+                self.norm.rest(now, name, body)
+            except Exception as e:  # noqa: BLE001 - a normalizer bug must not stop collection
+                self.norm.skip(body, f"internal_error: {type(e).__name__}", e)
+                self.log.exception("normalizer_error", rest=name)
+        return True
+
     def restart_gap(self) -> None:
         last = self.eng.last_recv_ts(self.source)
         if last is None:
@@ -127,6 +156,7 @@ class SourceRunner:
             reconnects=self.reconnects,
             rows=c["rows_l2"] + c["rows_trades"],
             pending_appends=sum(1 for f in self.pending_futures if not f.done()),
+            rest_unchanged=self.rest_unchanged,
         )
         c.update(self.link.status())
         return c

@@ -57,8 +57,10 @@ class Link:
     the normalizer's actions are carried out, background tasks (discovery), watchdog checks and
     status counters. One per runner, kept across reconnects; the runner owns the socket.
 
-    `runner` gives `cfg`, `log`, `lock` (held around every normalizer call), `norm` and `ws` (the
-    open socket or None)."""
+    `runner` gives `cfg`, `log`, `lock` (held around every normalizer call), `norm`, `ws` (the
+    open socket or None) and `rest(name, body, key=None)`: a fetched REST answer (reference data)
+    recorded in the capture and handed to the normalizer's `on_rest`, the way `ingest` replays it
+    (with a `key`, only when it differs from the last answer of that key)."""
 
     def __init__(self, source: "Source", runner: Any):
         self.source = source
@@ -170,7 +172,12 @@ class Source:
         return {}
 
     def seed(self, eng, norm: BaseNormalizer) -> None:
-        """State from the lake before the first frame (e.g. the last stored trade ids)."""
+        """State from the lake before the first frame (e.g. the last stored trade ids). The default
+        seeds the latest stored instrument versions (a restart stores no unchanged version again);
+        call `super().seed(eng, norm)` when overriding."""
+        from engine.collect.append import seed_instrument_versions
+
+        seed_instrument_versions(eng, norm, self.name)
 
     # ---- the demo (engine.run.supervisor --demo) -------------------------------------------------
     def local_args(self, port: int) -> list[str]:

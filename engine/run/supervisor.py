@@ -119,7 +119,8 @@ def prepare_demo(demo_dir: Path, minutes: float) -> dict:
     caps = {}
     for src in registry.names():
         out = demo_dir / f"{src}-now.jsonl.zst"
-        capture_gen.cli(["--source", src, "--minutes", str(minutes), "--start", str(start), "--out", str(out)])
+        capture_gen.cli(["--source", src, "--minutes", str(minutes), "--start", str(start), "--out", str(out),
+                         *_sim_demo_args(src)])
         caps[src] = out
     demos = {src: registry.get(src).demo(demo_dir) for src in caps}
     # play no frame stamped in the future: the exchange times would run ahead of the receive times
@@ -130,6 +131,16 @@ def prepare_demo(demo_dir: Path, minutes: float) -> dict:
     for d in demos.values():
         out.update(d.files)
     return out
+
+
+def _sim_demo_args(src: str) -> tuple[str, ...]:
+    """The simulated exchange's own options for the demo capture (none when it is not simulated)."""
+    from engine.sim import registry as sim_registry
+
+    try:
+        return sim_registry.get(src).demo_args
+    except ValueError:
+        return ()
 
 
 def _start_demo(sup: Supervisor, de: str, env: dict, demo_dir: Path, minutes: float) -> list[str] | None:

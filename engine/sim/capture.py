@@ -3,7 +3,8 @@ write captures.
 
 The format is the collector's (`engine.collect.capture`): JSON Lines (plain, or zstd when the name
 ends in `.zst`), one object per line in receive order, either `{"recv_ns": int, "frame": "<raw text
-frame>"}` or `{"recv_ns": int, "meta": {...}}` (connect / disconnect). Here records are plain dicts.
+frame>"}` or `{"recv_ns": int, "meta": {...}}` (connect / disconnect, and in a collector's captures
+`rest`: a REST answer it fetched). Here records are plain dicts.
 """
 
 from __future__ import annotations

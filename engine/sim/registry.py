@@ -1,6 +1,6 @@
 """Simulated exchanges by name: each one a replay protocol and a capture generator.
 
-    register(name, protocol_cls, generator, gen_cli=None)
+    register(name, protocol_cls, generator, gen_cli=None, demo_args=())
 
 `ReplayServer(source=name)`, `data-engine replay-exchange --source NAME` and `data-engine
 gen-capture --source NAME` look exchanges up here and name the known ones when a name is not
@@ -12,7 +12,9 @@ Adding a simulated exchange: a package `engine/sim/<name>/` with `gen.py` (a det
 generator of capture records, keyword arguments `seconds`, `seed`, `start_ns` and `rate`, plus a
 `GenCli` for its own gen-capture options if it has any) and `replay.py` (a `ReplayProtocol`
 subclass: see `engine.sim.replay.protocol` for the hooks), and one `register(...)` line in
-`_register_builtins()`. `engine_tests/test_sim_registry.py` shows the smallest exchange that plays.
+`_register_builtins()`. `engine_tests/test_sim_registry.py` shows the smallest exchange that plays. `demo_args` are the
+exchange's own `gen-capture` options for the demo's short capture (Kalshi: contracts of a few
+minutes, so some settle while the demo runs).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class SimExchange:
     protocol: type  # a ReplayProtocol subclass
     generator: Generator
     gen_cli: GenCli | None = None
+    demo_args: tuple[str, ...] = ()  # its own gen-capture options for the demo capture
 
 
 _EXCHANGES: dict[str, SimExchange] = {}
@@ -50,7 +53,7 @@ _builtins_loaded = False
 
 
 def register(name: str, protocol_cls: type, generator: Generator, gen_cli: GenCli | None = None, *,
-             replace: bool = False) -> SimExchange:
+             replace: bool = False, demo_args: tuple[str, ...] = ()) -> SimExchange:
     """Make an exchange known by `name`: its `ReplayProtocol` subclass and its capture generator."""
     from engine.sim.replay.protocol import ReplayProtocol
 
@@ -64,7 +67,7 @@ def register(name: str, protocol_cls: type, generator: Generator, gen_cli: GenCl
         _ensure_builtins()
         if name in _EXCHANGES and not replace:
             raise ValueError(f"exchange {name!r} is already registered")
-        ex = _EXCHANGES[name] = SimExchange(name, protocol_cls, generator, gen_cli)
+        ex = _EXCHANGES[name] = SimExchange(name, protocol_cls, generator, gen_cli, tuple(demo_args))
     return ex
 
 
@@ -110,4 +113,4 @@ def _register_builtins() -> None:
     register("coinbase", CoinbaseProtocol, coinbase_gen.generate_coinbase,
              GenCli(coinbase_gen.add_gen_arguments, coinbase_gen.gen_records))
     register("kalshi", KalshiProtocol, kalshi_gen.generate_kalshi,
-             GenCli(kalshi_gen.add_gen_arguments, kalshi_gen.gen_records))
+             GenCli(kalshi_gen.add_gen_arguments, kalshi_gen.gen_records), demo_args=kalshi_gen.DEMO_ARGS)

@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 
 from engine.collect.base import Action, BaseNormalizer
 from engine.collect.coinbase import wire
+from engine.collect.coinbase.reference import KIND as PRODUCT_KIND
+from engine.collect.coinbase.reference import product_fields
 from engine.collect.coinbase.wire import (
     IGNORED_CHANNELS,
     SOURCE,
@@ -226,6 +228,24 @@ class CoinbaseNormalizer(BaseNormalizer):
 
     def invalidate_all(self) -> None:
         self.valid.clear()
+
+    # ---- reference data (REST answers the link fetched; recorded in the capture) ----------------
+    def on_rest(self, recv_ns: int, name: str, body: str) -> None:
+        """`product` (`GET /products/{id}`) or `products` (`GET /products`): one version per product;
+        a bad product is a counted skip, the others of the answer are kept."""
+        if name not in ("product", "products"):
+            return super().on_rest(recv_ns, name, body)
+        try:
+            raws = wire.products_decoder.decode(body) if name == "products" else [body]
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.skip(body, f"bad_rest_{name}", e)
+            return
+        for raw in raws:
+            try:
+                p = wire.product_decoder.decode(raw)
+                self.instrument(recv_ns, p.id, p.id, PRODUCT_KIND, **product_fields(p))
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                self.skip(raw if isinstance(raw, str) else bytes(raw), f"bad_rest_{name}", e)
 
     # ---- frames -----------------------------------------------------------------------------
     def feed(self, recv_ns: int, frame: str | bytes) -> None:

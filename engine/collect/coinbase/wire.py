@@ -12,6 +12,8 @@ from msgspec import Struct
 SOURCE = "coinbase"
 DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD", "SOL-USD")
 DEFAULT_URL = "wss://advanced-trade-ws.coinbase.com"
+# Exchange REST API (public): GET /products and /products/{id} give each product's increments
+DEFAULT_REST_URL = "https://api.exchange.coinbase.com"
 # channels that are valid on this feed but not collected: counted as ignored, never as bad input
 IGNORED_CHANNELS = frozenset({"ticker", "ticker_batch", "candles", "status", "level2_batch", "user", "futures_balance_summary"})
 
@@ -126,9 +128,26 @@ class Probe(Struct, gc=False):
     timestamp: str | None = None
 
 
+class Product(Struct, kw_only=True, gc=False):
+    """A product of the Exchange REST API (`GET /products/{id}`, or each item of `GET /products`).
+    Increments stay decimal strings here; `base_min_size` was removed from the API in 2022 and is
+    read when present."""
+
+    id: str
+    base_currency: str
+    quote_currency: str
+    quote_increment: str
+    base_increment: str
+    base_min_size: str | None = None
+    status: str | None = None
+    display_name: str | None = None
+
+
 decoder = msgspec.json.Decoder(Union[L2Msg, TradesMsg, HeartbeatsMsg, SubsMsg], strict=False)
 raw_decoder = msgspec.json.Decoder(Union[RawL2Msg, TradesMsg, HeartbeatsMsg, SubsMsg], strict=False)
 probe_decoder = msgspec.json.Decoder(Probe)
+product_decoder = msgspec.json.Decoder(Product)
+products_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 SIDE_OF = {x.value: x for x in Side}
 
 

@@ -10,6 +10,10 @@ Traps handled here (see exchange-protocols.md §2):
 - `seq` runs per (connection, sid); a jump -> `sequence` gap, books on that sid invalid until a
   fresh snapshot, and the runtime is asked for `get_snapshot`;
 - snapshots can arrive unrequested and may lack both ladders: they always replace the book.
+
+Reference data (`instruments` rows, `engine.collect.kalshi.reference`): REST market objects
+(`rest("markets", body)`: discovery's pages, recorded in the capture) and `market_lifecycle_v2`
+events (all markets: only the series named by the connection's meta line are kept).
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ import pyarrow as pa
 from engine.collect.base import Action, BaseNormalizer
 from engine.collect.columns import DICT_T, const_dict
 from engine.collect.kalshi import wire
+from engine.collect.kalshi.reference import KIND, BadReference, lifecycle_fields, market_fields
 from engine.collect.kalshi.wire import (
     IGNORED_TYPES,
+    LIFECYCLE_CHANNEL,
+    LifecycleMsg,
     ONE,
     SOURCE,
     DeltaBody,
@@ -148,6 +155,9 @@ class KalshiNormalizer(BaseNormalizer):
         self._pf: dict[int, float] = {}
         self.l2 = L2Rows()
         self._levels_by_side: dict[str, dict[str, tuple[int, bool, float]]] = {"yes": {}, "no": {}}
+        # series whose lifecycle events are kept (the channel sends every market's): set by the
+        # connection's meta line, so live and offline keep the same ones; None = all
+        self.lifecycle_series: frozenset[str] | None = None
 
     def markets(self) -> Iterable[str]:
         return self.known
@@ -171,9 +181,12 @@ class KalshiNormalizer(BaseNormalizer):
             self.explicit_conns = True
         super().on_connect(recv_ns, conn, **meta)
 
-    def reset_connection(self, recv_ns: int, use_yes_price: bool | None = None, keep_sids: bool = False, **meta) -> None:
+    def reset_connection(self, recv_ns: int, use_yes_price: bool | None = None, keep_sids: bool = False,
+                         series: Iterable[str] | None = None, **meta) -> None:
         if use_yes_price is not None:
             self.use_yes_price = bool(use_yes_price)
+        if series is not None:
+            self.lifecycle_series = frozenset(series)
         # else (meta-less capture): keep the documented default (False) or what was last set
         self._levels_by_side = {"yes": {}, "no": {}}  # the NO price scale may have changed
         if not keep_sids:
@@ -315,6 +328,9 @@ class KalshiNormalizer(BaseNormalizer):
             if m.sid is not None:
                 self._seq(recv_ns, m.sid, m.seq, frame, self.sid_channel.get(m.sid, "?"))
             self._error(m, frame)
+        elif cls is LifecycleMsg:
+            self.last_frame_recv = recv_ns
+            self._lifecycle(recv_ns, m, frame)
         elif cls is UnsubscribedMsg:
             if m.sid is not None:
                 self.sid_channel.pop(m.sid, None)
@@ -328,6 +344,9 @@ class KalshiNormalizer(BaseNormalizer):
             return
         if p.type in IGNORED_TYPES:
             self.c.ignored_frames += 1
+            return
+        if p.type == LIFECYCLE_CHANNEL:
+            self.skip(frame, f"bad_{p.type}", exc)
             return
         if p.type in ("orderbook_delta", "orderbook_snapshot", "trade") and p.sid is not None and p.seq is not None:
             ch = "trade" if p.type == "trade" else "orderbook_delta"
@@ -476,6 +495,49 @@ class KalshiNormalizer(BaseNormalizer):
         t = b.market_ticker
         self.trades.add(ts, recv_ns, self._ser(t), t, side, self._price(p), q / 100, b.trade_id, m.seq)
         self.c.rows_trades += 1
+
+    # ---- reference data ------------------------------------------------------------------------
+    def _lifecycle(self, recv_ns: int, m: LifecycleMsg, frame) -> None:
+        b = m.msg
+        t = b.market_ticker
+        if self.lifecycle_series is not None and series_of(t) not in self.lifecycle_series:
+            self.c.ignored_frames += 1  # another series' market: the channel takes no filter
+            return
+        try:
+            market, f = lifecycle_fields(self.last_instrument(series_of(t), t), b, recv_ns)
+            self.instrument(recv_ns, market, t, KIND, **f)
+        except (BadReference, ValueError, TypeError) as e:
+            self.skip(frame, f"bad_{LIFECYCLE_CHANNEL}", e)
+
+    def on_rest(self, recv_ns: int, name: str, body: str) -> None:
+        """REST market objects (`GET /markets` pages, `GET /markets/{ticker}`): one version each; a
+        bad object is a counted skip, the rest of its page is kept."""
+        if name not in ("markets", "market"):
+            return super().on_rest(recv_ns, name, body)
+        try:
+            page = wire.page_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.skip(body, f"bad_rest_{name}", e)
+            return
+        raws = list(page.markets or ()) + ([page.market] if bytes(page.market) != b"null" else [])
+        for raw in raws:
+            try:
+                mk = wire.market_decoder.decode(raw)
+                market, f = market_fields(mk)
+                self.instrument(recv_ns, market, mk.ticker, KIND, **f)
+            except (msgspec.DecodeError, msgspec.ValidationError, BadReference, ValueError) as e:
+                self.skip(bytes(raw), f"bad_rest_{name}", e)
+
+    def unresolved(self, closed_before_ns: int, closed_after_ns: int) -> list[str]:
+        """Contracts (recorded or seeded) closed in (closed_after_ns, closed_before_ns] whose result or
+        settlement is not known yet."""
+        out = []
+        for (_, t), r in self._ref_last.items():
+            c = r.get("close_ts")
+            if c is not None and closed_after_ns < c <= closed_before_ns and (
+                    r.get("result") is None or r.get("settled_ts") is None):
+                out.append(t)
+        return sorted(out)
 
     def _ok(self, m: OkMsg) -> None:
         if m.msg is None or self.sid_channel.get(m.sid) != "orderbook_delta":

@@ -3,6 +3,11 @@ and the resync policy (get_snapshot on the sid, resubscribe when it is not answe
 
 Contracts are discovered per series through the REST API every `--discovery-interval` seconds and
 the subscription follows: new contracts are added to the open sids, expired ones deleted.
+Reference data: every discovery page goes to the normalizer (and the capture) as a REST answer,
+without its quote fields and only when it changed;
+`market_lifecycle_v2` is subscribed on every connection (open, close-date changes, determination,
+settlement); contracts past their close without a known result are asked for by ticker each round
+(`GET /markets?tickers=`) for a day, so a settlement missed on the socket still arrives.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ from urllib.parse import urlsplit
 
 from engine.collect.base import Action
 from engine.collect.kalshi import wire
-from engine.collect.kalshi.discovery import fetch_markets, open_tickers
+from engine.collect.kalshi.discovery import market_pages, markets_of, open_tickers, reference_page
 from engine.collect.kalshi.normalize import KalshiNormalizer
 from engine.collect.source import AuthError, Demo, Link, Reconnect, Source
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
+from engine.timeutil import NS
+
+RESULT_POLL_AFTER_S = 60.0  # ask REST for a closed contract's result once the lifecycle channel had this long
+RESULT_POLL_FOR_S = 86400.0  # ... and for at most this long after its close (then the settlement check warns)
+RESULT_BATCH = 50  # tickers per `GET /markets?tickers=` request
 
 
 class KalshiLink(Link):
@@ -35,10 +45,13 @@ class KalshiLink(Link):
         self.snapshot_requested: dict[int, float] = {}
         self.markets_added = 0
         self.markets_dropped = 0
+        self.results_polled = 0
 
     async def on_open(self, ws) -> None:
         self.subscribed = set()
         self.snapshot_requested = {}
+        self.cmd_id += 1
+        await ws.send(wire.lifecycle_cmd(self.cmd_id))  # reference data: every market's lifecycle
         if self.desired:
             await self._subscribe(ws)
 
@@ -79,7 +92,7 @@ class KalshiLink(Link):
 
     def status(self) -> dict[str, Any]:
         return {"subscribed_markets": len(self.subscribed), "markets_added": self.markets_added,
-                "markets_dropped": self.markets_dropped}
+                "markets_dropped": self.markets_dropped, "results_polled": self.results_polled}
 
     # ---- subscription management ------------------------------------------------------------
     def _sids(self) -> dict[str, int]:
@@ -131,7 +144,12 @@ class KalshiLink(Link):
             try:
                 found: set[str] = set()
                 for s in self.source.markets(cfg):
-                    mk = await loop.run_in_executor(None, fetch_markets, cfg.kalshi_rest_url, s)
+                    pages = await loop.run_in_executor(None, market_pages, cfg.kalshi_rest_url, s)
+                    mk = []
+                    for i, body in enumerate(pages):
+                        body = reference_page(body)  # quotes dropped: the socket has them
+                        r.rest("markets", body, key=f"{s}/{i}")  # captured and normalized, like ingest does
+                        mk += markets_of(body)
                     found |= open_tickers(mk, s, time.time() if cfg.discovery_wall_clock else None)
                 if found != self.desired:
                     r.log.info("discovery", markets=len(found), new=len(found - self.desired), gone=len(self.desired - found))
@@ -140,9 +158,28 @@ class KalshiLink(Link):
             except Exception as e:  # noqa: BLE001 - discovery errors keep the current set
                 r.log.warning("discovery_failed", error=repr(e)[:300])
             try:
+                await self._results(loop)
+            except Exception as e:  # noqa: BLE001 - the next round asks again
+                r.log.warning("result_poll_failed", error=repr(e)[:300])
+            try:
                 await asyncio.wait_for(stop.wait(), cfg.discovery_interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def _results(self, loop) -> None:
+        """Closed contracts whose result or settlement is not known yet (from this run or seeded from
+        the lake), asked for by ticker: their market objects then carry status, result and settlement."""
+        r = self.runner
+        now = time.time_ns()
+        with r.lock:
+            todo = r.norm.unresolved(now - int(RESULT_POLL_AFTER_S * NS), now - int(RESULT_POLL_FOR_S * NS))
+        for i in range(0, len(todo), RESULT_BATCH):
+            batch = todo[i:i + RESULT_BATCH]
+            pages = await loop.run_in_executor(None, lambda b=batch: market_pages(
+                r.cfg.kalshi_rest_url, status=None, tickers=b))
+            for i, body in enumerate(pages):
+                r.rest("markets", reference_page(body), key=f"tickers={','.join(batch)}/{i}")
+        self.results_polled += len(todo)
 
 
 class KalshiSource(Source):
@@ -195,10 +232,14 @@ class KalshiSource(Source):
         return KalshiNormalizer(max_skew_ns=max_skew_ns, series=markets, log=log)
 
     def connect_meta(self, cfg: argparse.Namespace) -> dict[str, Any]:
-        return {"use_yes_price": cfg.use_yes_price}  # not restated by the frames: the capture must say
+        # neither is restated by the frames: the capture must say (series: whose lifecycle events are kept)
+        return {"use_yes_price": cfg.use_yes_price, "series": sorted(self.markets(cfg))}
 
     def connect_kwargs(self, meta: Mapping[str, Any]) -> dict[str, Any]:
-        return {"use_yes_price": bool(meta.get("use_yes_price", False))}  # Kalshi's documented default
+        kw: dict[str, Any] = {"use_yes_price": bool(meta.get("use_yes_price", False))}  # Kalshi's documented default
+        if isinstance(meta.get("series"), list):
+            kw["series"] = [str(x) for x in meta["series"]]
+        return kw
 
     def local_args(self, port: int) -> list[str]:
         return ["--kalshi-url", f"ws://127.0.0.1:{port}{urlsplit(wire.DEFAULT_WS_URL).path}",

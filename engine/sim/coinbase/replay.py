@@ -6,7 +6,8 @@ snapshot synthesized from the book it maintains from the capture (so a reconnect
 the correct current book), each market_trades product with a snapshot of the recent trades, and a
 cumulative `subscriptions` ack; then forwards the capture's updates, trades and heartbeats with
 `sequence_num` rewritten contiguous from 0 per connection. On a looped pass, exchange times move
-with the pass and trade ids move above every id of the passes before.
+with the pass and trade ids move above every id of the passes before. REST on the same port: the
+Exchange API's `GET /products` and `/products/{id}` (`engine.sim.coinbase.products`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from engine.sim.coinbase import products as rest_products
 from engine.sim.fmt import fmt_rfc3339
 from engine.sim.replay.conn import Conn
 from engine.sim.replay.protocol import ReplayProtocol, dec, enc, shift_rfc3339
@@ -41,6 +43,8 @@ class CoinbaseConnState:
 
 
 class CoinbaseProtocol(ReplayProtocol):
+    rest_prefix = "/products"  # the Exchange REST API has no path prefix: its product endpoints live here
+
     def __init__(self, server):
         super().__init__(server)
         self.books: dict[str, dict[str, dict[str, str]]] = {}  # product -> bid/offer -> price -> size
@@ -53,6 +57,9 @@ class CoinbaseProtocol(ReplayProtocol):
         self._next = server._cb_next if getattr(type(server), "_cb_next", default) is not default else self.next_frame
 
     # ------------------------------------------------------------------------------------------ capture
+
+    def rest(self, path: str, query: dict[str, list[str]]):
+        return rest_products.answer(self.products, path)
 
     def prescan(self, records: Iterable[dict]) -> int | None:
         first = None

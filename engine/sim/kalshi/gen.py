@@ -1,11 +1,17 @@
 """Deterministic Kalshi capture generator (the project's own code, no fixtures).
 
-One connection subscribed to orderbook_delta (sid 1) and trade (sid 2): `subscribed` acks, one
-`orderbook_snapshot` per open market, `orderbook_delta` (signed `delta_fp`), `trade`, per-sid
-contiguous `seq`; contracts of each series open and expire every `contract_minutes`
-(`engine.sim.kalshi.markets.kalshi_schedule`; the simulated collector sends `update_subscription`
-add/delete, whose `ok` answers are in the capture). `kalshi_markets(...)` gives the matching REST
-`/markets` objects. Same parameters (seed and start time included) → byte-identical output.
+One connection subscribed to orderbook_delta (sid 1), trade (sid 2) and market_lifecycle_v2 (sid 3):
+`subscribed` acks, one `orderbook_snapshot` per open market, `orderbook_delta` (signed `delta_fp`),
+`trade`, per-sid contiguous `seq`; contracts of each series open and expire every
+`contract_minutes` (`engine.sim.kalshi.markets.kalshi_schedule`; the simulated collector sends
+`update_subscription` add/delete, whose `ok` answers are in the capture). Lifecycle (no `seq`,
+times in Unix seconds): `created` when a contract opens during the capture, and for every event
+whose contracts close during it, `determined` 10-30 s after the close (one expiration value per
+event, drawn around its strikes: the contract whose range holds it settles yes, the others no) and
+`settled` 10-30 s later, all contracts of the event at once. `kalshi_markets(...)` gives the
+matching REST `/markets` objects. The lifecycle draws use their own random stream, so the other
+frames are the same with or without them. Same parameters (seed and start time included) →
+byte-identical output.
 """
 
 from __future__ import annotations
@@ -21,7 +27,17 @@ from typing import Any
 import msgspec
 
 from engine.sim.fmt import DEFAULT_START_NS, fmt_dp, fmt_rfc3339
-from engine.sim.kalshi.markets import DEFAULT_SERIES, KalshiMarketSpec, kalshi_markets, kalshi_schedule
+from engine.sim.kalshi.markets import (
+    DEFAULT_SERIES,
+    KalshiMarketSpec,
+    kalshi_markets,
+    kalshi_schedule,
+    market_title,
+)
+
+LIFECYCLE_SID = 3
+# the demo's capture (a few minutes, looped): two-minute contracts, so several settle while it runs
+DEMO_ARGS = ("--contract-minutes", "2", "--strikes", "4")
 
 _enc = msgspec.json.Encoder()
 
@@ -39,7 +55,7 @@ class _KalshiSim:
     so output is unchanged for a given seed."""
 
     def __init__(self, series: Iterable[str], seconds: float, rate: float, seed: int, start_ns: int,
-                 contract_minutes: int, strikes: int, use_yes_price: bool, conn: int):
+                 contract_minutes: int, strikes: int, use_yes_price: bool, conn: int, lifecycle: bool = True):
         self.sched = kalshi_schedule(list(series), seconds, seed, start_ns, contract_minutes, strikes)
         self.rng = random.Random(seed * 7919 + 17)
         self.start_ns = start_ns
@@ -54,6 +70,51 @@ class _KalshiSim:
         self.seqs = {1: 0, 2: 0}
         self.cmd_id = 1
         self.current: list[str] = []  # open contracts, in subscription order
+        self.series = sorted({m.series_ticker for m in self.sched} | set(series))
+        self.lifecycle = lifecycle
+        self.life = self._lifecycle_events(random.Random(f"{seed}:lifecycle")) if lifecycle else []
+
+    # ---- market_lifecycle_v2 ------------------------------------------------------------------
+    def _lifecycle_events(self, rng: random.Random) -> list[tuple[int, int, dict]]:
+        """(time, order, msg) of every lifecycle event inside the capture, in time order."""
+        out: list[tuple[int, int, dict]] = []
+        for m in self.sched:
+            if self.start_ns < m.open_ns < self.end:
+                out.append((m.open_ns, len(out), {
+                    "market_ticker": m.ticker, "event_type": "created", "open_ts": m.open_ns // 10**9,
+                    "close_ts": m.close_ns // 10**9, "price_level_structure": "linear_cent",
+                    "additional_metadata": {
+                        "event_ticker": m.event_ticker, "title": market_title(m), "strike_type": "between",
+                        "floor_strike": m.floor_strike, "cap_strike": m.cap_strike,
+                        "expected_expiration_ts": m.close_ns // 10**9, "can_close_early": False}}))
+        events: dict[str, list[KalshiMarketSpec]] = {}
+        for m in self.sched:
+            if self.start_ns < m.close_ns < self.end:
+                events.setdefault(m.event_ticker, []).append(m)
+        for ms in events.values():
+            close = ms[0].close_ns
+            lo, hi = min(m.floor_strike for m in ms), max(m.cap_strike for m in ms)
+            width = (hi - lo) / len(ms)
+            value = round(rng.uniform(lo - width / 2, hi + width / 2), 2)
+            det = close + rng.randint(10_000, 30_000) * 10**6
+            settled = det + rng.randint(10_000, 30_000) * 10**6
+            for m in ms:
+                res = "yes" if m.floor_strike <= value <= m.cap_strike else "no"
+                out.append((det, len(out), {
+                    "market_ticker": m.ticker, "event_type": "determined", "result": res,
+                    "determination_ts": det // 10**9, "settlement_value": "1.0000" if res == "yes" else "0.0000"}))
+                out.append((settled, len(out), {"market_ticker": m.ticker, "event_type": "settled",
+                                                "settled_ts": settled // 10**9}))
+        return sorted(e for e in out if e[0] < self.end)
+
+    def _lifecycle_until(self, t_ns: int, now: int) -> Iterator[dict]:
+        """Yield the lifecycle frames due by `t_ns` (each at its own time, never before `now`);
+        returns the time of the last one (or `now`)."""
+        while self.life and self.life[0][0] <= t_ns:
+            t, _, msg = self.life.pop(0)
+            now = max(now, t)
+            yield _out(now, {"type": "market_lifecycle_v2", "sid": LIFECYCLE_SID, "msg": msg})
+        return now
 
     def _new_book(self, m: KalshiMarketSpec) -> None:
         rng = self.rng
@@ -96,7 +157,7 @@ class _KalshiSim:
         rng = self.rng
         now = self.start_ns
         yield {"recv_ns": now, "meta": {"type": "connect", "source": "kalshi", "conn": self.conn,
-                                        "use_yes_price": self.use_yes}}
+                                        "use_yes_price": self.use_yes, "series": self.series}}
         self.current = [m.ticker for m in self.sched if _is_open(m, now)]
         for t in self.current:
             self._new_book(self.spec[t])
@@ -104,12 +165,18 @@ class _KalshiSim:
         yield _out(now, {"id": self.cmd_id, "type": "subscribed", "msg": {"channel": "orderbook_delta", "sid": 1}})
         now += rng.randint(100_000, 900_000)
         yield _out(now, {"id": self.cmd_id, "type": "subscribed", "msg": {"channel": "trade", "sid": 2}})
+        if self.lifecycle:  # at the trade ack's time: the frames after keep their times
+            yield _out(now, {"id": self.cmd_id, "type": "subscribed",
+                             "msg": {"channel": "market_lifecycle_v2", "sid": LIFECYCLE_SID}})
         for t in self.current:
             now += rng.randint(20_000, 300_000)
             yield self._snapshot(now, t)
         boundaries = sorted({x for m in self.sched for x in (m.open_ns, m.close_ns) if self.start_ns < x < self.end})
         while True:
             nxt = now + max(1, int(rng.expovariate(1.0) * self.step))
+            due = min(boundaries[0] if boundaries and boundaries[0] <= nxt else nxt, self.end - 1)
+            if self.life and self.life[0][0] <= due:  # lifecycle frames before the next step
+                now = yield from self._lifecycle_until(due, now)
             if boundaries and boundaries[0] <= nxt:
                 now = yield from self._rotate(boundaries.pop(0), now)
                 continue
@@ -240,10 +307,12 @@ def generate_kalshi(
     strikes: int = 6,
     use_yes_price: bool = False,
     conn: int = 0,
+    lifecycle: bool = True,
 ) -> Iterator[dict]:
-    """Yield capture records of one Kalshi connection subscribed to orderbook_delta + trade."""
+    """Yield capture records of one Kalshi connection subscribed to orderbook_delta + trade (and
+    market_lifecycle_v2 unless `lifecycle=False`)."""
     yield from _KalshiSim(series, seconds, rate, seed, start_ns, contract_minutes, strikes, use_yes_price,
-                          conn).records()
+                          conn, lifecycle).records()
 
 
 # ---------------------------------------------------------------------------------------------- gen-capture

@@ -1,5 +1,6 @@
 """Kalshi contracts of the simulator: the market schedule the generator follows, the REST `/markets`
-object of a contract at a replay time, and what a ticker says (strike, close time)."""
+object of a contract at a replay time (with what its lifecycle events said by then: determination,
+settlement, a moved close), and what a ticker says (strike, close time)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ DEFAULT_SERIES = ("KXBTC", "KXETH", "KXSOL")
 _SERIES_PARAMS = {"KXBTC": (97_000, 500, 0), "KXETH": (3_400, 20, 0), "KXSOL": (240, 2, 0)}
 _MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 _TICKER_RE = re.compile(r"^[A-Z0-9]+-(\d{2})([A-Z]{3})(\d{2})(\d{2})(\d{2})?-")
+
+
+@dataclass
+class Lifecycle:
+    """What a contract's `market_lifecycle_v2` events said up to a replay time (times in ns)."""
+
+    close_ns: int | None = None  # close_date_updated
+    deactivated: bool = False
+    result: str | None = None  # determined
+    settlement_value: str | None = None  # dollars, as the event wrote it
+    expiration_value: str | None = None
+    determined_ns: int | None = None
+    settled_ns: int | None = None  # settled
 
 
 @dataclass
@@ -73,21 +87,39 @@ def kalshi_schedule(
     return out
 
 
-def market_object(m: KalshiMarketSpec, at_ns: int) -> dict:
-    """Kalshi REST `/markets` object for a contract at replay time `at_ns` (status uses the values the
-    live API returns: `initialized` before open, `active` while open, `closed` after close)."""
+def market_title(m: KalshiMarketSpec) -> str:
+    """The contract's title (REST `title`, lifecycle `created` metadata `title`)."""
+    if m.floor_strike is None or m.cap_strike is None:
+        return m.ticker
+    return f"{m.series_ticker} price range {m.floor_strike:g} to {m.cap_strike:g}"
+
+
+def market_status(m: KalshiMarketSpec, at_ns: int, life: Lifecycle | None = None) -> str:
+    """The status word the live API returns at `at_ns`: `initialized` before open, `active` while open
+    (`inactive` when deactivated), `closed` after close, then `determined` and `finalized` as the
+    lifecycle events said."""
+    if life is not None and life.settled_ns is not None:
+        return "finalized"
+    if life is not None and life.result:
+        return "determined"
     if at_ns < m.open_ns:
-        status = "initialized"
-    elif at_ns < m.close_ns:
-        status = "active"
-    else:
-        status = "closed"
-    return {
+        return "initialized"
+    if at_ns < m.close_ns:
+        return "inactive" if life is not None and life.deactivated else "active"
+    return "closed"
+
+
+def market_object(m: KalshiMarketSpec, at_ns: int, life: Lifecycle | None = None) -> dict:
+    """Kalshi REST `/markets` object for a contract at replay time `at_ns` (`life`: its lifecycle
+    events so far; `m` already carries a close moved by them). Settled contracts carry `result`,
+    `settlement_value_dollars`, `settlement_ts` and `expiration_value` as the live API does."""
+    status = market_status(m, at_ns, life)
+    o = {
         "ticker": m.ticker,
         "event_ticker": m.event_ticker,
         "series_ticker": m.series_ticker,
         "market_type": "binary",
-        "title": f"{m.series_ticker} price range {m.floor_strike:g} to {m.cap_strike:g}",
+        "title": market_title(m),
         "status": status,
         "open_time": fmt_iso_seconds(m.open_ns),
         "close_time": fmt_iso_seconds(m.close_ns),
@@ -100,7 +132,14 @@ def market_object(m: KalshiMarketSpec, at_ns: int) -> dict:
         "price_level_structure": "linear_cent",
         "price_ranges": [{"start": "0.0000", "end": "1.0000", "step": "0.0100"}],
         "can_close_early": False,
+        "result": (life.result or "") if life is not None else "",
     }
+    if life is not None and life.result:
+        o["expiration_value"] = life.expiration_value or ""
+    if life is not None and life.settled_ns is not None:
+        o["settlement_value_dollars"] = life.settlement_value
+        o["settlement_ts"] = fmt_iso_seconds(life.settled_ns)
+    return o
 
 
 def kalshi_markets(at_ns: int | None = None, **schedule_kwargs) -> list[dict]:

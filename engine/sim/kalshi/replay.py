@@ -4,7 +4,8 @@ WebSocket at `/trade-api/ws/v2` behind the RSA-PSS auth headers (HTTP 401 when m
 or, with `kalshi_public_key`, not verifying); `subscribe` → one `subscribed` ack per channel, one
 `orderbook_snapshot` per market, then deltas/trades with per-sid contiguous `seq`;
 `update_subscription` (add_markets / delete_markets / get_snapshot), `unsubscribe`,
-`list_subscriptions`; error frames with the documented codes; WebSocket pings (payload `heartbeat`)
+`list_subscriptions`; `market_lifecycle_v2` (every market, no filter, no `seq`: the capture's
+lifecycle events); error frames with the documented codes; WebSocket pings (payload `heartbeat`)
 every `ping_interval` s. Books are kept in the capture's price convention and converted per
 subscription (`use_yes_price`). REST on the same port: `engine.sim.kalshi.rest`. On a looped pass,
 exchange times move with the pass and trades get new ids.
@@ -34,7 +35,9 @@ from engine.sim.replay.protocol import ReplayProtocol, dec, enc, json_response, 
 
 WS_PATH = "/trade-api/ws/v2"
 REST_PREFIX = "/trade-api/v2"
-CHANNELS = ("orderbook_delta", "trade", "ticker")
+LIFECYCLE = "market_lifecycle_v2"
+CHANNELS = ("orderbook_delta", "trade", "ticker", LIFECYCLE)
+_LIFECYCLE_SECONDS = ("open_ts", "close_ts", "determination_ts", "settled_ts")
 
 
 @dataclass
@@ -76,6 +79,7 @@ class KalshiProtocol(ReplayProtocol):
         self.books: dict[str, dict[str, dict[int, int]]] = {}  # ticker -> yes/no -> price 1e-4 -> size 1e-2
         self.market_ids: dict[str, str] = {}
         self.markets: dict[str, KalshiMarketSpec] = {}
+        self.lifecycle: dict[str, list[tuple[int, dict]]] = {}  # ticker -> the capture's lifecycle events
         self._rest = KalshiRest(self)
 
     # ------------------------------------------------------------------------------------------ capture
@@ -84,6 +88,7 @@ class KalshiProtocol(ReplayProtocol):
         sc = scan_capture(records)
         for tk, mid in sc.market_ids.items():
             self.market_ids.setdefault(tk, mid)
+        self.lifecycle = sc.lifecycle
         listed = self.server.markets
         cap = self.server.capture
         if listed is None and isinstance(cap, (str, Path)):
@@ -113,6 +118,9 @@ class KalshiProtocol(ReplayProtocol):
         tick = msg.get("market_ticker")
         if self.server.shift_ns:
             self.shift(msg)
+        if typ == LIFECYCLE:
+            self._lifecycle_frame(msg)
+            return
         if not tick:
             return
         if typ == "orderbook_snapshot":
@@ -164,9 +172,19 @@ class KalshiProtocol(ReplayProtocol):
             return enc({"type": typ, "sid": s.sid, "seq": s.seq, "msg": msg}).decode()
         self.server.deliver(targets, mk)
 
+    def _lifecycle_frame(self, msg: dict) -> None:
+        targets = [(c, s) for c in self.server.conns if c.alive for s in c.state.subs.values() if s.channel == LIFECYCLE]
+        self.server.deliver(targets, lambda c, s: enc({"type": LIFECYCLE, "sid": s.sid, "msg": msg}).decode())
+
     def shift(self, msg: dict) -> None:
         """A message of a shifted pass: times moved forward by `shift_ns`, a new trade id per pass."""
         sh = self.server.shift_ns
+        for k in _LIFECYCLE_SECONDS:  # lifecycle times are Unix seconds
+            if isinstance(msg.get(k), int):
+                msg[k] += sh // 10**9
+        md = msg.get("additional_metadata")
+        if isinstance(md, dict) and isinstance(md.get("expected_expiration_ts"), int):
+            md["expected_expiration_ts"] += sh // 10**9
         ts = msg.get("ts")
         if isinstance(ts, str):
             msg["ts"] = shift_rfc3339(ts, sh)

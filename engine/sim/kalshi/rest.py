@@ -5,10 +5,13 @@ The contracts come from the `markets` list given to the server, else from `<capt
 beside a capture file, else from the capture itself: each contract opens when it first appears
 (or at the capture's start if it is in the initial snapshot burst) and closes when an `ok` answer
 drops it, else at the close time its ticker encodes, else an hour after the capture ends; range
-strikes come from the tickers. REST (`GET` under `/trade-api/v2`): `/markets`, `/markets/{ticker}`,
-`/markets/{ticker}/orderbook`, `/events`, `/series/{ticker}`, `/exchange/status`, with cursor
-pagination; market status follows the replay clock (contracts open and expire as it advances) and
-times carry the server's `at_present` shift.
+strikes come from the tickers (or a `created` lifecycle event). REST (`GET` under `/trade-api/v2`):
+`/markets` (filters `series_ticker`, `event_ticker`, `tickers`, `status`, close times),
+`/markets/{ticker}`, `/markets/{ticker}/orderbook`, `/events`, `/series/{ticker}`,
+`/exchange/status`, with cursor pagination; market status follows the replay clock (contracts open
+and expire as it advances, and are determined and settled as the capture's `market_lifecycle_v2`
+events played so far say, with `result` and settlement fields) and times carry the server's shift
+(the `at_present` shift plus the looped passes, like the frames).
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import msgspec
 from websockets.http11 import Response
 
 from engine.sim.fmt import parse_time_ns
-from engine.sim.kalshi.markets import KalshiMarketSpec, market_object, ticker_close_ns, ticker_strike
+from engine.sim.kalshi.markets import (
+    KalshiMarketSpec,
+    Lifecycle,
+    market_object,
+    market_status,
+    ticker_close_ns,
+    ticker_strike,
+)
 from engine.sim.replay.protocol import dec, json_response
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +51,31 @@ class CaptureScan:
     opened: dict[str, int] = field(default_factory=dict)  # ticker -> recv_ns it appeared
     closed: dict[str, int] = field(default_factory=dict)  # ticker -> recv_ns an `ok` answer dropped it
     market_ids: dict[str, str] = field(default_factory=dict)
+    lifecycle: dict[str, list[tuple[int, dict]]] = field(default_factory=dict)  # ticker -> (recv_ns, msg)
+
+
+def lifecycle_at(events: list[tuple[int, dict]], at_ns: int) -> Lifecycle:
+    """What a contract's lifecycle events received by `at_ns` (capture clock) said (times in ns of the
+    capture; the caller shifts them)."""
+    life = Lifecycle()
+    for recv, msg in events:
+        if recv > at_ns:
+            break
+        ev = msg.get("event_type")
+        if ev == "close_date_updated" and msg.get("close_ts") is not None:
+            life.close_ns = int(msg["close_ts"]) * 10**9
+        elif ev == "deactivated":
+            life.deactivated = msg.get("is_deactivated") is not False
+        elif ev == "activated":
+            life.deactivated = False
+        elif ev == "determined":
+            life.result = msg.get("result")
+            sv = msg.get("settlement_value")
+            life.settlement_value = sv if isinstance(sv, str) else (f"{sv / 100:.4f}" if sv is not None else None)
+            life.determined_ns = int(msg.get("determination_ts") or recv // 10**9) * 10**9
+        elif ev == "settled":
+            life.settled_ns = int(msg.get("settled_ts") or recv // 10**9) * 10**9
+    return life
 
 
 def scan_capture(records: Iterable[dict]) -> CaptureScan:
@@ -68,7 +103,9 @@ def scan_capture(records: Iterable[dict]) -> CaptureScan:
         t = d.get("type")
         sid = d.get("sid")
         tick = msg.get("market_ticker")
-        if t in _DATA_TYPES and tick:
+        if t == "market_lifecycle_v2" and tick:
+            sc.lifecycle.setdefault(tick, []).append((r, msg))
+        elif t in _DATA_TYPES and tick:
             if t != "orderbook_snapshot":
                 in_preamble = False
             if tick not in sc.opened:
@@ -98,8 +135,13 @@ def markets_from_list(objs: list[dict], market_ids: dict[str, str]) -> dict[str,
     return out
 
 
+def _created(sc: CaptureScan, tk: str) -> dict | None:
+    return next((m for _, m in sc.lifecycle.get(tk, ()) if m.get("event_type") == "created"), None)
+
+
 def markets_from_scan(sc: CaptureScan, market_ids: dict[str, str]) -> dict[str, KalshiMarketSpec]:
-    """Contracts inferred from the capture alone (no market list)."""
+    """Contracts inferred from the capture alone (no market list); a `created` lifecycle event says
+    a contract's times and strikes exactly."""
     end = sc.last or 0
     by_event: dict[str, list[str]] = {}
     for tk in sc.opened:
@@ -120,6 +162,16 @@ def markets_from_scan(sc: CaptureScan, market_ids: dict[str, str]) -> dict[str, 
                 floor, cap = s - width / 2, s + width / 2 - 0.01
             out[tk] = KalshiMarketSpec(tk, ev, tk.split("-", 1)[0], sc.opened[tk], close, floor, cap,
                                        market_ids.get(tk, ""))
+    for tk in sc.lifecycle:
+        c = _created(sc, tk)
+        if c is None or c.get("open_ts") is None or c.get("close_ts") is None:
+            continue
+        md = c.get("additional_metadata") or {}
+        old = out.get(tk)
+        out[tk] = KalshiMarketSpec(tk, md.get("event_ticker") or tk.rsplit("-", 1)[0], tk.split("-", 1)[0],
+                                   int(c["open_ts"]) * 10**9, int(c["close_ts"]) * 10**9,
+                                   md.get("floor_strike", old.floor_strike if old else None),
+                                   md.get("cap_strike", old.cap_strike if old else None), market_ids.get(tk, ""))
     return out
 
 
@@ -177,30 +229,49 @@ class KalshiRest:
             return json_response(200, {"exchange_active": True, "trading_active": True})
         return _not_found("/".join(parts))
 
-    def _at_present(self, m: KalshiMarketSpec) -> KalshiMarketSpec:
-        """The contract as REST shows it: its times moved by the same base shift as the frames."""
-        b = self.server.base_shift_ns
-        return dataclasses.replace(m, open_ns=m.open_ns + b, close_ns=m.close_ns + b) if b else m
+    def _now(self, m: KalshiMarketSpec) -> tuple[KalshiMarketSpec, Lifecycle | None]:
+        """The contract and its lifecycle as of the replay clock, in capture time (a moved close applied)."""
+        events = self.proto.lifecycle.get(m.ticker)
+        if not events:
+            return m, None
+        life = lifecycle_at(events, self.server.clock_ns)
+        if life.close_ns is not None:
+            m = dataclasses.replace(m, close_ns=life.close_ns)
+        return m, life
 
     def _market_obj(self, m: KalshiMarketSpec) -> dict:
-        o = market_object(self._at_present(m), self.server.clock_ns + self.server.base_shift_ns)
+        """The contract as REST shows it: its times moved by the same shift as the frames."""
+        m, life = self._now(m)
+        b = self.server.shift_ns
+        if b:
+            m = dataclasses.replace(m, open_ns=m.open_ns + b, close_ns=m.close_ns + b)
+            if life is not None:
+                life = dataclasses.replace(
+                    life, determined_ns=life.determined_ns + b if life.determined_ns is not None else None,
+                    settled_ns=life.settled_ns + b if life.settled_ns is not None else None)
+        o = market_object(m, self.server.clock_ns + b, life)
         if m.floor_strike is None:
             for k in ("floor_strike", "cap_strike", "strike_type"):
                 o.pop(k, None)
-            o["title"] = m.ticker
         return o
 
     def _status_ok(self, m: KalshiMarketSpec, wanted: set | None) -> bool:
+        """The `status` filter's words: unopened, open, paused, closed (past close, not finalized),
+        settled (finalized; without lifecycle events: an hour after close)."""
         if not wanted:
             return True
         t = self.server.clock_ns
-        st = "unopened" if t < m.open_ns else ("open" if t < m.close_ns else "closed")
-        return st in wanted or (st == "closed" and "settled" in wanted and t >= m.close_ns + 3600 * 10**9)
+        m, life = self._now(m)
+        word = {"initialized": "unopened", "active": "open", "inactive": "paused", "finalized": "settled"}
+        st = word.get(market_status(m, t, life), "closed")
+        if st == "closed" and life is None and t >= m.close_ns + 3600 * 10**9 and "settled" in wanted:
+            return True
+        return st in wanted
 
     def _markets(self, mk: list[KalshiMarketSpec], q: dict, wanted: set | None) -> Response:
         ser, ev = _one(q, "series_ticker"), _one(q, "event_ticker")
         ticks = set(_one(q, "tickers").split(",")) if _one(q, "tickers") else None
-        b = self.server.base_shift_ns
+        b = self.server.shift_ns
         lo, hi = _one(q, "min_close_ts"), _one(q, "max_close_ts")
         sel = [m for m in mk if (not ser or m.series_ticker == ser) and (not ev or m.event_ticker == ev)
                and (ticks is None or m.ticker in ticks) and self._status_ok(m, wanted)

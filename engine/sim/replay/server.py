@@ -13,7 +13,8 @@ away from its receive time. `stats()["shift_ns"]` is that shift.
 With `loop_capture`, each pass after the first moves the exchange times of the frames it sends
 forward by whole capture lengths and gives its trades new ids, so a looped capture reads as fresh
 data (not the same minutes again, nor trades a collector drops as duplicates); the REST answers
-keep following the capture's own clock, so contracts reopen on each pass.
+follow the capture's own clock with their times moved like the frames', so contracts reopen on
+each pass, at that pass's times.
 
 Faults (`inject()` at runtime from any thread, or `faults=["drop@100", "stall@500:3", "close@800"]`
 keyed by the capture frame index): `drop[:N]` (the next N frames are not sent but consume sequence
