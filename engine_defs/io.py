@@ -103,6 +103,8 @@ STAGES = ("raw", "uploaded", "compacted")
 LOADERS: dict[str, Loader] = {
     **{f"{stage}_{t}": read_table(t) for t in ("l2", "trades", "gaps") for stage in STAGES},
     "quotes": read_quotes,
+    # reference data: not partitioned, every version (eng.instruments(at=...) picks the one in force)
+    "instruments": lambda eng, p: eng.instruments(history=True),
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 
 from engine_defs import lake
+from engine_defs.io import lake_asset
 from engine_defs.resources import EngineResource
 
 TABLE = "instruments"
@@ -34,7 +35,7 @@ def _ts(ns):
     return dg.MetadataValue.timestamp(ns / 1e9) if ns is not None else dg.MetadataValue.null()
 
 
-@dg.asset(
+@lake_asset(  # loadable by name: defs.load_asset_value("instruments") is every version
     name=TABLE,
     group_name=GROUP,
     kinds={"parquet"},

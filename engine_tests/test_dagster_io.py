@@ -26,14 +26,16 @@ from engine_defs.derived import derived_assets  # noqa: E402
 from engine_defs.display import fmt_duration, hourly_counts, sparkline  # noqa: E402
 from engine_defs.io import LOADERS, LakeIOManagerError, lake_asset, load_asset  # noqa: E402
 from engine_defs.partitions import MARKETS, partitions_def  # noqa: E402
+from engine_defs.reference import reference_assets  # noqa: E402
 from engine_defs.research import research_assets  # noqa: E402
 from engine_defs.resources import EngineResource  # noqa: E402
 
 H = 3600 * 10**9
 M = 60 * 10**9
 BTC, KX = "coinbase:BTC-USD", "kalshi:KXBTC"
-ALL = [*all_assets, *derived_assets, *research_assets]
-LAKE_ASSETS = sorted(LOADERS)  # raw_/uploaded_/compacted_ × l2, trades, gaps, and quotes
+ALL = [*all_assets, *derived_assets, *research_assets, *reference_assets]
+LAKE_ASSETS = sorted(n for n in LOADERS if n != "instruments")  # the partitioned ones: raw_/uploaded_/compacted_ ×
+# l2, trades, gaps, and quotes (instruments, not partitioned: test_reference)
 TABLE_OF = {name: ("quotes" if name == "quotes" else name.split("_", 1)[1]) for name in LAKE_ASSETS}
 
 

@@ -510,4 +510,10 @@ def test_instruments_asset_and_settlement_check(tmp_path):
         run = dg.materialize([instruments, settlement_check], instance=inst, resources={"engine": res})
         (chk,) = run.get_asset_check_evaluations()
         assert chk.passed and chk.metadata["unsettled"].value == 0
+        # loadable by name through the lake IO manager: every version, as eng.instruments(history=True)
+        from engine_tests.test_dagster_io import defs_for
+
+        with defs_for(res).get_asset_value_loader(instance=inst) as loader:
+            v = loader.load_asset_value("instruments")
+        assert v.height == 6 and v.equals(eng.instruments(history=True))
     eng.close()
