@@ -36,7 +36,7 @@ def seed_trade_ids(eng, norm, source: str, lookback_ns: int = 2 * 86400 * NS) ->
 
 def append_tables(eng, tables: dict) -> int:
     n = 0
-    for name in ("gaps", "l2", "trades"):
+    for name in ("gaps", "l2", "trades", "instruments"):
         t = tables.get(name)
         if t is not None and t.num_rows:
             n += eng.append(name, t)
