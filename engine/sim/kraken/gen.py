@@ -304,7 +304,8 @@ class _KrakenSim:
         half = self.start_ns + (self.end - self.start_ns) // 2
         update_done = not self.instrument_update
         while True:
-            now += max(1, int(rng.expovariate(1.0) * self.step))
+            # after the last frame out (a trade message moves it past `now`): receive times never go back
+            now = max(now + max(1, int(rng.expovariate(1.0) * self.step)), self.last_out + 1)
             if now >= self.end:
                 break
             while now - self.last_out > 10**9:  # a quiet second: a heartbeat

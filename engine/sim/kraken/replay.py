@@ -22,7 +22,6 @@ id of the passes before.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections import deque
@@ -300,9 +299,7 @@ class KrakenProtocol(ReplayProtocol):
         c.put(enc({"channel": "status", "type": "update", "data": [{
             "version": "2.0.10", "system": "online", "api_version": "v2", "connection_id": 7_000_000 + self._conn_ids}]}).decode())
         while True:
-            raw = await c.ws.recv()
-            self._request(c, raw)
-            await asyncio.sleep(0)
+            self._request(c, await c.ws.recv())
 
     def _request(self, c: Conn, raw) -> None:
         try:
