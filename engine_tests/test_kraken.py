@@ -133,6 +133,48 @@ def test_checksum_of_the_guide_and_of_a_real_snapshot():
     assert as_floats != d["checksum"]
 
 
+def test_the_kept_best_10_follow_every_change():
+    """`Book` keeps the best-10 tokens incrementally; after any mix of changes and truncations its
+    checksum is the one computed from scratch."""
+    import random
+
+    from engine.collect.kraken.book import make_level
+
+    rng = random.Random(4)
+    b = Book()
+    ref: dict[bool, dict[float, tuple[str, str]]] = {False: {}, True: {}}
+    for i in range(4000):
+        ask = rng.random() < 0.5
+        p = f"{(100 + rng.randint(1, 60)) if ask else (100 - rng.randint(0, 60)):d}.{rng.randint(0, 9)}"
+        q = "0.00000000" if rng.random() < 0.3 else f"{rng.randint(0, 3)}.{rng.randint(0, 10**8 - 1):08d}"
+        if float(q) == 0 and rng.random() < 0.5 and ref[ask]:  # mostly remove levels that exist
+            p = rng.choice([v[0] for v in ref[ask].values()])
+        b.apply(ask, make_level(p, q))
+        if float(q):
+            ref[ask][float(p)] = (p, q)
+        else:
+            ref[ask].pop(float(p), None)
+        if i % 7 == 0:
+            b.truncate(25)
+            for side, rev in ((ref[False], True), (ref[True], False)):
+                for k in sorted(side, reverse=rev)[25:]:
+                    del side[k]
+        want = checksum([ref[True][k] for k in sorted(ref[True])], [ref[False][k] for k in sorted(ref[False], reverse=True)])
+        assert b.checksum() == want, i
+    # the normalizer's inline version of the same, one update message per change (depth 25)
+    n = _norm(depth=25)
+    n.feed(T0 + 1, book_frame("snapshot", "BTC/USD", [], [], checksum([], [])))
+    m = _Mirror([], [])
+    for i in range(3000):
+        ask = rng.random() < 0.5
+        p = f"{(100 + rng.randint(1, 60)) if ask else (100 - rng.randint(0, 60)):d}.{rng.randint(0, 9)}"
+        q = "0.00000000" if rng.random() < 0.3 else f"{rng.randint(0, 3)}.{rng.randint(0, 10**8 - 1):08d}"
+        lv = [(p, q)]
+        m.apply(bids=[] if ask else lv, asks=lv if ask else [], depth=25)
+        n.feed(T0 + 2 + i, book_frame("update", "BTC/USD", [] if ask else lv, lv if ask else [], m.checksum()))
+    assert (n.checksums_verified, n.checksums_failed) == (3001, 0)
+
+
 def test_snapshot_update_truncation_and_a_checksum_mismatch():
     n = _norm()
     r0 = T0 + 1_000_000
@@ -319,7 +361,8 @@ def _copy(b: Book) -> Book:
     c = Book()
     for name in ("bids", "asks"):
         src, dst = getattr(b, name), getattr(c, name)
-        dst.keys, dst.lv = list(src.keys), dict(src.lv)
+        dst.keys, dst.lv, dst.toks, dst.top, dst.dirty = list(src.keys), dict(src.lv), list(src.toks), src.top, src.dirty
+    c.crc, c.ask_crc = b.crc, b.ask_crc
     return c
 
 

@@ -8,9 +8,9 @@ concatenated; CRC32, unsigned. The text is the one Kraken sent (`"qty":0.0010000
 which is why levels keep it (`wire.Level`, msgspec.Raw) instead of a float.
 
 A side keeps its levels in a dict by sort key (the price for asks, minus the price for bids, so
-both ascend from the best) and the keys in a sorted list. The checksum string of its best 10 is
-cached and rebuilt only after a change that reached them: at depth 1000 most changes are deeper,
-and then verifying costs one comparison.
+both ascend from the best) and the keys in a sorted list, plus the checksum tokens of its best 10,
+updated by the changes that reach them (a change deeper than the 10th level costs one comparison;
+one in the best 10 one token), so verifying every message costs little beside keeping the book.
 """
 
 from __future__ import annotations
@@ -58,17 +58,19 @@ def make_level(price: bytes | str, qty: bytes | str) -> Level:
 
 class Side:
     """One side of a book, best first. `keys` ascend (price for asks, -price for bids), `lv` maps a
-    key to its `Level` (the text as sent); `dirty` is set when a change reached the best 10 and
-    `top` then rebuilt by `top_string()`. The normalizer edits `keys`, `lv` and `dirty` inline (its
-    hot path); `put`/`remove` are the same operations as methods."""
+    key to its `Level` (the text as sent), `toks` holds the checksum tokens of the best 10 levels
+    (`level_token`, in `keys` order), kept up to date by each change that reaches them, so a
+    checksum costs one token per such change, not ten; `top` is their join, rebuilt when `dirty`.
+    The normalizer does `put`/`remove` inline (its hot path, same logic)."""
 
-    __slots__ = ("keys", "lv", "top", "dirty")
+    __slots__ = ("keys", "lv", "toks", "top", "dirty")
 
     def __init__(self):
         self.keys: list[float] = []
         self.lv: dict[float, Level] = {}
+        self.toks: list[bytes] = []
         self.top = b""
-        self.dirty = True
+        self.dirty = False
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -76,25 +78,41 @@ class Side:
     def put(self, k: float, level: Level) -> None:
         """Set the level at key `k` (quantity > 0)."""
         keys, lv = self.keys, self.lv
-        if k not in lv:
+        edge = keys[TOP - 1] if len(keys) > TOP else INF  # the 10th best key: beyond it the checksum does not see
+        if k in lv:
+            lv[k] = level
+            if k <= edge:
+                self.toks[bisect_left(keys, k)] = level_token(level)
+                self.dirty = True
+        else:
             insort(keys, k)
-        lv[k] = level
-        if not self.dirty and (len(keys) <= TOP or k <= keys[TOP - 1]):
-            self.dirty = True
+            lv[k] = level
+            if k < edge:
+                toks = self.toks
+                toks.insert(bisect_left(keys, k), level_token(level))
+                if len(toks) > TOP:
+                    del toks[TOP]
+                self.dirty = True
 
     def remove(self, k: float) -> bool:
         """Remove the level at key `k`; False if there was none."""
         keys, lv = self.keys, self.lv
         if k not in lv:
             return False
-        if not self.dirty and (len(keys) <= TOP or k <= keys[TOP - 1]):
-            self.dirty = True
+        edge = keys[TOP - 1] if len(keys) > TOP else INF
+        r = bisect_left(keys, k)
         del lv[k]
-        del keys[bisect_left(keys, k)]
+        del keys[r]
+        if k <= edge:
+            toks = self.toks
+            del toks[r]
+            if len(keys) >= TOP:  # the next level enters the best 10
+                toks.append(level_token(lv[keys[TOP - 1]]))
+            self.dirty = True
         return True
 
     def truncate(self, depth: int) -> list[float]:
-        """Drop the levels beyond `depth` (the venue sends no removal for them); their keys, best first."""
+        """Drop the levels beyond `depth` (>= 10; the venue sends no removal for them); their keys, best first."""
         keys = self.keys
         if len(keys) <= depth:
             return []
@@ -103,14 +121,12 @@ class Side:
         lv = self.lv
         for k in cut:
             del lv[k]
-        return cut  # beyond the best 10: `top` is unchanged
+        return cut  # beyond the best 10: `toks` unchanged
 
     def top_string(self) -> bytes:
-        """The checksum string of the best 10 levels (cached until a change reaches them)."""
+        """The checksum string of the best 10 levels."""
         if self.dirty:
-            lv = self.lv
-            self.top = b"".join([bytes(x.price).replace(b".", b"").lstrip(b"0") + bytes(x.qty).replace(b".", b"").lstrip(b"0")
-                                 for x in map(lv.__getitem__, self.keys[:TOP])])
+            self.top = b"".join(self.toks)
             self.dirty = False
         return self.top
 
@@ -121,13 +137,16 @@ class Side:
 
 
 class Book:
-    """A pair's book: `bids` and `asks` sides; `checksum()` is Kraken's."""
+    """A pair's book: `bids` and `asks` sides; `checksum()` is Kraken's (kept until a side changes
+    among its best 10)."""
 
-    __slots__ = ("bids", "asks")
+    __slots__ = ("bids", "asks", "crc", "ask_crc")
 
     def __init__(self):
         self.bids = Side()
         self.asks = Side()
+        self.crc: int | None = None  # the checksum, until a change reaches the best 10
+        self.ask_crc = 0  # CRC32 of the asks' part alone: the start value of the bids' part
 
     def apply(self, ask: bool, level: Level) -> tuple[float, float]:
         """One level as sent (quantity 0 removes it); returns (price, qty) as floats. Raises
@@ -147,7 +166,12 @@ class Book:
         return [-k for k in self.bids.truncate(depth)], self.asks.truncate(depth)
 
     def checksum(self) -> int:
-        return _crc(self.bids.top_string(), _crc(self.asks.top_string()))
+        b, a = self.bids, self.asks
+        if b.dirty or a.dirty or self.crc is None:
+            if a.dirty or self.crc is None:
+                self.ask_crc = _crc(a.top_string())
+            self.crc = _crc(b.top_string(), self.ask_crc)
+        return self.crc
 
     def best(self, ask: bool) -> Level | None:
         s = self.asks if ask else self.bids

@@ -24,14 +24,14 @@ Traps handled here (docs/kraken-protocol.md):
 from __future__ import annotations
 
 import zlib
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from typing import Iterable, Mapping
 
 import msgspec
 
 from engine.collect.base import Action, BaseNormalizer
 from engine.collect.kraken import wire
-from engine.collect.kraken.book import TOP, Book
+from engine.collect.kraken.book import TOP, Book, level_token
 from engine.collect.kraken.wire import (
     DEFAULT_DEPTH,
     IGNORED_CHANNELS,
@@ -50,8 +50,9 @@ INF = float("inf")
 _decoder = wire.decoder
 _probe = wire.probe_decoder
 _crc = zlib.crc32
-_insort = insort
 _bisect = bisect_left
+_tok = level_token
+_TOP1 = TOP - 1
 
 
 class _Bad(Exception):
@@ -82,6 +83,7 @@ class KrakenNormalizer(BaseNormalizer):
         self.checksums_failed = 0
         self.checksums_missing = 0  # book messages without a checksum (not verifiable)
         self._mkt: dict[str, str] = {}
+        self._ptok: dict[float, bytes] = {}  # price key -> checksum token of its text (emptied at each snapshot)
         for p in pairs:
             self._want(symbol_of(p))
 
@@ -169,6 +171,7 @@ class KrakenNormalizer(BaseNormalizer):
             sym = d.symbol
             if snap:
                 book = Book()
+                self._ptok.clear()  # rare (a connection, a resync): the cache starts over with the text now sent
             else:
                 book = self.books.get(sym)
                 if book is None or sym not in self.valid:  # no verified book: wait for the fresh snapshot
@@ -194,7 +197,20 @@ class KrakenNormalizer(BaseNormalizer):
             l2.rows += nb + na
             want = d.checksum
             if self.verify and want is not None:
-                got = _crc(book.bids.top_string(), _crc(book.asks.top_string()))
+                got = book.crc
+                bs, as_ = book.bids, book.asks
+                if as_.dirty or got is None:  # `Book.checksum`, inline
+                    as_.top = b"".join(as_.toks)
+                    as_.dirty = False
+                    book.ask_crc = _crc(as_.top)
+                    if bs.dirty:
+                        bs.top = b"".join(bs.toks)
+                        bs.dirty = False
+                    got = book.crc = _crc(bs.top, book.ask_crc)
+                elif bs.dirty:
+                    bs.top = b"".join(bs.toks)
+                    bs.dirty = False
+                    got = book.crc = _crc(bs.top, book.ask_crc)
                 if got != want:
                     self.checksums_failed += 1
                     self._lost(recv_ns, sym, "checksum",
@@ -211,13 +227,14 @@ class KrakenNormalizer(BaseNormalizer):
                     self._want(sym)
             self.last_ok[sym] = recv_ns
 
-    @staticmethod
-    def _side(side, levels: list, ask: bool, depth: int, price: list, size: list) -> int:
+    def _side(self, side, levels: list, ask: bool, depth: int, price: list, size: list) -> int:
         """Apply one side's levels in order (qty 0 removes), then truncate to `depth`; appends a row
-        per level sent and a size-0 row per level truncated; returns the rows appended."""
-        keys, lv = side.keys, side.lv
-        dirty = side.dirty
-        top = TOP - 1
+        per level sent and a size-0 row per level truncated; returns the rows appended. When
+        verifying, the side's best-10 tokens follow (`book.Side.put`/`remove`, inline)."""
+        keys, lv, toks = side.keys, side.lv, side.toks
+        verify = self.verify
+        ptok = self._ptok  # price -> its checksum token (the price's text never changes)
+        changed = False
         for x in levels:
             p = float(x.price)
             q = float(x.qty)
@@ -227,18 +244,42 @@ class KrakenNormalizer(BaseNormalizer):
             size.append(q)
             k = p if ask else -p
             if q:
-                if k not in lv:
-                    _insort(keys, k)
-                lv[k] = x
-                if not dirty and (len(keys) <= TOP or k <= keys[top]):
-                    dirty = True
+                if k in lv:
+                    lv[k] = x
+                    if verify and (len(keys) <= TOP or k <= keys[_TOP1]):
+                        t = ptok.get(k)
+                        if t is None:
+                            t = ptok[k] = bytes(x.price).replace(b".", b"").lstrip(b"0")
+                        toks[keys.index(k)] = t + bytes(x.qty).replace(b".", b"").lstrip(b"0")  # among the first 10
+                        changed = True
+                else:
+                    r = _bisect(keys, k)
+                    keys.insert(r, k)
+                    lv[k] = x
+                    if verify and r < TOP:  # a new level among the best 10
+                        t = ptok.get(k)
+                        if t is None:
+                            t = ptok[k] = bytes(x.price).replace(b".", b"").lstrip(b"0")
+                        toks.insert(r, t + bytes(x.qty).replace(b".", b"").lstrip(b"0"))
+                        if len(toks) > TOP:
+                            del toks[TOP]
+                        changed = True
             elif k in lv:
-                if not dirty and (len(keys) <= TOP or k <= keys[top]):
-                    dirty = True
+                r = _bisect(keys, k)
                 del lv[k]
-                del keys[_bisect(keys, k)]
+                del keys[r]
+                if verify and r < TOP:
+                    del toks[r]
+                    if len(keys) >= TOP:  # the next level enters the best 10
+                        k = keys[_TOP1]
+                        y = lv[k]
+                        t = ptok.get(k)
+                        if t is None:
+                            t = ptok[k] = bytes(y.price).replace(b".", b"").lstrip(b"0")
+                        toks.append(t + bytes(y.qty).replace(b".", b"").lstrip(b"0"))
+                    changed = True
         n = len(levels)
-        if len(keys) > depth:  # beyond the best 10 (depth >= 10): `dirty` unchanged
+        if len(keys) > depth:  # beyond the best 10 (depth >= 10): the tokens are unchanged
             cut = keys[depth:]
             del keys[depth:]
             for k in cut:
@@ -246,7 +287,8 @@ class KrakenNormalizer(BaseNormalizer):
             price += cut if ask else [-k for k in cut]
             size += [0.0] * len(cut)
             n += len(cut)
-        side.dirty = dirty
+        if changed:
+            side.dirty = True
         return n
 
     def _lost(self, recv_ns: int, sym: str, kind: str, detail: str, force: bool = False) -> None:
