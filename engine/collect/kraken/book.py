@@ -63,7 +63,7 @@ class Side:
     checksum costs one token per such change, not ten; `top` is their join, rebuilt when `dirty`.
     The normalizer does `put`/`remove` inline (its hot path, same logic)."""
 
-    __slots__ = ("keys", "lv", "toks", "top", "dirty")
+    __slots__ = ("keys", "lv", "toks", "top", "dirty", "ptok")
 
     def __init__(self):
         self.keys: list[float] = []
@@ -71,6 +71,7 @@ class Side:
         self.toks: list[bytes] = []
         self.top = b""
         self.dirty = False
+        self.ptok: dict[float, bytes] = {}  # key -> token of its price text (the normalizer's cache; one pair, one precision)
 
     def __len__(self) -> int:
         return len(self.keys)

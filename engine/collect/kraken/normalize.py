@@ -53,6 +53,7 @@ _crc = zlib.crc32
 _bisect = bisect_left
 _tok = level_token
 _TOP1 = TOP - 1
+_PTOK_MAX = 50_000  # price tokens cached per side: the touch wanders over a day; forget them past this
 
 
 class _Bad(Exception):
@@ -83,7 +84,6 @@ class KrakenNormalizer(BaseNormalizer):
         self.checksums_failed = 0
         self.checksums_missing = 0  # book messages without a checksum (not verifiable)
         self._mkt: dict[str, str] = {}
-        self._ptok: dict[float, bytes] = {}  # price key -> checksum token of its text (emptied at each snapshot)
         for p in pairs:
             self._want(symbol_of(p))
 
@@ -154,6 +154,10 @@ class KrakenNormalizer(BaseNormalizer):
                 self.pair_info[p.symbol] = (recv_ns, p)
                 if p.symbol in self.wanted:
                     self._record_pair(recv_ns, p)
+                book = self.books.get(p.symbol)
+                if book is not None:  # the price precision may have changed: cached price tokens go
+                    book.bids.ptok.clear()
+                    book.asks.ptok.clear()
         else:  # heartbeat, status
             c.ignored_frames += 1
 
@@ -171,7 +175,6 @@ class KrakenNormalizer(BaseNormalizer):
             sym = d.symbol
             if snap:
                 book = Book()
-                self._ptok.clear()  # rare (a connection, a resync): the cache starts over with the text now sent
             else:
                 book = self.books.get(sym)
                 if book is None or sym not in self.valid:  # no verified book: wait for the fresh snapshot
@@ -233,7 +236,7 @@ class KrakenNormalizer(BaseNormalizer):
         verifying, the side's best-10 tokens follow (`book.Side.put`/`remove`, inline)."""
         keys, lv, toks = side.keys, side.lv, side.toks
         verify = self.verify
-        ptok = self._ptok  # price -> its checksum token (the price's text never changes)
+        ptok = side.ptok  # price -> its checksum token (a pair writes a price the same way every time)
         changed = False
         for x in levels:
             p = float(x.price)
@@ -249,6 +252,8 @@ class KrakenNormalizer(BaseNormalizer):
                     if verify and (len(keys) <= TOP or k <= keys[_TOP1]):
                         t = ptok.get(k)
                         if t is None:
+                            if len(ptok) > _PTOK_MAX:
+                                ptok.clear()
                             t = ptok[k] = bytes(x.price).replace(b".", b"").lstrip(b"0")
                         toks[keys.index(k)] = t + bytes(x.qty).replace(b".", b"").lstrip(b"0")  # among the first 10
                         changed = True
@@ -259,6 +264,8 @@ class KrakenNormalizer(BaseNormalizer):
                     if verify and r < TOP:  # a new level among the best 10
                         t = ptok.get(k)
                         if t is None:
+                            if len(ptok) > _PTOK_MAX:
+                                ptok.clear()
                             t = ptok[k] = bytes(x.price).replace(b".", b"").lstrip(b"0")
                         toks.insert(r, t + bytes(x.qty).replace(b".", b"").lstrip(b"0"))
                         if len(toks) > TOP:
@@ -275,6 +282,8 @@ class KrakenNormalizer(BaseNormalizer):
                         y = lv[k]
                         t = ptok.get(k)
                         if t is None:
+                            if len(ptok) > _PTOK_MAX:
+                                ptok.clear()
                             t = ptok[k] = bytes(y.price).replace(b".", b"").lstrip(b"0")
                         toks.append(t + bytes(y.qty).replace(b".", b"").lstrip(b"0"))
                     changed = True
