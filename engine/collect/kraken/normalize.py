@@ -31,7 +31,7 @@ import msgspec
 
 from engine.collect.base import Action, BaseNormalizer
 from engine.collect.kraken import wire
-from engine.collect.kraken.book import TOP, Book, level_token
+from engine.collect.kraken.book import TOP, Book
 from engine.collect.kraken.wire import (
     DEFAULT_DEPTH,
     IGNORED_CHANNELS,
@@ -51,7 +51,6 @@ _decoder = wire.decoder
 _probe = wire.probe_decoder
 _crc = zlib.crc32
 _bisect = bisect_left
-_tok = level_token
 _TOP1 = TOP - 1
 _PTOK_MAX = 50_000  # price tokens cached per side: the touch wanders over a day; forget them past this
 
