@@ -493,7 +493,14 @@ def test_live_equals_offline_and_the_served_capture(kr_capture, kr_reference, tm
     assert _canon_trades(tr) == _canon_trades(tro)
     ref_l2, ref_tr, _ = kr_reference
     assert _canon_l2(l2, False, shift) == _canon_l2(ref_l2, False)
-    assert _canon_trades(tr, shift) == _canon_trades(ref_tr)
+    # trades: the subscription's snapshot holds the last 50 trades when it is answered, which may be
+    # after the capture played a few updates; from the first trade held on, every one is identical
+    live_t, ref_t = _canon_trades(tr, shift), _canon_trades(ref_tr)
+    first: dict = {}
+    for inst, tid, *_ in live_t:
+        first[inst] = min(first.get(inst, int(tid)), int(tid))
+    assert live_t == [r for r in ref_t if int(r[1]) >= first[r[0]]]
+    assert len(ref_t) - len(live_t) < 30
     assert l2.height > 5000 and tr.height > 100
 
 
