@@ -2,7 +2,7 @@
 checksum, truncation rows, trades, reference data, ignored and bad frames), books rebuilt from the
 stored rows of a generated capture passing Kraken's checksum at every message, and live through the
 replay exchange: live equals offline, a corrupted level gives one `checksum` gap and a resync on the
-same connection, a drop and a stall give gaps."""
+same connection, a drop, a close and a stall give gaps."""
 
 from __future__ import annotations
 
@@ -557,11 +557,11 @@ def _drop_index(path: Path) -> int:
     raise AssertionError("no book update whose loss shows")
 
 
-def test_drop_and_stall_give_gaps_and_resyncs(kr_capture, kr_reference, tmp_path):
+def test_drop_close_and_stall_give_gaps_and_resyncs(kr_capture, kr_reference, tmp_path):
     drop_at = _drop_index(kr_capture)
     home = tmp_path / "live"
     with ReplayServer.run_in_thread(source="kraken", capture=str(kr_capture), speed=3.0,
-                                    faults=[f"drop@{drop_at}", f"stall@{drop_at + 400}:2.5"]) as srv:
+                                    faults=[f"drop@{drop_at}", f"close@{drop_at + 200}", f"stall@{drop_at + 500}:2.5"]) as srv:
         proc = subprocess.Popen(_cmd(home, "--source", "kraken", "--kraken-url", srv.ws_url, "--kraken-stall", "1.2"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         try:
@@ -571,10 +571,11 @@ def test_drop_and_stall_give_gaps_and_resyncs(kr_capture, kr_reference, tmp_path
             _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err[-3000:]
         s = srv.stats()
-    assert s["dropped"] == 1 and s["stalls"] == 1
+    assert s["dropped"] == 1 and s["stalls"] == 1 and s["closes"] == 1
     l2, tr, gaps = _tables(home)
     g = gaps.with_columns(pl.col("kind").cast(pl.Utf8), pl.col("market").cast(pl.Utf8))
     assert g.filter(pl.col("kind") == "checksum").height == 1  # the dropped update, found by the next one's checksum
+    assert set(g.filter(pl.col("kind") == "disconnect")["market"]) == {"BTC-USD", "ETH-USD", "SOL-USD"}  # the close
     stale = g.filter(pl.col("kind") == "stale")
     last_rx = l2["recv_ts"].max()
     assert set(stale.filter(pl.col("start_ts") < last_rx)["market"]) == {"BTC-USD", "ETH-USD", "SOL-USD"}  # the stall
