@@ -178,13 +178,13 @@ def _replay_ports(started: dict[str, int]) -> list[int]:
 
 
 def test_kill_9_of_the_launcher_takes_collector_and_exchanges_with_it(tmp_path):
-    """`kill -9` of `./scripts/run --demo --no-dagster`: the collector and both replay exchanges exit
+    """`kill -9` of `./scripts/run --demo --no-dagster`: the collector and every replay exchange exit
     within 20 s and the exchanges' ports are free (they used to run on as orphans)."""
     with _Launcher.demo(tmp_path, "--no-dagster") as launcher:
         launcher.wait_line("stop: Ctrl-C", 120)
-        assert {"collector", "replay-coinbase", "replay-kalshi"} <= set(launcher.started())
+        assert {"collector", "replay-coinbase", "replay-kalshi", "replay-kraken"} <= set(launcher.started())
         ports = _replay_ports(launcher.started())
-        assert len(ports) == 2
+        assert len(ports) == 3
         _wait_collector(tmp_path / "lake")
         launcher.kill_and_check(ports, min_procs=3)
 

@@ -78,9 +78,9 @@ def test_toy_exchange_plays_through_the_server_in_order(toy):
 
 
 def test_names_are_looked_up_in_the_registry(toy):
-    assert {"coinbase", "kalshi", "toy"} <= set(registry.names())
+    assert {"coinbase", "kalshi", "kraken", "toy"} <= set(registry.names())
     assert registry.get("toy").generator is toy_generator
-    with pytest.raises(ValueError, match=r"unknown exchange 'nope'; known: coinbase, kalshi, toy"):
+    with pytest.raises(ValueError, match=r"unknown exchange 'nope'; known: coinbase, kalshi, kraken, toy"):
         ReplayServer(source="nope", capture=[])
     with pytest.raises(ValueError, match="already registered"):
         registry.register("toy", ToyProtocol, toy_generator)

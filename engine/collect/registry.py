@@ -2,7 +2,7 @@
 
     from engine.collect import registry
     registry.get("coinbase").normalizer()
-    registry.names()            # ["coinbase", "kalshi", ...]
+    registry.names()            # ["coinbase", "kalshi", "kraken", ...]
     registry.register(MySource())  # e.g. from a test or a plugin module
 
 The built-in sources are imported on first use, so importing the registry stays cheap.
@@ -15,7 +15,7 @@ import importlib
 from engine.collect.base import BaseNormalizer
 from engine.collect.source import Source
 
-BUILTIN = ("engine.collect.coinbase.source", "engine.collect.kalshi.source")  # each defines SOURCE
+BUILTIN = ("engine.collect.coinbase.source", "engine.collect.kalshi.source", "engine.collect.kraken.source")  # each defines SOURCE
 
 _sources: dict[str, Source] = {}
 _loaded = False

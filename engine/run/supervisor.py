@@ -152,7 +152,10 @@ def _start_demo(sup: Supervisor, de: str, env: dict, demo_dir: Path, minutes: fl
 
     ports = {}
     for src, cap in d["captures"].items():
-        ports[src] = port = _free_port()
+        port = _free_port()
+        while port in ports.values():  # a port just released can be handed out again
+            port = _free_port()
+        ports[src] = port
         sup.start(f"replay-{src}", [de, "replay-exchange", "--source", src, "--capture", str(cap),
                                     "--port", str(port), "--speed", "1", "--loop", *d["demo"][src].replay_args], env)
     for demo in d["demo"].values():  # the collector's credentials, not the exchanges'

@@ -24,7 +24,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--seconds", type=float, default=None, help="overrides --minutes")
     ap.add_argument("--rate", type=float, default=None,
-                    help="data messages per second (default per exchange: coinbase 200, kalshi 100)")
+                    help="data messages per second (default: each exchange's own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", default=None, help="ISO time or Unix s/ns (default 2026-11-26T17:00:00Z)")
     ap.add_argument("--out", required=True, help="output file (.jsonl or .jsonl.zst)")

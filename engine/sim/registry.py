@@ -109,8 +109,12 @@ def _register_builtins() -> None:
     from engine.sim.coinbase.replay import CoinbaseProtocol
     from engine.sim.kalshi import gen as kalshi_gen
     from engine.sim.kalshi.replay import KalshiProtocol
+    from engine.sim.kraken import gen as kraken_gen
+    from engine.sim.kraken.replay import KrakenProtocol
 
     register("coinbase", CoinbaseProtocol, coinbase_gen.generate_coinbase,
              GenCli(coinbase_gen.add_gen_arguments, coinbase_gen.gen_records))
     register("kalshi", KalshiProtocol, kalshi_gen.generate_kalshi,
              GenCli(kalshi_gen.add_gen_arguments, kalshi_gen.gen_records), demo_args=kalshi_gen.DEMO_ARGS)
+    register("kraken", KrakenProtocol, kraken_gen.generate_kraken,
+             GenCli(kraken_gen.add_gen_arguments, kraken_gen.gen_records))

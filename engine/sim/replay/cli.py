@@ -21,7 +21,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--speed", type=float, default=0.0, help="0 = as fast as possible, X = X times real time")
-    ap.add_argument("--faults", default="", help="comma separated, e.g. drop@100,stall@500:3,close@800")
+    ap.add_argument("--faults", default="", help="comma separated, e.g. drop@100,stall@500:3,close@800,corrupt@900 (corrupt: venues with book checksums)")
     ap.add_argument("--kalshi-public-key", default=None, help="PEM file; WS auth signatures must verify")
     ap.add_argument("--loop", action="store_true", help="play the capture again when it ends, as fresh data: exchange times moved on by whole capture lengths, new trade ids")
     ap.add_argument("--as-recorded", action="store_true",

@@ -1,8 +1,12 @@
-"""Fault specs of the replay exchange (`drop`, `seq_jump`, `malformed`, `stall`, `close`)."""
+"""Fault specs of the replay exchange (`drop`, `seq_jump`, `malformed`, `stall`, `close`, `corrupt`).
+
+`corrupt[:N]` is carried out by the exchange's protocol (`ReplayProtocol.corrupt`): the next N book
+messages that a venue's checksum covers go out damaged (Kraken); a protocol without a book checksum
+does not support it."""
 
 from __future__ import annotations
 
-FAULTS = ("drop", "seq_jump", "malformed", "stall", "close")
+FAULTS = ("drop", "seq_jump", "malformed", "stall", "close", "corrupt")
 MALFORMED_FRAMES = (
     '{"channel":"l2_data","timestamp":"2026-11-26T17:00:00Z","sequence_num":',
     "\x00\x01garbage frame \ufffd not json",
@@ -24,7 +28,7 @@ def parse_fault(spec: str) -> tuple[str, float | None, int | None]:
         name, _, arg = spec.partition(":")
     name = name.strip().lower()
     if name not in FAULTS:
-        raise ValueError(f"unknown fault {spec!r} (drop, seq_jump, malformed, stall, close)")
+        raise ValueError(f"unknown fault {spec!r} ({', '.join(FAULTS)})")
     val = float(arg) if arg else None
     if name == "stall" and val is None:
         raise ValueError("stall needs a duration: stall:SECONDS or stall@INDEX:SECONDS")

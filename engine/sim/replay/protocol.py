@@ -49,7 +49,8 @@ class ReplayProtocol:
       whole capture lengths on looped passes; `server.shift_pass` counts the passes).
     * `new_conn_state()` per connection (kept as `conn.state`), `session(conn)` runs the client's
       command loop until it leaves; `is_subscribed(conn)` tells the clock whether to run;
-      `jump_seq(conn, k)` applies a `seq_jump` fault.
+      `jump_seq(conn, k)` applies a `seq_jump` fault, `corrupt(k)` a `corrupt` fault (book
+      messages damaged so the venue's checksum fails; only for a venue that sends one).
     * HTTP: `rest(path, query)` answers GETs under `rest_prefix` (when set); `check_request(path,
       request)` may refuse a WebSocket upgrade (wrong path, bad auth) with a `Response`.
     """
@@ -92,6 +93,12 @@ class ReplayProtocol:
 
     def jump_seq(self, conn: Conn, k: int) -> None:
         """A `seq_jump` fault: the connection's sequence numbers jump by `k`."""
+
+    def corrupt(self, k: int) -> bool:
+        """A `corrupt` fault: the next `k` book messages go out with a level changed, their checksum
+        kept, so the subscriber's book checksum fails (counted in `server.counters["corrupted"]`).
+        False: this exchange sends no checksum, the fault is not supported."""
+        return False
 
     async def session(self, conn: Conn) -> None:
         raise NotImplementedError

@@ -2,7 +2,7 @@
 
 The exchange's protocol (subscribe handshake, snapshots, sequence numbers, REST) is a
 `ReplayProtocol` looked up by source name in `engine.sim.registry` (built in: `coinbase`,
-`kalshi`; see their modules for what each says). This core is the same for every exchange:
+`kalshi`, `kraken`; see their modules for what each says). This core is the same for every exchange:
 
 One playback clock per server: it advances while at least one client is subscribed (paused
 otherwise), at `speed` × real time from the captures' `recv_ns` spacing (0 = as fast as possible).
@@ -19,7 +19,9 @@ each pass, at that pass's times.
 Faults (`inject()` at runtime from any thread, or `faults=["drop@100", "stall@500:3", "close@800"]`
 keyed by the capture frame index): `drop[:N]` (the next N frames are not sent but consume sequence
 numbers → the client sees a jump), `seq_jump[:N]` (sequence numbers jump by N, default 5),
-`malformed[:N]` (N non-JSON frames), `stall:SECONDS` (nothing sent, no pings), `close` (TCP abort).
+`malformed[:N]` (N non-JSON frames), `stall:SECONDS` (nothing sent, no pings), `close` (TCP abort),
+`corrupt[:N]` (the next N book messages carry a damaged level under their original checksum; the
+protocol does it, for a venue that sends book checksums).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class ReplayServer:
         self.counters: dict[str, int] = dict.fromkeys(
             ("frames_read", "frames_sent", "bytes_sent", "dropped", "seq_jumps", "malformed_sent", "stalls",
              "closes", "connections", "snapshots_sent", "errors_sent", "auth_rejected", "rest_requests",
-             "loops"), 0)
+             "loops", "corrupted"), 0)
         self.done = threading.Event()  # set when the capture is exhausted (and not looping)
         self.clock_ns = 0
         self._scheduled: dict[int, list[tuple[str, float | None]]] = {}
@@ -258,7 +260,7 @@ class ReplayServer:
     # ------------------------------------------------------------------------------------------ faults
 
     def inject(self, fault: str) -> None:
-        """Apply a fault now (thread-safe): drop[:N], seq_jump[:N], malformed[:N], stall:S, close."""
+        """Apply a fault now (thread-safe): drop[:N], seq_jump[:N], malformed[:N], stall:S, close, corrupt[:N]."""
         name, val, _ = parse_fault(fault)
         if self._loop is None:
             self._pending.append((name, val))
@@ -311,6 +313,12 @@ class ReplayServer:
                 self._inject_now("stall", val)
             elif name == "close":
                 self._do_close()
+            elif name == "corrupt":
+                k = n or 1
+                if self.protocol.corrupt(k):
+                    self.log.info("fault_corrupt", messages=k)
+                else:
+                    self.log.warning("fault_unsupported", fault="corrupt", reason="this exchange sends no book checksum")
 
     # ------------------------------------------------------------------------------------------ feed
 
