@@ -294,6 +294,10 @@ def test_time_types_and_spot_default(clake):
     assert v["time_to_expiry"].dt.total_nanoseconds().to_list() == raw["time_to_expiry"].to_list()
     assert raw["ts"].min() >= clake["lake"].start + 2 * H and raw["ts"].max() < clake["lake"].start + 2 * H + 600 * S
     assert v["spot_mid"].to_list() == raw["spot_mid"].to_list()  # spot=None found coinbase:BTC-USD via related("BTC")
+    bare = eng.contract_view("KXBTC", "coinbase:BTC-USD", start=clake["lake"].start + 2 * H,
+                             end=clake["lake"].start + 2 * H + 600 * S, validity=False, raw_ns=True)
+    assert bare.columns == [c for c in raw.columns if c not in ("contract_valid", "spot_valid", "valid")]
+    assert bare.equals(raw.drop("contract_valid", "spot_valid", "valid"))
 
 
 def test_no_reference_data_warns(clake):
@@ -338,3 +342,16 @@ def test_asof_right_columns_and_empty_left(clake):
     empty = left.clear()
     j = asof(eng, empty, ("quotes", {"source": "coinbase"}), by=None, raw_ns=True)
     assert j.height == 0 and "ask_price" in j.columns
+
+
+def test_plot(clake, tmp_path):
+    pytest.importorskip("matplotlib")
+    from engine.research.plot_contracts import plot
+
+    v = clake["eng"].contract_view("KXBTC", "coinbase:BTC-USD")
+    ok = v.filter(pl.col("valid") & pl.col("prob").is_not_null() & pl.col("distance").is_not_null())
+    out = plot(v, tmp_path / "cv.png", max_points=500)
+    assert (tmp_path / "cv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    want = ok.group_by(pl.col("result").fill_null("open")).len()
+    assert out["points"] == {r: dict(want.iter_rows()).get(r, 0) for r in ("open", "no", "yes")}
+    assert sum(out["drawn"].values()) == min(500, ok.height) and out["xlim"][0] < 0 < out["xlim"][1]

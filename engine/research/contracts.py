@@ -118,13 +118,14 @@ def _distance() -> tuple[pl.Expr, pl.Expr]:
 
 
 def contract_view(eng, series: str, spot: str | None = None, start=None, end=None, *, of: str = "quotes",
-                  instrument: str | None = None, tolerance="5s", window="5s", allow_unsealed: bool = False,
-                  raw_ns: bool = False) -> pl.DataFrame:
+                  instrument: str | None = None, tolerance="5s", window="5s", validity: bool = True,
+                  allow_unsealed: bool = False, raw_ns: bool = False) -> pl.DataFrame:
     """Each contract quote (`of="quotes"`) or trade (`of="trades"`) of `series` with `ts` in
     [start, end), in the order `eng.quotes`/`eng.trades` return them, plus the columns of the module
     doc. `series` and `spot` are market names or `source:market` (`spot` may add `:instrument`;
     None: the one spot market of the series' underlying). `instrument` narrows the contracts (exact
-    or glob). Times are Datetime("ns", "UTC") (int64 ns with `raw_ns=True`)."""
+    or glob). `validity=False` leaves out the three validity columns (and the gap and snapshot
+    reads behind them). Times are Datetime("ns", "UTC") (int64 ns with `raw_ns=True`)."""
     if of not in OF:
         raise ValueError(f"contract_view: of must be one of {', '.join(OF)}, got {of!r}")
     src, mkt = _market(eng, series, "series")
@@ -159,20 +160,28 @@ def contract_view(eng, series: str, spot: str | None = None, start=None, end=Non
     out = out.with_columns(((pl.col("spot_bid") + pl.col("spot_ask")) / 2).alias("spot_mid"), prob.alias("prob"),
                            expiry.alias("time_to_expiry"))
     out = out.with_columns(*_distance())
-    # may the row's data be trusted: its contract's market and the spot's book, over `window`
+    flags = ["contract_valid", "spot_valid", "valid"] if validity else []
+    if validity:
+        out = _validity(eng, out, (ss, sm, si), of, window, allow_unsealed)
+    keep = list(rows.columns) + _REF[:3] + ["strike", "open_ts", "close_ts", "expiration_ts", "time_to_expiry",
+                                       "spot_bid", "spot_ask", "spot_mid", "spot_ts", "distance", "prob",
+                                       *_FINAL, *flags]
+    out = result_times(out.select(keep), TIME_COLS, raw_ns=raw_ns)
+    if not raw_ns:
+        out = out.with_columns(pl.col("time_to_expiry").cast(pl.Duration("ns")))
+    return out
+
+
+def _validity(eng, out: pl.DataFrame, spot: tuple[str, str, str], of: str, window, allow_unsealed: bool) -> pl.DataFrame:
+    """May each row's data be trusted: its contract's market (and book, for quotes) and the spot's
+    book, over the trailing `window`."""
+    ss, sm, si = spot
     out = mark_valid(eng, out, window=window, require_snapshot=of == "quotes", col="contract_valid",
                      allow_unsealed=allow_unsealed)
     sp = pl.DataFrame({"source": ss, "market": sm, "instrument": si, "ts": out["ts"]},
                       schema={"source": pl.String, "market": pl.String, "instrument": pl.String, "ts": pl.Int64})
     out = out.with_columns(spot_valid=mark_valid(eng, sp, window=window, col="v", allow_unsealed=allow_unsealed)["v"])
-    out = out.with_columns(valid=pl.col("contract_valid") & pl.col("spot_valid"))
-    keep = [c for c in rows.columns] + _REF[:3] + ["strike", "open_ts", "close_ts", "expiration_ts", "time_to_expiry",
-                                                    "spot_bid", "spot_ask", "spot_mid", "spot_ts", "distance", "prob",
-                                                    *_FINAL, "contract_valid", "spot_valid", "valid"]
-    out = result_times(out.select(keep), TIME_COLS, raw_ns=raw_ns)
-    if not raw_ns:
-        out = out.with_columns(pl.col("time_to_expiry").cast(pl.Duration("ns")))
-    return out
+    return out.with_columns(valid=pl.col("contract_valid") & pl.col("spot_valid"))
 
 
 __all__ = ["contract_view", "ReferenceDataWarning"]
