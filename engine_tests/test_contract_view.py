@@ -10,10 +10,9 @@ import time
 import warnings
 
 import polars as pl
-import pyarrow as pa
 import pytest
 
-from engine import Engine, schema
+from engine import Engine
 from engine.research.contracts import ReferenceDataWarning
 from engine.sim import contracts as C
 from engine.sim import synth

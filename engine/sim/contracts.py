@@ -148,6 +148,83 @@ def _plain(table: str) -> pa.Schema:
                       for f in schema.spec(table).schema])
 
 
+def _spot(rng, start: int, end: int, spot0: float, sigma: float, rate: float, gaps, quiet):
+    """The true spot path (every move) and the l2 rows of the updates recorded: a snapshot first and
+    after each gap, none during gaps or quiet spells."""
+    st = _events(rng, start, end, rate)
+    mid = spot0 + np.cumsum(rng.normal(0.0, sigma * np.sqrt(np.diff(st, prepend=st[0]) / S)))
+    keep = _drop_in(st, gaps + quiet)
+    resnap = np.array(sorted(b for _, b in gaps if start < b < end), dtype=np.int64)
+    ts = np.concatenate([st[keep], resnap])
+    order = np.argsort(ts, kind="stable")
+    ts = ts[order]
+    snap = np.concatenate([np.zeros(keep.sum(), bool), np.ones(len(resnap), bool)])[order]
+    snap[0] = True
+    m = mid[np.searchsorted(st, ts, side="right") - 1]
+    spread = rng.integers(1, 40, len(ts)) * 0.01
+    bid = np.round(np.floor(m * 100) / 100 - np.floor(spread * 50) / 100, 2)
+    ask = np.round(bid + spread, 2)
+    size = np.round(rng.random(len(ts)) * 2 + 0.001, 6)
+    every = np.ones(len(ts), bool)
+    return st, mid, _book_rows(rng, ts, snap, bid, ask, every, every, size, 0)
+
+
+def _terms(series: str, code: str, center: float, buckets: int, width: float) -> list[tuple]:
+    """(ticker, strike_type, floor, cap) of one event: `buckets` ranges around `center`, two tails."""
+    lows = [center + (k - buckets // 2) * width - width / 2 for k in range(buckets)]
+    top = lows[-1] + width - 0.01
+    return ([(f"{series}-{code}-T{_fmt(lows[0])}", "less", None, lows[0])]
+            + [(f"{series}-{code}-B{_fmt(lo + width / 2)}", "between", lo, lo + width - 0.01) for lo in lows]
+            + [(f"{series}-{code}-T{_fmt(top)}", "greater", top, None)])
+
+
+def _contract(rng, term: tuple, lo: int, hi: int, close: int, spot_at, sigma: float, rates: tuple[float, float],
+              gaps, quiet, seq0: int):
+    """One contract's book rows (YES quotes around the model probability) and trades over [lo, hi)."""
+    _, c_type, fl, cp = term
+    ev = _events(rng, lo, hi, rates[0]) if lo < hi else np.zeros(0, np.int64)
+    ok = _drop_in(ev, gaps + quiet)
+    re = np.array(sorted(b for _, b in gaps if lo < b < hi), dtype=np.int64)
+    ts = np.concatenate([ev[ok], re])
+    o = np.argsort(ts, kind="stable")
+    ts = ts[o]
+    snap = np.concatenate([np.zeros(ok.sum(), bool), np.ones(len(re), bool)])[o]
+    if not len(ts):
+        return None, None
+    snap[0] = True
+    p = _prob(c_type, fl, cp, spot_at(ts), sigma * np.sqrt(np.maximum(close - ts, S) / S))
+    hs = rng.integers(1, 4, len(ts)) * 0.01
+    b = np.round(np.floor(np.round((p - hs) * 100, 6)) / 100, 2)
+    a = np.round(np.ceil(np.round((p + hs) * 100, 6)) / 100, 2)
+    hb, ha = b >= 0.01, a <= 0.99  # a far contract quotes one side only
+    book = _book_rows(rng, ts, snap, b, a, hb, ha, rng.integers(1, 500, len(ts)).astype(np.float64), seq0)
+    # trades at the quote in force
+    tt = _events(rng, lo, hi, rates[1])[1:]
+    tt = tt[_drop_in(tt, gaps + quiet)]
+    k = np.searchsorted(ts, tt, side="right") - 1
+    tt, k = tt[k >= 0], k[k >= 0]
+    buy = rng.random(len(tt)) < 0.5
+    fine = np.where(buy, ha[k], hb[k])
+    return book, (tt[fine], buy[fine], np.where(buy, a[k], b[k])[fine])
+
+
+def _versions(base: dict, open_: int, close: int, final_close: int, changed_at: int | None, result: str | None,
+              end: int) -> list[dict]:
+    """Listing (10 min before open), opening, the close change, determination (1 min after close)
+    and settlement (5 min after), each written only once it happened before `end`."""
+    vers = [{**base, "valid_from": open_ - 600 * S, "status": "initialized"},
+            {**base, "valid_from": open_, "status": "active"}]
+    if changed_at is not None:
+        vers.append({**vers[-1], "valid_from": changed_at, "close_ts": final_close, "expiration_ts": final_close + 300 * S})
+    if result is not None:
+        vers.append({**vers[-1], "valid_from": final_close + 60 * S, "status": "determined", "result": result,
+                     "settlement_value": 1.0 if result == "yes" else 0.0})
+        if final_close + 300 * S <= end:
+            vers.append({**vers[-1], "valid_from": final_close + 300 * S, "status": "finalized",
+                         "settled_ts": final_close + 300 * S})
+    return [v for v in vers if v["valid_from"] < end]
+
+
 def plan(start: int, end: int, *, seed: int = 0, source: str = "kalshi", series: str = "KXBTC",
          spot_source: str = "coinbase", spot_market: str = "BTC-USD", underlying: str = "BTC", spot0: float = 97_000.0,
          sigma: float = 8.0, spot_rate: float = 2.0, contract_rate: float = 0.2, trade_rate: float = 0.02,
@@ -162,138 +239,81 @@ def plan(start: int, end: int, *, seed: int = 0, source: str = "kalshi", series:
     series (every contract) or one ticker; a gap is recorded and followed by a snapshot."""
     rng = np.random.default_rng(seed)
     period = period_min * 60 * S
-    # ---- spot: the true path on every move, then the recorded updates
-    st = _events(rng, start, end, spot_rate)
-    mid = spot0 + np.cumsum(rng.normal(0.0, sigma * np.sqrt(np.diff(st, prepend=st[0]) / S)))
     spot_gaps = _windows(gaps, "spot", spot_market)
-    keep = _drop_in(st, spot_gaps + _windows(quiet, "spot", spot_market))
-    resnap = np.array(sorted(b for _, b in spot_gaps if start < b < end), dtype=np.int64)
-    ts = np.concatenate([st[keep], resnap])
-    order = np.argsort(ts, kind="stable")
-    ts = ts[order]
-    snap = np.concatenate([np.zeros(keep.sum(), bool), np.ones(len(resnap), bool)])[order]
-    snap[0] = True
-    m = mid[np.searchsorted(st, ts, side="right") - 1]
-    spread = rng.integers(1, 40, len(ts)) * 0.01
-    bid = np.round(np.floor(m * 100) / 100 - np.floor(spread * 50) / 100, 2)
-    ask = np.round(bid + spread, 2)
-    size = np.round(rng.random(len(ts)) * 2 + 0.001, 6)
-    r = _book_rows(rng, ts, snap, bid, ask, np.ones(len(ts), bool), np.ones(len(ts), bool), size, 0)
-    tables: dict[str, list[pa.Table]] = {"l2": [_l2_table(spot_source, spot_market, [spot_market],
-                                                           np.zeros(len(r["ts"]), int), r)], "trades": [],
-                                         "gaps": [], "instruments": []}
-    path = ContractLake(source, series, spot_source, spot_market, start, end, (), st, mid, tables)
+    st, mid, spot_rows = _spot(rng, start, end, spot0, sigma, spot_rate, spot_gaps, _windows(quiet, "spot", spot_market))
+
+    def spot_at(t):
+        return mid[np.maximum(np.searchsorted(st, np.asarray(t, dtype=np.int64), side="right") - 1, 0)]
+
     gap_rows = [{"source": spot_source, "market": spot_market, "instrument": None, "start_ts": a, "end_ts": b,
                  "kind": "disconnect", "detail": "sim: spot socket closed"} for a, b in spot_gaps]
-    ref = [{**{c: None for c in schema.INSTRUMENTS_SCHEMA.names}, "valid_from": start, "source": spot_source,
-            "market": spot_market, "instrument": spot_market, "kind": "spot", "base": underlying, "quote": "USD",
-            "tick_size": 0.01, "status": "online"}]
-    # ---- contracts: events closing every period, listed around the spot at their open
+    gap_rows += [{"source": source, "market": series, "instrument": None, "start_ts": a, "end_ts": b,
+                  "kind": "disconnect", "detail": "sim: series socket closed"} for a, b in _windows(gaps, series)]
+    blank = {c: None for c in schema.INSTRUMENTS_SCHEMA.names}
+    ref = [{**blank, "valid_from": start, "source": spot_source, "market": spot_market, "instrument": spot_market,
+            "kind": "spot", "base": underlying, "quote": "USD", "tick_size": 0.01, "status": "online"}]
     contracts: list[Contract] = []
-    l2_parts, tr_parts = [], []
-    seq = 0
+    books, trades, names = [], [], []
+    seq, changed = 0, 0
     close = (start // period + 1) * period
-    changed = 0
-    names: list[str] = []
-    while close - period - period // 2 < end:
+    while close - period - period // 2 < end:  # every event open before the end
         open_ = close - period - period // 2
-        center = round(float(path.spot_at(max(open_, start))) / width) * width
-        code = kalshi_event_code(close, period_min % 60 != 0)
         fits = open_ >= start and close + close_extension_ns + 300 * S <= end
         final_close = close + close_extension_ns if (fits and changed < close_changes) else close
         changed_at = open_ + (close - open_) // 2 if final_close != close else None
         changed += final_close != close
-        lows = [center + (k - buckets // 2) * width - width / 2 for k in range(buckets)]
-        terms = [("less", None, lows[0])] + [("between", lo, lo + width - 0.01) for lo in lows] + \
-                [("greater", lows[-1] + width - 0.01, None)]
-        for c_type, fl, cp in terms:
-            if c_type == "between":
-                ticker = f"{series}-{code}-B{_fmt(fl + width / 2)}"
-            else:
-                ticker = f"{series}-{code}-T{_fmt(cp if c_type == 'less' else fl)}"
-            idx = len(names)
-            names.append(ticker)
+        code = kalshi_event_code(close, period_min % 60 != 0)
+        center = round(float(spot_at(max(open_, start))) / width) * width
+        for term in _terms(series, code, center, buckets, width):
+            ticker, c_type, fl, cp = term
             lo, hi = max(open_, start), min(final_close, end)
             g_win = [(a, b) for a, b in _windows(gaps, series, ticker) if a < hi and b > lo]
-            q_win = _windows(quiet, series, ticker)
-            ev = _events(rng, lo, hi, contract_rate) if lo < hi else np.zeros(0, np.int64)
-            ok = _drop_in(ev, g_win + q_win)
-            re = np.array(sorted(b for _, b in g_win if lo < b < hi), dtype=np.int64)
-            ets = np.concatenate([ev[ok], re])
-            o = np.argsort(ets, kind="stable")
-            ets = ets[o]
-            esnap = np.concatenate([np.zeros(ok.sum(), bool), np.ones(len(re), bool)])[o]
-            if len(ets):
-                esnap[0] = True
-                sd = sigma * np.sqrt(np.maximum(final_close - ets, S) / S)
-                p = _prob(c_type, fl, cp, path.spot_at(ets), sd)
-                hs = rng.integers(1, 4, len(ets)) * 0.01
-                b = np.round(np.floor(np.round((p - hs) * 100, 6)) / 100, 2)
-                a = np.round(np.ceil(np.round((p + hs) * 100, 6)) / 100, 2)
-                hb, ha = b >= 0.01, a <= 0.99
-                sz = rng.integers(1, 500, len(ets)).astype(np.float64)
-                rr = _book_rows(rng, ets, esnap, b, a, hb, ha, sz, seq)
-                seq += len(ets)
-                l2_parts.append((idx, rr))
-                # trades at the quote in force
-                tt = _events(rng, lo, hi, trade_rate)[1:]
-                tt = tt[_drop_in(tt, g_win + q_win)]
-                k = np.searchsorted(ets, tt, side="right") - 1
-                tt, k = tt[k >= 0], k[k >= 0]
-                buy = rng.random(len(tt)) < 0.5
-                px = np.where(buy, a[k], b[k])
-                fine = np.where(buy, ha[k], hb[k])
-                tr_parts.append((idx, tt[fine], buy[fine], px[fine]))
-            # reference data: listing, opening, a close change, determination, settlement
-            base = {**{c: None for c in schema.INSTRUMENTS_SCHEMA.names}, "source": source, "market": series,
-                    "instrument": ticker, "kind": "binary", "base": underlying, "quote": "USD", "tick_size": 0.01,
-                    "underlying": underlying, "strike_type": c_type, "floor_strike": fl, "cap_strike": cp,
-                    "open_ts": open_, "close_ts": close, "expiration_ts": close + 300 * S,
-                    "title": f"{underlying} price at {code}: {c_type} {_fmt(fl) if fl is not None else ''}"
-                             f"{'-' if fl is not None and cp is not None else ''}{_fmt(cp) if cp is not None else ''}"}
-            vers = [{**base, "valid_from": open_ - 600 * S, "status": "initialized"},
-                    {**base, "valid_from": open_, "status": "active"}]
-            if changed_at is not None:
-                vers.append({**vers[-1], "valid_from": changed_at, "close_ts": final_close,
-                             "expiration_ts": final_close + 300 * S})
+            book, tr = _contract(rng, term, lo, hi, final_close, spot_at, sigma, (contract_rate, trade_rate), g_win,
+                                 _windows(quiet, series, ticker), seq)
+            if book is not None:
+                books.append((len(names), book))
+                trades.append((len(names), tr))
+                seq = int(book["seq"].max()) + 1
+            names.append(ticker)
+            gap_rows += [{"source": source, "market": series, "instrument": ticker, "start_ts": a, "end_ts": b,
+                          "kind": "sequence", "detail": "sim: contract seq jump"} for a, b in _windows(gaps, ticker)]
             result = None
             if final_close + 60 * S <= end:
-                result = "yes" if _settles_yes(c_type, fl, cp, float(path.spot_at(final_close))) else "no"
-                vers.append({**vers[-1], "valid_from": final_close + 60 * S, "status": "determined", "result": result,
-                             "settlement_value": 1.0 if result == "yes" else 0.0})
-                if final_close + 300 * S <= end:
-                    vers.append({**vers[-1], "valid_from": final_close + 300 * S, "status": "finalized",
-                                 "settled_ts": final_close + 300 * S})
+                result = "yes" if _settles_yes(c_type, fl, cp, float(spot_at(final_close))) else "no"
+            base = {**blank, "source": source, "market": series, "instrument": ticker, "kind": "binary",
+                    "base": underlying, "quote": "USD", "tick_size": 0.01, "underlying": underlying,
+                    "strike_type": c_type, "floor_strike": fl, "cap_strike": cp, "open_ts": open_, "close_ts": close,
+                    "expiration_ts": close + 300 * S, "title": f"{underlying} at {code}: {ticker.rsplit('-', 1)[1]}"}
+            vers = _versions(base, open_, close, final_close, changed_at, result, end)
             ref += vers
-            contracts.append(Contract(ticker, c_type, fl, cp, open_, final_close, close, changed_at, result,
-                                      tuple(vers)))
-            gap_rows += [{"source": source, "market": series, "instrument": ticker, "start_ts": a_, "end_ts": b_,
-                          "kind": "sequence", "detail": "sim: contract seq jump"} for a_, b_ in _windows(gaps, ticker)]
+            contracts.append(Contract(ticker, c_type, fl, cp, open_, final_close, close, changed_at, result, tuple(vers)))
         close += period
-    for a_, b_ in _windows(gaps, series):
-        gap_rows.append({"source": source, "market": series, "instrument": None, "start_ts": a_, "end_ts": b_,
-                         "kind": "disconnect", "detail": "sim: series socket closed"})
-    if l2_parts:
-        idx = np.concatenate([np.full(len(r["ts"]), i) for i, r in l2_parts])
-        rr = {c: np.concatenate([r[c] for _, r in l2_parts]) for c in l2_parts[0][1]}
-        tables["l2"].append(_l2_table(source, series, names, idx, rr))
-    if tr_parts:
-        idx = np.concatenate([np.full(len(t), i) for i, t, _, _ in tr_parts])
-        tt = np.concatenate([t for _, t, _, _ in tr_parts])
-        buy = np.concatenate([b for _, _, b, _ in tr_parts])
-        px = np.concatenate([p for _, _, _, p in tr_parts])
-        n = len(tt)
-        tables["trades"].append(pa.table({
-            "ts": tt, "recv_ts": tt + rng.integers(300_000, 8_000_000, n),
-            "source": _dict([source], np.zeros(n)), "market": _dict([series], np.zeros(n)),
-            "instrument": _dict(names, idx), "side": _dict(["buy", "sell"], (~buy).astype(int)),
-            "price": np.round(px, 2), "size": rng.integers(1, 200, n).astype(np.float64),
-            "trade_id": pa.array([f"t{i}" for i in range(n)]), "seq": np.arange(n, dtype=np.int64),
-        }, schema=schema.TRADES_SCHEMA))
+    tables: dict[str, list[pa.Table]] = {
+        "l2": [_l2_table(spot_source, spot_market, [spot_market], np.zeros(len(spot_rows["ts"]), int), spot_rows)],
+        "trades": [], "gaps": [], "instruments": []}
+    if books:
+        idx = np.concatenate([np.full(len(r["ts"]), i) for i, r in books])
+        tables["l2"].append(_l2_table(source, series, names, idx, {c: np.concatenate([r[c] for _, r in books])
+                                                                   for c in books[0][1]}))
+    if trades:
+        tables["trades"].append(_trades_table(rng, source, series, names, trades))
     if gap_rows:
         tables["gaps"].append(schema.validate("gaps", pa.Table.from_pylist(gap_rows, schema=_plain("gaps"))))
     tables["instruments"].append(schema.validate("instruments", pa.Table.from_pylist(ref, schema=_plain("instruments"))))
     return ContractLake(source, series, spot_source, spot_market, start, end, tuple(contracts), st, mid, tables)
+
+
+def _trades_table(rng, source: str, series: str, names: list[str], parts: list) -> pa.Table:
+    idx = np.concatenate([np.full(len(t[0]), i) for i, t in parts])
+    tt, buy, px = (np.concatenate([t[k] for _, t in parts]) for k in range(3))
+    n = len(tt)
+    return pa.table({
+        "ts": tt, "recv_ts": tt + rng.integers(300_000, 8_000_000, n),
+        "source": _dict([source], np.zeros(n)), "market": _dict([series], np.zeros(n)),
+        "instrument": _dict(names, idx), "side": _dict(["buy", "sell"], (~buy).astype(int)),
+        "price": np.round(px, 2), "size": rng.integers(1, 200, n).astype(np.float64),
+        "trade_id": pa.array([f"t{i}" for i in range(n)]), "seq": np.arange(n, dtype=np.int64),
+    }, schema=schema.TRADES_SCHEMA)
 
 
 def write(eng, lake: ContractLake) -> None:
