@@ -176,11 +176,11 @@ def _validity(eng, out: pl.DataFrame, spot: tuple[str, str, str], of: str, windo
     """May each row's data be trusted: its contract's market (and book, for quotes) and the spot's
     book, over the trailing `window`."""
     ss, sm, si = spot
-    out = mark_valid(eng, out, window=window, require_snapshot=of == "quotes", col="contract_valid",
-                     allow_unsealed=allow_unsealed)
-    sp = pl.DataFrame({"source": ss, "market": sm, "instrument": si, "ts": out["ts"]},
-                      schema={"source": pl.String, "market": pl.String, "instrument": pl.String, "ts": pl.Int64})
-    out = out.with_columns(spot_valid=mark_valid(eng, sp, window=window, col="v", allow_unsealed=allow_unsealed)["v"])
+    keys = out.select("source", "market", "instrument", "ts")  # only what the flags need goes through the joins
+    c = mark_valid(eng, keys, window=window, require_snapshot=of == "quotes", col="v", allow_unsealed=allow_unsealed)
+    sp = keys.select(pl.lit(ss).alias("source"), pl.lit(sm).alias("market"), pl.lit(si).alias("instrument"), "ts")
+    s = mark_valid(eng, sp, window=window, col="v", allow_unsealed=allow_unsealed)
+    out = out.with_columns(contract_valid=c["v"], spot_valid=s["v"])
     return out.with_columns(valid=pl.col("contract_valid") & pl.col("spot_valid"))
 
 
