@@ -699,6 +699,11 @@ class Engine:
 
         return unsettled(self, *args, **kw)
 
+    def contract_view(self, *args, **kw) -> pl.DataFrame:
+        from engine.research.contracts import contract_view
+
+        return contract_view(self, *args, **kw)
+
 
 def _first(col: pa.ChunkedArray) -> str:
     """First value of a dictionary column (all rows of a split group share it)."""

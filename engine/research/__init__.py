@@ -1,7 +1,8 @@
 """Research toolkit over the lake: quotes, books, as-of joins, bars, gap-aware windows, coverage.
 
 Every function takes an `Engine` first and returns Polars; `Engine` delegates to them
-(`eng.quotes`, `eng.book`, `eng.books`, `eng.asof`, `eng.bars`, `eng.valid`, `eng.coverage`).
+(`eng.quotes`, `eng.book`, `eng.books`, `eng.asof`, `eng.bars`, `eng.valid`, `eng.coverage`,
+`eng.contract_view`).
 Times are computed on int64 ns: a function reading through the engine (`eng.gaps`, `eng.trades`,
 another research function) asks for `raw_ns=True`, and only its own result is converted to
 `Datetime("ns", "UTC")` (unless its caller passed `raw_ns=True`), so no arithmetic sees datetimes.

@@ -10,12 +10,19 @@ the last of equal right times (the latest state), forward the first. Left row or
 is read from the lake without a time range, the range that can match the left rows is used
 (from left's min/max `on` and `tolerance`), so only the files needed are read.
 
+`right_columns` keeps only some of right's columns (a mapping also renames them, e.g.
+`{"bid_price": "spot_bid"}`), so columns of the same name on both sides need no suffix; the join
+keys (`on`, `by`) are always kept, and renaming `on` names the kept copy of right's time.
+An empty left side reads nothing from the lake.
+
 Speed: Polars' `join_asof` is used directly when each side is sorted by `on` within its `by`
 groups (the lake's own order, checked in O(n)); otherwise the sides are sorted first.
 The right side's `on` is kept as `{on}{suffix}` so the age of each match is visible.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import polars as pl
 import pyarrow as pa
@@ -54,6 +61,25 @@ def _read(eng, table: str, filters: dict, raw_ns: bool) -> pl.DataFrame:
     if table not in schema.TABLES:
         raise ValueError(f"asof: unknown table {table!r}; tables: {', '.join(schema.TABLES)}")
     return eng.read(table, **{**filters, "raw_ns": raw_ns})
+
+
+def _empty(table: str, raw_ns: bool) -> pl.DataFrame:
+    """No rows, the columns and types a read of `table` would have: what an empty left side needs."""
+    if table not in schema.TABLES:
+        raise ValueError(f"asof: unknown table {table!r}; tables: {', '.join(schema.TABLES)}")
+    return result_times(pl.from_arrow(schema.spec(table).schema.empty_table()), schema.time_cols(table), raw_ns=raw_ns)
+
+
+def _keep(r_df: pl.DataFrame, right_columns, on: str, by: list[str]) -> tuple[pl.DataFrame, str | None]:
+    """Right's columns narrowed (and renamed) to `right_columns`; the join keys stay. Returns the
+    frame and the name asked for right's `on` (None: the default `{on}{suffix}`)."""
+    ren = dict(right_columns) if isinstance(right_columns, Mapping) else {c: c for c in right_columns}
+    missing = [c for c in ren if c not in r_df.columns]
+    if missing:
+        raise ValueError(f"asof: right_columns {missing} not on the right side; it has {', '.join(r_df.columns)}")
+    on_name = ren.pop(on, None)
+    keys = list(dict.fromkeys([on, *by]))
+    return r_df.select([*keys, *(pl.col(c).alias(n) for c, n in ren.items() if c not in keys)]), on_name
 
 
 def _window(left: pl.DataFrame, on: str, tol: int | None, direction: str) -> dict:
@@ -101,7 +127,7 @@ def _align_by(l: pl.DataFrame, r: pl.DataFrame, by: list[str]):
 
 def asof(eng, left, right, on: str = "ts", by="instrument", tolerance=None, direction: str = "backward", *,
          left_filter: dict | None = None, right_filter: dict | None = None, suffix: str = "_right",
-         keep_right_on: bool = True, raw_ns: bool = False) -> pl.DataFrame:
+         keep_right_on: bool = True, right_columns=None, raw_ns: bool = False) -> pl.DataFrame:
     """As-of join (see module doc). Returns left's rows in left's order with right's columns added.
 
     Sides read from the lake carry Datetime("ns", "UTC") times (int64 ns with `raw_ns=True`); a time
@@ -114,7 +140,9 @@ def asof(eng, left, right, on: str = "ts", by="instrument", tolerance=None, dire
     lx, lf, l_lake = _spec(left, left_filter)
     rx, rf, r_lake = _spec(right, right_filter)
     l_df = _read(eng, lx, lf, raw_ns) if l_lake else _frame(lx)
-    if r_lake:
+    if r_lake and l_df.height == 0 and not ("start" in rf or "end" in rf):
+        r_df = _empty(rx, raw_ns)  # nothing can match: no read (an unbounded one, without this)
+    elif r_lake:
         win = {} if ("start" in rf or "end" in rf) else _window(l_df, on, tol, direction)
         r_df = _read(eng, rx, {**win, **rf}, raw_ns)
     else:
@@ -126,8 +154,11 @@ def asof(eng, left, right, on: str = "ts", by="instrument", tolerance=None, dire
     if on in lake_times or any(isinstance(df.schema[on], pl.Datetime) for df in (l_df, r_df)):
         l_df, r_df = (result_times(df, [on], raw_ns=raw_ns) for df in (l_df, r_df))  # one type; ns: int tolerance is ns
     l_df, r_df = _align_by(l_df, r_df, by)
+    on_name = None
+    if right_columns is not None:
+        r_df, on_name = _keep(r_df, right_columns, on, by)
     if keep_right_on:
-        r_df = r_df.with_columns(pl.col(on).alias(f"{on}{suffix}"))
+        r_df = r_df.with_columns(pl.col(on).alias(on_name or f"{on}{suffix}"))
     r_sorted = sorted_within(r_df, on, by)
     l_sorted = sorted_within(l_df, on, by)
     if not r_sorted:

@@ -141,9 +141,13 @@ def mark_valid(eng, df: pl.DataFrame, window="30s", *, on: str = "ts", require_s
     sp = pl.concat(spans) if spans else pl.DataFrame(schema=SPAN_SCHEMA)
     if not require_snapshot:
         sp = sp.drop("instrument")
+    # a key with one value in df (one market, one instrument) is a filter on the spans, not a join key
+    one = {k: v[0] for k in keys if len(v := df[k].cast(pl.String).unique().to_list()) == 1 and v[0] is not None}
+    sp = sp.filter(*(pl.col(k) == v for k, v in one.items())) if one else sp
+    keys = [k for k in keys if k not in one]
     sp = sp.rename({"start_ts": "__vs", "end_ts": "__ve"}).with_columns(pl.col("__vs").alias("__t")).sort(keys + ["__t"])
     left = df.with_columns(*(pl.col(k).cast(pl.String).alias(f"__k_{k}") for k in keys), t)
-    right = sp.rename({k: f"__k_{k}" for k in keys})
+    right = sp.select(*(pl.col(k).alias(f"__k_{k}") for k in keys), "__t", "__vs", "__ve")
     j = asof(eng, left, right, on="__t", by=[f"__k_{k}" for k in keys], keep_right_on=False, raw_ns=True)
     j = j.with_columns(((pl.col("__ve").is_not_null()) & (pl.col("__t") < pl.col("__ve"))).alias(col))
     return j.drop([c for c in j.columns if c.startswith("__")])
