@@ -16,6 +16,7 @@ DISPATCH = {
     "gen-capture": ("engine.sim.generate:cli", "generate a protocol-exact capture"),
     "demo": ("engine.sim.demo:cli", "end-to-end demonstration on a generated lake"),
     "coverage": ("engine.research.coverage:cli", "coverage per market and hour (optionally a PNG heat map)"),
+    "iceberg": ("engine.lake.iceberg_cli:cli", "publish the lake as Apache Iceberg tables / show their status"),
 }
 
 
