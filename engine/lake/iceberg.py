@@ -210,6 +210,8 @@ def open_catalog(eng, config: IcebergConfig | None = None):
     props.update(uri=config.rest_uri, warehouse=config.warehouse or warehouse_uri(eng.store))
     if config.credential:
         props["credential"] = config.credential
+        # the REST spec's token endpoint, named (pyiceberg warns when it has to assume it)
+        props.setdefault("oauth2-server-uri", f"{config.rest_uri.rstrip('/')}/v1/oauth/tokens")
     if config.token:
         props["token"] = config.token
     return _rest_catalog(config, props)
@@ -237,6 +239,9 @@ def _rest_catalog(config: IcebergConfig, props: dict[str, str]):
 
     where = redact(config.rest_uri or "")
     try:
+        # pyiceberg's first requests (config, an OAuth2 token) go out before a session can be given a
+        # timeout: probe the server first, so a silent one is an error within `timeout_s`, not a hang
+        requests.get(f"{config.rest_uri.rstrip('/')}/v1/config", timeout=config.timeout_s)
         return _TimedRestCatalog(CATALOG_NAME, **props)
     except (requests.ConnectionError, requests.Timeout) as e:
         raise IcebergError(
@@ -420,10 +425,12 @@ class _PublishLock:
 
 
 def publish(eng, tables: list[str] | None = None, config: IcebergConfig | None = None, *,
-            keep_snapshots_s: float | None = None, workers: int = FOOTER_WORKERS) -> list[TablePublish]:
+            keep_snapshots_s: float | None = None, workers: int = FOOTER_WORKERS,
+            follow: bool | None = None) -> list[TablePublish]:
     """Register the catalog's uploaded files in the Iceberg tables: new files appended, files a
     compaction replaced swapped for the compacted one in one snapshot; a table already in step is
-    not touched. `keep_snapshots_s` (default: compaction's grace period): older snapshots expire."""
+    not touched. `keep_snapshots_s` (default: compaction's grace period): older snapshots expire.
+    `follow` (default: as before, else True): uploads and compactions of this home publish again."""
     from engine.lake.compaction import GRACE_S
 
     eng.require_writer("iceberg_publish")
@@ -436,7 +443,7 @@ def publish(eng, tables: list[str] | None = None, config: IcebergConfig | None =
         cat = open_catalog(eng, config)
         eng.catalog.refresh()
         out = [_publish_table(eng, cat, config.namespace, t, keep, workers) for t in tables]
-    _write_state(eng, config, out)
+        _write_state(eng, config, out, follow)
     return out
 
 
@@ -505,30 +512,37 @@ def _commit(tbl, new: list, drop: list, keep_s: float) -> None:
             ExpireSnapshots(txn).by_ids(old).commit()
 
 
-def _write_state(eng, config: IcebergConfig, results: list[TablePublish]) -> None:
-    """`{home}/iceberg/state.json`: where the tables were published and what the last publish did.
-    Its presence makes uploads and compactions keep the tables in step (`follow`)."""
-    path = _dir(eng) / STATE_NAME
+def _read_state(eng) -> dict:
     try:
-        old = json.loads(path.read_text())
+        return json.loads((_dir(eng) / STATE_NAME).read_text())
     except (FileNotFoundError, ValueError):
-        old = {}
+        return {}
+
+
+def _write_state(eng, config: IcebergConfig, results: list[TablePublish], follow: bool | None) -> None:
+    """`{home}/iceberg/state.json`: where the tables were published, what the last publish did, and
+    whether uploads and compactions of this home keep them in step (`follow`). No credential."""
+    old = _read_state(eng)
     tables = old.get("tables", {})
     tables.update({r.table: {**asdict(r), "published_ns": time.time_ns()} for r in results})
     state = {"catalog": config.kind, "rest_uri": redact(config.rest_uri) if config.rest_uri else None,
-             "namespace": config.namespace, "store": eng.store.url, "tables": tables}
+             "namespace": config.namespace, "store": eng.store.url, "tables": tables,
+             "follow": old.get("follow", True) if follow is None else follow}
+    path = _dir(eng) / STATE_NAME
     atomic_write_bytes(path, json.dumps(state, indent=1, sort_keys=True).encode())
 
 
 def follow(eng) -> list[TablePublish] | None:
     """After a change to what the store holds (upload, compaction swap, purge): publish again if this
-    home published Iceberg tables before, so they never list a file after it is purged. A failure is
+    home published Iceberg tables before (and did not opt out), so they list new files at once and
+    replaced ones are swapped out before the grace period ends and they are purged. A failure is
     logged, not raised: the change itself is durable, and the next change publishes again."""
-    path = _dir(eng) / STATE_NAME
-    if not path.exists():
+    if not (_dir(eng) / STATE_NAME).exists():
         return None
     try:
-        state = json.loads(path.read_text())
+        state = _read_state(eng)
+        if not state.get("follow", True):
+            return None
         config = IcebergConfig.from_env(namespace=state.get("namespace"))
         if config.kind != state.get("catalog", "sqlite"):
             log.warning("iceberg_follow_skipped", why=f"published to a {state.get('catalog')} catalog, this process "

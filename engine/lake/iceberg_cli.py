@@ -17,6 +17,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="Iceberg namespace (default $ENGINE_ICEBERG_NAMESPACE or 'lake')")
     p.add_argument("--rest-uri", help="REST catalog URL (default $ENGINE_ICEBERG_REST_URI; unset: SQLite)")
     p.add_argument("--warehouse", help="REST: the warehouse the server expects (default $ENGINE_ICEBERG_WAREHOUSE)")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=None,
+                   help="publish: whether this home's uploads and compactions republish the tables "
+                        "(default: as set before, else yes)")
     p.add_argument("--home", default=None, help="lake home (default $ENGINE_HOME or ./lake)")
     p.add_argument("--store", default=None, help="object store (default $ENGINE_STORE or HOME/store)")
     return p
@@ -35,7 +38,7 @@ def cli(argv: list[str]) -> int:
                                                 warehouse=args.warehouse)
         eng = Engine.open(args.home, args.store, background=False, writer=args.action == "publish")
         if args.action == "publish":
-            for r in iceberg.publish(eng, args.table, config):
+            for r in iceberg.publish(eng, args.table, config, follow=args.follow):
                 what = f"+{r.added} -{r.removed} file(s), snapshot {r.snapshot_id}" if r.committed else "unchanged"
                 print(f"{config.namespace}.{r.table}: {r.files} file(s), {r.rows} rows; {what} ({r.seconds:.2f} s)")
             print(f"catalog: {config.describe()}; metadata under {iceberg.warehouse_uri(eng.store)}/{config.namespace}/")
