@@ -19,6 +19,7 @@ DISPATCH = {
     "coverage": ("engine.research.coverage:cli", "coverage per market and hour (optionally a PNG heat map)"),
     "plot": ("engine.research.plot:cli", "draw quotes and trades, book depth or coverage to PNG or HTML"),
     "export": ("engine.research.export:cli", "stream a table range to a Parquet, CSV or Arrow file"),
+    "iceberg": ("engine.lake.iceberg_cli:cli", "publish the lake as Apache Iceberg tables / show their status"),
 }
 
 

@@ -5,6 +5,7 @@ import dagster as dg
 from engine_defs.assets import all_assets
 from engine_defs.checks import all_checks
 from engine_defs.derived import derived_assets
+from engine_defs.iceberg import iceberg_tables
 from engine_defs.jobs import compact_job, flush_job, upload_job
 from engine_defs.reference import (
     reference_assets, reference_checks, reference_jobs, reference_schedules, reference_sensors,
@@ -15,7 +16,7 @@ from engine_defs.schedules import nightly_compaction
 from engine_defs.sensors import catalog_sensor
 
 defs = dg.Definitions(
-    assets=[*all_assets, *derived_assets, *research_assets, *reference_assets],
+    assets=[*all_assets, *derived_assets, *research_assets, *reference_assets, iceberg_tables],
     asset_checks=[*all_checks, *reference_checks],
     jobs=[upload_job, compact_job, flush_job, *reference_jobs],
     sensors=[catalog_sensor, *reference_sensors],

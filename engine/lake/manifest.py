@@ -142,13 +142,18 @@ def publish(eng) -> str:
 
 
 def publish_after_change(eng) -> str | None:
-    """Republish after a change to what the store holds (upload, compaction swap, purge). A failure
-    is logged, not raised: the change itself is durable, and the next change publishes again."""
+    """Republish after a change to what the store holds (upload, compaction swap, purge), and the
+    Iceberg tables if this home publishes them. A failure is logged, not raised: the change itself
+    is durable, and the next change publishes again."""
+    from engine.lake.iceberg import follow
+
     try:
         return publish(eng)
     except (StoreError, shard_id.ShardError) as err:
         log.error("manifest_publish_failed", store=eng.store.url, error=str(err))
         return None
+    finally:
+        follow(eng)
 
 
 class Part(msgspec.Struct, frozen=True):
