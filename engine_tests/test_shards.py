@@ -268,8 +268,10 @@ def test_scripts_run_shards_2_demo_starts_two_collectors_covering_every_market(t
     assert [i.shard for i in idents] == [0, 1]
     covered = sorted((s, m) for i in idents for s, ms in i.markets.items() for m in ms)
     from engine.collect import registry
+    from engine.collect.runner import parse_args
 
-    demo_markets = sorted((s, m) for s in registry.names() for m in registry.get(s).default_markets)
+    cfg = parse_args(["--source", *registry.names()])  # the defaults, as each source names its markets
+    demo_markets = sorted((s, m) for s, ms in shards.configured_markets(cfg).items() for m in ms)
     assert covered == demo_markets and len(set(covered)) == len(covered)
     r = Engine.open(tmp_path / "reader", str(home / "store"))
     assert r.store.list_etags("catalog/manifest").keys() == {manifest_part_key(0), manifest_part_key(1)}
