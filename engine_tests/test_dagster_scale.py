@@ -40,7 +40,7 @@ def test_ranged_compaction_run_compacts_every_partition(tmp_path):
     res = engine_resource(tmp_path / "h")
     with dg.instance_for_test() as inst:
         inst.add_dynamic_partitions(MARKETS, [BTC, KX])
-        job = defs.get_job_def("compact_job")
+        job = defs.resolve_job_def("compact_job")
         r = job.execute_in_process(instance=inst, resources={"engine": res}, tags={
             ASSET_PARTITION_RANGE_START_TAG: f"{D1}|{BTC}", ASSET_PARTITION_RANGE_END_TAG: f"{D2}|{KX}"})
         assert r.success
@@ -75,7 +75,7 @@ def test_ranged_run_reports_a_blocked_partition_and_compacts_the_others(tmp_path
     res = engine_resource(tmp_path / "h")
     with dg.instance_for_test() as inst:
         inst.add_dynamic_partitions(MARKETS, [BTC])
-        job = defs.get_job_def("compact_job").get_subset(asset_selection={dg.AssetKey("compacted_trades")})
+        job = defs.resolve_job_def("compact_job").get_subset(asset_selection={dg.AssetKey("compacted_trades")})
         r = job.execute_in_process(instance=inst, resources={"engine": res}, raise_on_error=False, tags={
             ASSET_PARTITION_RANGE_START_TAG: f"{D1}|{BTC}", ASSET_PARTITION_RANGE_END_TAG: f"{today}|{BTC}"})
         assert not r.success
