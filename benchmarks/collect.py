@@ -301,7 +301,7 @@ def _reap_cpu(proc: subprocess.Popen, timeout: float) -> float | None:
 
 
 def bench_e2e(seconds: float, rate: float, real_rows: int = 0, collector_env: dict | None = None,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, collector_args: list[str] | None = None) -> dict:
     """`real_rows`: play the real recording's frames (`real_shaped_records`) up to this many rows
     instead of a generated capture of `seconds` at `rate`. `profile`: py-spy samples the collector
     (raw collapsed stacks written there)."""
@@ -325,7 +325,7 @@ def bench_e2e(seconds: float, rate: float, real_rows: int = 0, collector_env: di
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "collect", "--source", "coinbase", "--coinbase-url", srv.ws_url,
              "--home", str(home), "--coinbase-stall", "60", "--status-interval", "0.2",
-             *(["--products", "BTC-USD", "ETH-USD"] if real_rows and FIX.is_file() else [])],
+             *(["--products", "BTC-USD", "ETH-USD"] if real_rows and FIX.is_file() else []), *(collector_args or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
         spy = None
         st_path = home / "status" / "coinbase.json"
@@ -337,10 +337,11 @@ def bench_e2e(seconds: float, rate: float, real_rows: int = 0, collector_env: di
                 time.sleep(0.05)
                 if cpu0 is None and srv.stats()["frames_sent"] > 0:
                     cpu0, w0 = _proc_cpu(proc.pid), time.monotonic()
+                    threads0 = _thread_cpu(proc.pid)
                     if profile is not None:  # the steady state only: start-up (imports, lake open) left out
                         spy = subprocess.Popen(
                             [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(proc.pid), "-o", str(profile),
-                             "--format", "raw", "--rate", "250", "--nonblocking", "--threads", "--function"],
+                             "--format", "raw", "--rate", "200", "--threads", "--function"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if srv.done.is_set():
                     try:
@@ -352,6 +353,8 @@ def bench_e2e(seconds: float, rate: float, real_rows: int = 0, collector_env: di
             cpu1, w1 = _proc_cpu(proc.pid), time.monotonic()
             hwm = _proc_hwm_mb(proc.pid)
             threads = _thread_cpu(proc.pid)
+            threads = {"main": threads.pop(str(proc.pid), 0.0) - threads0.pop(str(proc.pid), 0.0),
+                       "other": sum(threads.values()) - sum(threads0.values())}
         finally:
             proc.send_signal(signal.SIGTERM)
             cpu_end = _reap_cpu(proc, 60)  # with the final flush of the rows still buffered
