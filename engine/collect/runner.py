@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.collect import registry
+from engine.collect import memory, registry
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, tune_gc
 from engine.collect.capture import CaptureWriter
@@ -381,9 +381,12 @@ class Collector:
 
     async def _housekeeping(self) -> None:
         ctl = status_dir(self.home) / "flush.request"
-        last_status = time.monotonic()
+        last_status = last_release = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
+            if time.monotonic() - last_release >= memory.RELEASE_EVERY_S:  # on the append thread: off the loop
+                last_release = time.monotonic()
+                self.appender.submit(memory.release)
             for r in self.runners:
                 if r.norm.rows_pending():
                     r.submit_rows()
@@ -408,6 +411,7 @@ class Collector:
         if not sources:
             log.error("nothing_to_collect", requested=self.cfg.source)
             return 1
+        log.info("memory_tuned", **memory.tune())
         self.eng = Engine.open(home=self.home, writer=True, book_anchors=True)
         tune_gc()
         self.runners = [SourceRunner(s, self.eng, self.cfg, self.appender) for s in sources]
