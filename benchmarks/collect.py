@@ -377,14 +377,68 @@ def bench_e2e(seconds: float, rate: float, real_rows: int = 0, collector_env: di
             "thread_cpu_s": threads}
 
 
+def profile_summary(raw: Path, top: int = 25) -> str:
+    """py-spy's raw collapsed stacks as text: samples per thread, then the top functions by own
+    and by inclusive samples (shares of all samples), for the event-loop thread and the others."""
+    from collections import Counter
+
+    waits = ("Condition.wait (", "Event.wait (", "_worker (concurrent/futures/thread.py", "_wait_for_tstate_lock (")
+    rows, waiting = [], 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            fr = stack.split(";")
+            if fr[-1].startswith(waits):  # a worker thread blocked on its queue or a lock: idle
+                waiting += int(n)
+                continue
+            rows.append((fr, int(n)))
+    total = sum(n for _, n in rows) or 1
+    out = [f"samples: {total} at 200 Hz ({waiting} more of threads waiting on a queue or lock left out; the event "
+           "loop's own native time, waiting in epoll included, shows as `Runner.run`)", "", "share  thread"]
+    threads = Counter()
+    for fr, n in rows:
+        threads[fr[0].split(":", 1)[-1].strip().rstrip("_0123456789") or fr[0]] += n
+    out += [f"{100 * n / total:5.1f}% {t}" for t, n in threads.most_common()]
+    for title, pick in (("event-loop thread (MainThread)", lambda t: "MainThread" in t),
+                        ("other threads (append, encoder, spool sync, flush)", lambda t: "MainThread" not in t)):
+        own, incl = Counter(), Counter()
+        sel = [(fr, n) for fr, n in rows if pick(fr[0])]
+        for fr, n in sel:
+            own[fr[-1]] += n
+            for f in set(fr[1:]):
+                incl[f] += n
+        out += ["", f"== {title}: {100 * sum(n for _, n in sel) / total:.1f}% of samples", "-- own"]
+        out += [f"{100 * n / total:5.1f}% {f}" for f, n in own.most_common(top)]
+        out += ["-- inclusive"]
+        out += [f"{100 * n / total:5.1f}% {f}" for f, n in incl.most_common(top)]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000, help="Coinbase rows to normalize")
     ap.add_argument("--kalshi-msgs", type=int, default=500_000)
     ap.add_argument("--e2e-seconds", type=float, default=60.0, help="generated capture length for the e2e run")
     ap.add_argument("--e2e-rate", type=float, default=2000.0, help="generated updates per second")
+    ap.add_argument("--e2e-real-rows", type=int, default=1_000_000,
+                    help="rows of the real recording's frames played end to end (0: skip)")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="only the real-frames end-to-end run, py-spy sampling the collector; its summary to FILE")
     a = ap.parse_args(argv)
+    if a.profile:
+        os.environ.setdefault("ENGINE_LOG_LEVEL", "ERROR")
+        raw = Path(tempfile.mkdtemp(prefix="collect_profile_")) / "collector.raw"
+        e = bench_e2e(0, 0, real_rows=a.e2e_real_rows or 1_000_000, profile=raw)
+        head = (f"collector end to end ({e['what']}): {e['rows']} rows in {e['wall_s']:.2f} s, collector CPU "
+                f"{e['cpu_pct']:.0f}%, {e['rows_per_cpu_s'] / 1e6:.3f} M rows per CPU-second (steady), "
+                f"{e['rows_per_cpu_s_total'] / 1e6:.3f} M with the final flush; CPU s main/other threads "
+                f"{e['thread_cpu_s']['main']:.2f}/{e['thread_cpu_s']['other']:.2f}; load {os.getloadavg()[0]:.1f} on "
+                f"{os.cpu_count()} cores\n")
+        Path(a.profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.profile).write_text(head + profile_summary(raw))
+        print(head, end="")
+        return 0
     os.environ.setdefault("ENGINE_LOG_LEVEL", "ERROR")
     from engine.collect.base import tune_gc
 
@@ -408,7 +462,14 @@ def main(argv=None) -> int:
         print(f"{'End to end: replay -> WS -> collector -> lake':<48}{e['rows_s'] / 1e6:>12.3f} M/s")
         print(f"{'  rows, wall seconds':<48}{e['rows']:>16} {e['wall_s']:.2f} s")
         print(f"{'  collector CPU (one process)':<48}{e['cpu_pct']:>14.0f} %")
+        print(f"{'  rows per collector CPU-second':<48}{e['rows_per_cpu_s'] / 1e6:>12.3f} M/s")
         print(f"{'  collector peak RSS':<48}{e['rss_mb']:>13.0f} MB")
+        if a.e2e_real_rows:
+            r = bench_e2e(0, 0, real_rows=a.e2e_real_rows)
+            print(f"{'End to end, real frames (' + r['what'][:20] + ')':<48}{r['rows_s'] / 1e6:>12.3f} M/s")
+            print(f"{'  rows per collector CPU-second (steady)':<48}{r['rows_per_cpu_s'] / 1e6:>12.3f} M/s{'>= 0.6 M/s':>14}")
+            print(f"{'  ... including the final flush':<48}{r['rows_per_cpu_s_total'] / 1e6:>12.3f} M/s")
+            print(f"{'  collector CPU, peak RSS':<48}{r['cpu_pct']:>14.0f} % {r['rss_mb']:.0f} MB")
     return 0
 
 

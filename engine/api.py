@@ -424,6 +424,7 @@ class Engine:
         self._spool.rotate()
         self._spool.collect(self.catalog.spool_hw)
         self._advance_watermark(buf.source, buf.max_recv_ts)
+        pa.default_memory_pool().release_unused()  # the buffer's rows, read back and sorted, are freed: give the pages back
         return 1
 
     def _new_buffer(self, key: str, table: str, source: str, market: str, hour: int, stream: bool = True) -> Buffer:
