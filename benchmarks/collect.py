@@ -78,6 +78,68 @@ def make_stream(msgs: list[dict], target_rows: int) -> tuple[list[str], list[str
     return head, frames, rows
 
 
+def real_shaped_records(target_rows: int, levels: int = 500) -> tuple[list[dict], str]:
+    """A Coinbase capture of the real recording's frames (level2, market_trades, heartbeats; ~6.3
+    rows per l2 update frame), played back to back until `target_rows` l2+trade rows: each pass
+    moves every exchange time forward by the recording's length (whole seconds) and trade ids by
+    10**12, so a pass is fresh data in time order; times start at the present (serve it with
+    `at_present=False`: no per-frame shift in the replay exchange). Snapshots cut to `levels` per
+    side. Generated frames (~3 rows per frame) when the recording is absent."""
+    if not FIX.is_file():
+        from engine.sim.capture_gen import generate_coinbase
+
+        return list(generate_coinbase(seconds=target_rows / 6000, rate=2000, seed=7, depth=200,
+                                      start_ns=time.time_ns())), "generated (capture_gen; the recording is absent)"
+    import zstandard
+
+    from engine.sim.replay.protocol import shift_rfc3339
+
+    head, body = [], []  # (recv_ns, frame dict)
+    with open(FIX, "rb") as f:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
+            o = json.loads(line)
+            if o.get("t") != "recv":
+                continue
+            d = json.loads(o["data"])
+            ch = d.get("channel")
+            if ch not in ("l2_data", "market_trades", "heartbeats", "subscriptions"):
+                continue
+            recv = int(o["ts"] * 1e9)
+            snap = bool(d.get("events")) and d["events"][0].get("type") == "snapshot"
+            if ch == "l2_data" and snap:
+                for ev in d["events"]:
+                    bids = [u for u in ev["updates"] if u["side"] == "bid"][:levels]
+                    asks = [u for u in ev["updates"] if u["side"] != "bid"][:levels]
+                    ev["updates"] = bids + asks
+            (head if snap or ch == "subscriptions" else body).append((recv, d))
+    t0 = head[0][0]
+    period = -(-(body[-1][0] - t0) // 10**9 + 1) * 10**9
+    base = (time.time_ns() - t0) // 10**9 * 10**9
+
+    def moved(d: dict, sh: int, tid_step: int) -> str:
+        d = json.loads(json.dumps(d))
+        d["timestamp"] = shift_rfc3339(d.get("timestamp", ""), sh)
+        for ev in d.get("events") or ():
+            for u in ev.get("updates") or ():
+                u["event_time"] = shift_rfc3339(u.get("event_time", ""), sh)
+            for t in ev.get("trades") or ():
+                t["time"] = shift_rfc3339(t.get("time", ""), sh)
+                t["trade_id"] = str(int(t["trade_id"]) + tid_step)
+        return json.dumps(d, separators=(",", ":"))
+
+    recs = [{"recv_ns": base + t0, "meta": {"type": "connect", "source": "coinbase", "conn": 0}}]
+    recs += [{"recv_ns": r + base, "frame": moved(d, base, 0)} for r, d in head]
+    rows, k = 0, 0
+    while rows < target_rows:
+        sh = base + k * period
+        for r, d in body:
+            recs.append({"recv_ns": r + sh, "frame": moved(d, sh, k * 10**12)})
+            for ev in d.get("events") or ():
+                rows += len(ev.get("updates") or ()) + len(ev.get("trades") or ())
+        k += 1
+    return recs, f"real recording's frames x {k} passes"
+
+
 def bench_coinbase(target_rows: int) -> dict:
     from engine.collect.coinbase.normalize import CoinbaseNormalizer
 
@@ -210,21 +272,62 @@ def _proc_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def bench_e2e(seconds: float, rate: float) -> dict:
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process by thread id (for the profile's per-thread split)."""
+    out = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            f = (t / "stat").read_text().rsplit(")", 1)[1].split()
+            out[t.name] = (int(f[11]) + int(f[12])) / tck
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def _reap_cpu(proc: subprocess.Popen, timeout: float) -> float | None:
+    """Wait for `proc` to exit; its whole CPU time (user + system) from its rusage, None if it
+    did not exit in time (then killed)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return ru.ru_utime + ru.ru_stime
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return None
+
+
+def bench_e2e(seconds: float, rate: float, real_rows: int = 0, collector_env: dict | None = None,
+              profile: Path | None = None, collector_args: list[str] | None = None) -> dict:
+    """`real_rows`: play the real recording's frames (`real_shaped_records`) up to this many rows
+    instead of a generated capture of `seconds` at `rate`. `profile`: py-spy samples the collector
+    (raw collapsed stacks written there)."""
     from engine.sim.capture_gen import generate_coinbase, write_capture
     from engine.sim.replay import ReplayServer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
-    cap = tmp / "cb.jsonl.zst"
-    write_capture(generate_coinbase(seconds=seconds, rate=rate, seed=7, depth=200), cap)
+    cap = tmp / "cb.jsonl"
+    what = "generated"
+    if real_rows:
+        recs, what = real_shaped_records(real_rows)
+        write_capture(recs, cap)
+        del recs
+    else:
+        write_capture(generate_coinbase(seconds=seconds, rate=rate, seed=7, depth=200), cap)
     home = tmp / "lake"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KALSHI_")}
     env["PYTHONPATH"] = str(ROOT)
-    with ReplayServer.run_in_thread(source="coinbase", capture=str(cap), speed=0) as srv:
+    env.update(collector_env or {})
+    with ReplayServer.run_in_thread(source="coinbase", capture=str(cap), speed=0, at_present=not real_rows) as srv:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "collect", "--source", "coinbase", "--coinbase-url", srv.ws_url,
-             "--home", str(home), "--coinbase-stall", "60", "--status-interval", "0.2"],
+             "--home", str(home), "--coinbase-stall", "60", "--status-interval", "0.2",
+             *(["--products", "BTC-USD", "ETH-USD"] if real_rows and FIX.is_file() else []), *(collector_args or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        spy = None
         st_path = home / "status" / "coinbase.json"
         cpu0 = w0 = None
         try:
@@ -234,6 +337,12 @@ def bench_e2e(seconds: float, rate: float) -> dict:
                 time.sleep(0.05)
                 if cpu0 is None and srv.stats()["frames_sent"] > 0:
                     cpu0, w0 = _proc_cpu(proc.pid), time.monotonic()
+                    threads0 = _thread_cpu(proc.pid)
+                    if profile is not None:  # the steady state only: start-up (imports, lake open) left out
+                        spy = subprocess.Popen(
+                            [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(proc.pid), "-o", str(profile),
+                             "--format", "raw", "--rate", "200", "--threads", "--function"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if srv.done.is_set():
                     try:
                         rows = json.loads(st_path.read_text())["frames"]
@@ -243,9 +352,14 @@ def bench_e2e(seconds: float, rate: float) -> dict:
                         break
             cpu1, w1 = _proc_cpu(proc.pid), time.monotonic()
             hwm = _proc_hwm_mb(proc.pid)
+            threads = _thread_cpu(proc.pid)
+            threads = {"main": threads.pop(str(proc.pid), 0.0) - threads0.pop(str(proc.pid), 0.0),
+                       "other": sum(threads.values()) - sum(threads0.values())}
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            cpu_end = _reap_cpu(proc, 60)  # with the final flush of the rows still buffered
+            if spy is not None:
+                spy.wait(60)
     from engine import Engine
 
     eng = Engine.open(home=home)
@@ -257,7 +371,47 @@ def bench_e2e(seconds: float, rate: float) -> dict:
     rows = l2.height + tr.height
     span = (max(l2["recv_ts"].max(), tr["recv_ts"].max()) - min(l2["recv_ts"].min(), tr["recv_ts"].min())) / 1e9
     return {"rows": rows, "span_s": span, "rows_s": rows / max(w1 - w0, 1e-9), "rows_s_recv": rows / max(span, 1e-9),
-            "cpu_pct": 100 * (cpu1 - cpu0) / max(w1 - w0, 1e-9), "rss_mb": hwm, "wall_s": w1 - w0, "tmp": str(tmp)}
+            "cpu_pct": 100 * (cpu1 - cpu0) / max(w1 - w0, 1e-9), "rss_mb": hwm, "wall_s": w1 - w0, "tmp": str(tmp), "what": what,
+            "rows_per_cpu_s": rows / max(cpu1 - cpu0, 1e-9),
+            "rows_per_cpu_s_total": rows / max(cpu_end - cpu0, 1e-9) if cpu_end is not None else None,
+            "thread_cpu_s": threads}
+
+
+def profile_summary(raw: Path, top: int = 25) -> str:
+    """py-spy's raw collapsed stacks as text: samples per thread, then the top functions by own
+    and by inclusive samples (shares of all samples), for the event-loop thread and the others."""
+    from collections import Counter
+
+    waits = ("Condition.wait (", "Event.wait (", "_worker (concurrent/futures/thread.py", "_wait_for_tstate_lock (")
+    rows, waiting = [], 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            fr = stack.split(";")
+            if fr[-1].startswith(waits):  # a worker thread blocked on its queue or a lock: idle
+                waiting += int(n)
+                continue
+            rows.append((fr, int(n)))
+    total = sum(n for _, n in rows) or 1
+    out = [f"samples: {total} at 200 Hz ({waiting} more of threads waiting on a queue or lock left out; the event "
+           "loop's own native time, waiting in epoll included, shows as `Runner.run`)", "", "share  thread"]
+    threads = Counter()
+    for fr, n in rows:
+        threads[fr[0].split(":", 1)[-1].strip().rstrip("_0123456789") or fr[0]] += n
+    out += [f"{100 * n / total:5.1f}% {t}" for t, n in threads.most_common()]
+    for title, pick in (("event-loop thread (MainThread)", lambda t: "MainThread" in t),
+                        ("other threads (append, encoder, spool sync, flush)", lambda t: "MainThread" not in t)):
+        own, incl = Counter(), Counter()
+        sel = [(fr, n) for fr, n in rows if pick(fr[0])]
+        for fr, n in sel:
+            own[fr[-1]] += n
+            for f in set(fr[1:]):
+                incl[f] += n
+        out += ["", f"== {title}: {100 * sum(n for _, n in sel) / total:.1f}% of samples", "-- own"]
+        out += [f"{100 * n / total:5.1f}% {f}" for f, n in own.most_common(top)]
+        out += ["-- inclusive"]
+        out += [f"{100 * n / total:5.1f}% {f}" for f, n in incl.most_common(top)]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
@@ -266,8 +420,25 @@ def main(argv=None) -> int:
     ap.add_argument("--kalshi-msgs", type=int, default=500_000)
     ap.add_argument("--e2e-seconds", type=float, default=60.0, help="generated capture length for the e2e run")
     ap.add_argument("--e2e-rate", type=float, default=2000.0, help="generated updates per second")
+    ap.add_argument("--e2e-real-rows", type=int, default=1_000_000,
+                    help="rows of the real recording's frames played end to end (0: skip)")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="only the real-frames end-to-end run, py-spy sampling the collector; its summary to FILE")
     a = ap.parse_args(argv)
+    if a.profile:
+        os.environ.setdefault("ENGINE_LOG_LEVEL", "ERROR")
+        raw = Path(tempfile.mkdtemp(prefix="collect_profile_")) / "collector.raw"
+        e = bench_e2e(0, 0, real_rows=a.e2e_real_rows or 1_000_000, profile=raw)
+        head = (f"collector end to end ({e['what']}): {e['rows']} rows in {e['wall_s']:.2f} s, collector CPU "
+                f"{e['cpu_pct']:.0f}%, {e['rows_per_cpu_s'] / 1e6:.3f} M rows per CPU-second (steady), "
+                f"{e['rows_per_cpu_s_total'] / 1e6:.3f} M with the final flush; CPU s main/other threads "
+                f"{e['thread_cpu_s']['main']:.2f}/{e['thread_cpu_s']['other']:.2f}; load {os.getloadavg()[0]:.1f} on "
+                f"{os.cpu_count()} cores\n")
+        Path(a.profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.profile).write_text(head + profile_summary(raw))
+        print(head, end="")
+        return 0
     os.environ.setdefault("ENGINE_LOG_LEVEL", "ERROR")
     from engine.collect.base import tune_gc
 
@@ -291,7 +462,14 @@ def main(argv=None) -> int:
         print(f"{'End to end: replay -> WS -> collector -> lake':<48}{e['rows_s'] / 1e6:>12.3f} M/s")
         print(f"{'  rows, wall seconds':<48}{e['rows']:>16} {e['wall_s']:.2f} s")
         print(f"{'  collector CPU (one process)':<48}{e['cpu_pct']:>14.0f} %")
+        print(f"{'  rows per collector CPU-second':<48}{e['rows_per_cpu_s'] / 1e6:>12.3f} M/s")
         print(f"{'  collector peak RSS':<48}{e['rss_mb']:>13.0f} MB")
+        if a.e2e_real_rows:
+            r = bench_e2e(0, 0, real_rows=a.e2e_real_rows)
+            print(f"{'End to end, real frames (' + r['what'][:20] + ')':<48}{r['rows_s'] / 1e6:>12.3f} M/s")
+            print(f"{'  rows per collector CPU-second (steady)':<48}{r['rows_per_cpu_s'] / 1e6:>12.3f} M/s{'>= 0.6 M/s':>14}")
+            print(f"{'  ... including the final flush':<48}{r['rows_per_cpu_s_total'] / 1e6:>12.3f} M/s")
+            print(f"{'  collector CPU, peak RSS':<48}{r['cpu_pct']:>14.0f} % {r['rss_mb']:.0f} MB")
     return 0
 
 

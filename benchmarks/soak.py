@@ -312,9 +312,10 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
             "rows_per_s_sustained": round((counts["l2_update_rows"] + counts["l2_snapshot_rows"] + counts["trades"]) / feed_s),
             "collector_frames_received": final_status.get("frames"),
             "rss_mb": {"start": rss[min(2, len(rss) - 1)] if rss else None, "end": rss[-1] if rss else None,
-                       "max": max(rss) if rss else None,
+                       "max": max(rss) if rss else None, "mean": round(sum(rss) / len(rss), 1) if rss else None,
                        "first_third_mean": round(sum(rss[:third]) / third, 1) if rss else None,
-                       "last_third_mean": round(sum(rss[-third:]) / third, 1) if rss else None},
+                       "last_third_mean": round(sum(rss[-third:]) / third, 1) if rss else None,
+                       **rss_trend(samples)},
             "collector_cpu_pct_mean": round(sum(cpu) / len(cpu), 1) if cpu else None,
             "replay_cpu_pct_mean": round(sum(rcpu) / len(rcpu), 1) if rcpu else None,
             "files_written": n_files_written, "files_per_hour": round(n_files_written / hours),
@@ -344,6 +345,22 @@ def run_soak(minutes: float, markets: int = 6, rate_x: float = 50.0, workdir: Pa
         moto.stop()
 
 
+def rss_trend(samples: list[dict]) -> dict:
+    """Linear fit of RSS over the last third of the run: its slope (MB/min) and the growth it makes
+    over that third as a share of the run's mean RSS (memory that has levelled off: a few %)."""
+    if len(samples) < 6:
+        return {"last_third_slope_mb_per_min": None, "last_third_growth_pct_of_mean": None}
+    import numpy as np
+
+    t = np.array([x["t"] for x in samples], float)
+    rss = np.array([x["rss_mb"] for x in samples], float)
+    last = t >= t[0] + (t[-1] - t[0]) * 2 / 3
+    slope = float(np.polyfit(t[last], rss[last], 1)[0])  # MB/s
+    growth = slope * (t[last][-1] - t[last][0])
+    return {"last_third_slope_mb_per_min": round(slope * 60, 2),
+            "last_third_growth_pct_of_mean": round(100 * growth / float(rss.mean()), 2)}
+
+
 def _pct(xs, q):
     if not xs:
         return None
@@ -362,8 +379,10 @@ def summary_lines(r: dict) -> list[str]:
         f"  equal: {r['rows_equal']}  per-sequence equal: {r['per_seq_equal']}  trade duplicates: {r['trade_duplicates']}"
         f"  verify problems: {len(r['verify_problems'])}",
         f"  sustained {r['rows_per_s_sustained']:,} rows/s; collector CPU {r['collector_cpu_pct_mean']}% (replay {r['replay_cpu_pct_mean']}%)",
-        f"  collector RSS MB start {r['rss_mb']['start']} end {r['rss_mb']['end']} max {r['rss_mb']['max']}"
-        f" (first third mean {r['rss_mb']['first_third_mean']}, last third {r['rss_mb']['last_third_mean']})",
+        f"  collector RSS MB start {r['rss_mb']['start']} end {r['rss_mb']['end']} mean {r['rss_mb'].get('mean')}"
+        f" max {r['rss_mb']['max']} (first third mean {r['rss_mb']['first_third_mean']}, last third"
+        f" {r['rss_mb']['last_third_mean']}); last third: slope {r['rss_mb'].get('last_third_slope_mb_per_min')} MB/min,"
+        f" growth {r['rss_mb'].get('last_third_growth_pct_of_mean')}% of the mean",
         f"  files {r['files_written']} ({r['files_per_hour']:,}/h), {r['bytes_per_hour'] / 2**20:,.0f} MiB/h raw, "
         f"{r['bytes_per_row']} B/row after compaction; flush latency p50 {r['flush_latency_s']['p50']} s max {r['flush_latency_s']['max']} s",
         f"  sync-boundary lag p50 {r['sync_lag_s']['p50']} s max {r['sync_lag_s']['max']} s; query p50 {r['query_s']['p50']} s;"
@@ -371,7 +390,8 @@ def summary_lines(r: dict) -> list[str]:
     ]
 
 
-def budget_problems(r: dict, min_rate_fraction: float = 0.8, max_rss_growth_mb: float = 100.0) -> list[str]:
+def budget_problems(r: dict, min_rate_fraction: float = 0.8, max_rss_growth_mb: float = 100.0,
+                    max_rss_slope_pct: float | None = None) -> list[str]:
     """The soak's performance budgets (throughput, memory growth), checked here by the benchmark and
     by the `-m slow` long soak, not by the default test suite: a shared machine's timings are not a
     test verdict."""
@@ -383,6 +403,10 @@ def budget_problems(r: dict, min_rate_fraction: float = 0.8, max_rss_growth_mb: 
     if rss["first_third_mean"] is not None and rss["last_third_mean"] - rss["first_third_mean"] >= max_rss_growth_mb:
         out.append(f"collector RSS grew {rss['last_third_mean'] - rss['first_third_mean']:.1f} MB "
                    f"(first to last third of the run) >= {max_rss_growth_mb} MB")
+    g = rss.get("last_third_growth_pct_of_mean")
+    if max_rss_slope_pct is not None and g is not None and g > max_rss_slope_pct:
+        out.append(f"collector RSS still growing over the last third: {g}% of the mean RSS "
+                   f"({rss['last_third_slope_mb_per_min']} MB/min) > {max_rss_slope_pct}%")
     return out
 
 
@@ -408,12 +432,15 @@ def main(argv=None) -> int:
                     help="budget: sustained rows/s above this fraction of the target")
     ap.add_argument("--max-rss-growth-mb", type=float, default=100.0,
                     help="budget: collector RSS growth (mean of the last third minus the first third of the run)")
+    ap.add_argument("--max-rss-slope-pct", type=float, default=5.0,
+                    help="budget: RSS growth over the last third of the run (linear fit) as %% of the mean RSS")
     a = ap.parse_args(argv)
     r = run_soak(a.minutes, a.markets, a.rate_x, Path(a.workdir), a.flush_age, a.maint_every, a.compact_every,
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     print("\n".join(summary_lines(r)))
-    over = budget_problems(r, a.min_rate_fraction, a.max_rss_growth_mb)
-    print(f"  budgets (rate > {a.min_rate_fraction} x target, RSS growth < {a.max_rss_growth_mb} MB): "
+    over = budget_problems(r, a.min_rate_fraction, a.max_rss_growth_mb, a.max_rss_slope_pct)
+    print(f"  budgets (rate > {a.min_rate_fraction} x target, RSS growth < {a.max_rss_growth_mb} MB, last-third RSS "
+          f"growth <= {a.max_rss_slope_pct}% of the mean): "
           + ("; ".join(over) if over else "met"))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -432,6 +433,7 @@ class Engine:
         self._spool.rotate()
         self._spool.collect(self.catalog.spool_hw)
         self._advance_watermark(buf.source, buf.max_recv_ts)
+        pa.default_memory_pool().release_unused()  # the buffer's rows, read back and sorted, are freed: give the pages back
         return 1
 
     def _new_buffer(self, key: str, table: str, source: str, market: str, hour: int, stream: bool = True) -> Buffer:
@@ -711,25 +713,40 @@ def _first(col: pa.ChunkedArray) -> str:
     return chunk.dictionary[chunk.indices[0].as_py()].as_py()
 
 
+def _ranks(col: pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    """Each row's rank among the column's distinct values in sort order, and how many values there
+    are: a sort key read off the dictionary indices (no string per row)."""
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    col = pa.table({"c": col}).unify_dictionaries().column("c")
+    chunks = [c for c in col.chunks if len(c)]
+    values = chunks[0].dictionary.to_pylist() if chunks else []
+    rank = np.empty(len(values), np.int64)
+    rank[sorted(range(len(values)), key=lambda i: (values[i] is None, values[i] or ""))] = np.arange(len(values))
+    idx = [c.indices.fill_null(0).to_numpy(zero_copy_only=False) for c in chunks]
+    return (rank[np.concatenate(idx)] if idx else np.zeros(0, np.int64)), max(len(values), 1)
+
+
 def _split(t: pa.Table, part_col: str):
-    """Split a validated batch into groups of one (source, market, hour), in time order."""
-    hours = pc.divide(t.column(part_col), NS_PER_HOUR)
-    src = t.column("source")
-    mkt = t.column("market")
-    one_key = (
-        len(pc.unique(src)) == 1 and len(pc.unique(mkt)) == 1 and pc.min_max(hours)["min"] == pc.min_max(hours)["max"]
-    )
-    if one_key:
+    """Split a validated batch into groups of one (source, market, hour), in time order (hour,
+    then source and market by name); a stable sort of one integer key per row, so each group
+    keeps arrival order and is a zero-copy slice of one reordered table."""
+    col = t.column(part_col)
+    if not t.num_rows:
         yield t
         return
-    keys = pl.from_arrow(pa.table({"s": src.cast(pa.string()), "m": mkt.cast(pa.string()), "h": hours}))
-    order = keys.with_row_index("i").sort(["h", "s", "m"], maintain_order=True)  # stable: arrival order kept
-    t = t.take(order["i"].to_arrow())  # one pass, then each group is a zero-copy slice
-    sizes = order.group_by(["h", "s", "m"], maintain_order=True).len()["len"].to_list()
-    off = 0
-    for n in sizes:
-        yield t.slice(off, n)
-        off += n
+    hours = (col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)).to_numpy(zero_copy_only=False) // NS_PER_HOUR
+    s, ns = _ranks(t.column("source"))
+    m, nm = _ranks(t.column("market"))
+    key = (hours - hours.min()) * (ns * nm) + s * nm + m
+    if key.min() == key.max():
+        yield t
+        return
+    order = np.argsort(key, kind="stable")
+    t = t.take(pa.array(order))
+    cuts = np.flatnonzero(np.diff(key[order])) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), t.num_rows]):
+        yield t.slice(lo, hi - lo)
 
 
 def _corrupt_gaps(d: Damaged, quarantined: str) -> list[dict]:

@@ -95,6 +95,22 @@ class CaptureWriter:
         self._roll(recv_ns)
         self._write({"recv_ns": recv_ns, "frame": frame})
 
+    def frames(self, recv_ns: int, frames: list) -> None:
+        """Frames of one socket read (one receive time) as one write: the lines are the ones
+        `frame()` writes, each frame's JSON string encoded once and the line built around it."""
+        if not frames:
+            return
+        self._roll(recv_ns)
+        head = b'{"recv_ns":%d,"frame":' % recv_ns
+        enc = _enc.encode
+        parts = []
+        for f in frames:
+            if not isinstance(f, str):
+                f = bytes(f).decode("utf-8", "replace")
+            parts.append(head + enc(f) + b"}\n")
+        self._out.write(b"".join(parts))
+        self.lines += len(parts)
+
     def meta(self, recv_ns: int, meta: dict) -> None:
         if meta.get("type") == "connect":
             self._conn_meta = None  # a new file opened for this line must not restate the old connection

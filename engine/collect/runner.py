@@ -1,8 +1,9 @@
 """`data-engine collect`: the long-running collector (one asyncio task per exchange connection).
 
 Per source a `SourceRunner` owns one WebSocket connection, the source's normalizer and `Link` (its
-protocol: subscription, resync, discovery; see `engine.collect.source`) and an optional raw capture. Frames are read on the event loop, captured, normalized column-wise, and the
-accumulated chunks are handed to the Engine on a single background thread (so storage never
+protocol: subscription, resync, discovery; see `engine.collect.source`) and an optional raw capture.
+Frames are read on the event loop a socket read at a time (`engine.collect.wsconn`), captured,
+normalized column-wise, and the accumulated chunks are handed to the Engine on a single background thread (so storage never
 blocks the socket reader: Kalshi kills slow consumers with error 25).
 
 Gaps: every reconnect records a `disconnect` (or `stale`) gap when the new connection opens; a
@@ -28,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.collect import registry, shards
+from engine.collect import memory, registry, shards
 from engine.collect.append import append_tables
 from engine.collect.base import CHUNK_ROWS, tune_gc
 from engine.collect.capture import CaptureWriter
@@ -36,6 +37,7 @@ from engine.collect.rest import rest_meta
 from engine.collect.source import AuthError, Reconnect
 from engine.collect.status import _atomic_write, request_flush, status_cli, status_dir  # noqa: F401 - their old address
 from engine.collect.timestamps import DEFAULT_MAX_SKEW_NS
+from engine.collect.wsconn import BatchConnection
 from engine.log import get_logger
 from engine.timeutil import NS
 
@@ -228,7 +230,7 @@ class SourceRunner:
         try:
             async with connect(
                 self.url, max_size=MAX_FRAME, additional_headers=headers, open_timeout=10, ping_interval=ping,
-                ping_timeout=20, close_timeout=2, max_queue=4096,
+                ping_timeout=20, close_timeout=2, max_queue=4096, create_connection=BatchConnection,
             ) as ws:
                 try:
                     await self._on_open(ws)
@@ -280,24 +282,29 @@ class SourceRunner:
         self.log.warning("disconnected", conn=self.conn_id, reason=reason)
 
     async def _read(self, ws, stop: asyncio.Event) -> str:
+        """Read until the connection ends. Every socket read's messages come as one batch (see
+        `wsconn`): captured and normalized under one lock acquisition, in order; a normalizer's
+        action is carried out before the messages after the one that asked for it."""
+        from websockets.exceptions import ConnectionClosedOK
+
         watchdog = asyncio.create_task(self._watchdog(ws))
-        norm, lock, cap = self.norm, self.lock, self.capture
-        l2 = norm.l2
+        ws.tick_s = getattr(self.cfg, "read_tick_ms", 2.0) / 1000
+        norm = self.norm
+        l2, trades = norm.l2, norm.trades
         try:
-            async for frame in ws:
-                now = time.time_ns()
+            while True:
+                try:
+                    batches = await ws.take()
+                except ConnectionClosedOK:
+                    break
                 self.last_frame = time.monotonic()
-                with lock:
-                    if cap is not None:
-                        cap.frame(now, frame)
-                    try:
-                        norm.feed(now, frame)
-                    except Exception as e:  # noqa: BLE001 - a normalizer bug must not stop collection
-                        norm.skip(frame, f"internal_error: {type(e).__name__}", e)
-                        self.log.exception("normalizer_error")
-                if norm.actions:
-                    await self._act(ws, norm.pop_actions())
-                if l2.rows >= CHUNK_ROWS or norm.trades.rows >= CHUNK_ROWS:
+                for now, frames in batches:
+                    i, n = 0, len(frames)
+                    while i < n:
+                        i = self._feed(now, frames, i)
+                        if norm.actions:
+                            await self._act(ws, norm.pop_actions())
+                if l2.rows >= CHUNK_ROWS or trades.rows >= CHUNK_ROWS:
                     self.submit_rows()
             return self.close_reason or "disconnect: server closed the connection"
         except Reconnect as e:
@@ -310,6 +317,27 @@ class SourceRunner:
                     await asyncio.wait_for(ws.close(), 2)
                 except Exception:  # noqa: BLE001
                     pass
+
+    def _feed(self, recv_ns: int, frames: list, i: int) -> int:
+        """Capture and normalize `frames[i:]` up to the first that asks for an action; returns the
+        index after the last one fed."""
+        norm = self.norm
+        feed = norm.feed
+        n, start = len(frames), i
+        with self.lock:
+            while i < n:
+                frame = frames[i]
+                i += 1
+                try:
+                    feed(recv_ns, frame)
+                except Exception as e:  # noqa: BLE001 - a normalizer bug must not stop collection
+                    norm.skip(frame, f"internal_error: {type(e).__name__}", e)
+                    self.log.exception("normalizer_error")
+                if norm.actions:
+                    break
+            if self.capture is not None:
+                self.capture.frames(recv_ns, frames if start == 0 and i == n else frames[start:i])
+        return i
 
     async def _watchdog(self, ws) -> None:
         while True:
@@ -383,9 +411,12 @@ class Collector:
 
     async def _housekeeping(self) -> None:
         ctl = status_dir(self.home) / "flush.request"
-        last_status = time.monotonic()
+        last_status = last_release = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
+            if time.monotonic() - last_release >= memory.RELEASE_EVERY_S:  # on the append thread: off the loop
+                last_release = time.monotonic()
+                self.appender.submit(memory.release)
             for r in self.runners:
                 if r.norm.rows_pending():
                     r.submit_rows()
@@ -410,6 +441,7 @@ class Collector:
         if not sources:
             log.error("nothing_to_collect", requested=self.cfg.source)
             return 1
+        log.info("memory_tuned", **memory.tune())
         self.eng = Engine.open(home=self.home, writer=True, book_anchors=True)
         tune_gc()
         self.runners = [SourceRunner(s, self.eng, self.cfg, self.appender) for s in sources]
@@ -467,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backoff-base", type=float, default=0.5)
     ap.add_argument("--backoff-max", type=float, default=30.0)
     ap.add_argument("--status-interval", type=float, default=60.0)
+    ap.add_argument("--read-tick-ms", type=float, default=2.0,
+                    help="read each socket at most once per this many ms (a busy feed in a few large reads; 0 = every message at once)")
     for name in names:  # each source's own options: markets, URL, stall limit, ...
         registry.get(name).add_arguments(ap)
     shards.add_arguments(ap)
