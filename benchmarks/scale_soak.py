@@ -512,7 +512,8 @@ def summary_lines(r: dict) -> list[str]:
         row("rows in: l2 updates / snapshot / trades",
             lambda c: " / ".join(f"{c['rows_in'][k]:,}" for k in ("l2_updates", "l2_snapshot", "trades"))),
         row("rows stored (fresh reader, all shards)",
-            lambda c: " / ".join(f"{c['rows_stored'][k]:,}" for k in ("l2_updates", "l2_snapshot", "trades"))),
+            lambda c: " / ".join(f"{c['rows_stored'][k]:,}" for k in ("l2_updates", "l2_snapshot", "trades"))
+            + f" (+{c['book_anchor_rows']:,} book anchor rows)"),
         row("in == stored per (source, market)", lambda c: f"{c['rows_equal']} ({c['n_mismatches']} differ)"),
         row("every market on exactly one shard", lambda c: str(c["markets_on_one_shard"])),
         row("gap rows", lambda c: str(len(c["gaps"]))),
