@@ -522,6 +522,9 @@ def summary_lines(r: dict) -> list[str]:
         row("collectors' CPU-s / wall, summed", lambda c: f"{sum(c['cpu_per_shard']):.2f}", lambda c: sum(c["cpu_per_shard"])),
         row("collector CPU µs per row", lambda c: f"{sum(c['cpu_per_shard']) * 1e6 / c['rows_per_s']:.1f}",
             lambda c: sum(c["cpu_per_shard"]) / c["rows_per_s"]),
+        row("collectors' CPU-s, start to exit (final flush included)",
+            lambda c: " + ".join(f"{x:.0f}" for x in c["collector_cpu_s_total"] if x is not None),
+            lambda c: sum(x or 0 for x in c["collector_cpu_s_total"])),
         row("collector peak RSS MB", lambda c: " + ".join(str(x) for x in c["collector_max_rss_mb"])),
         row("keeper / replay CPU-s", lambda c: f"{sum(x or 0 for x in c['keeper_cpu_s']):.0f} / "
             + " ".join(f"{v:.0f}" for v in c["replay_cpu_s"].values() if v is not None)),
