@@ -92,6 +92,7 @@ def replay_child(a) -> int:
     rows: dict[tuple[int, str, str, bool], int] = {}  # (conn, market, table, snapshot) -> rows sent
     sent: dict[tuple[int, str, bool], tuple[array, array]] = {}  # (conn, table, snapshot) -> seqs, send times
     late = array("q")  # per data frame: feed time - scheduled exchange time (offset not removed)
+    span = [0, 0]  # wall times of the first and the last data frame sent
 
     class CountingConn(Conn):
         def put(self, item) -> None:
@@ -127,6 +128,8 @@ def replay_child(a) -> int:
                         data = data or not w.snapshot
                     if data:
                         late.append(lateness)
+                        span[0] = span[0] or now
+                        span[1] = now
             except ConnectionClosed:
                 pass
             finally:
@@ -159,6 +162,7 @@ def replay_child(a) -> int:
     offset = int(lat.min())
     _write_json(out, {
         "stats": stats,
+        "first_data_ns": span[0], "last_data_ns": span[1],
         "offset_ns": offset,  # when the first frames were sent, relative to their (shifted) capture times
         "feed_late_ms": {"p50": _ms(np.percentile(lat - offset, 50)), "p99": _ms(np.percentile(lat - offset, 99)),
                          "max": _ms((lat - offset).max())},
@@ -342,7 +346,9 @@ def run_config(n_shards: int, markets: dict[str, list[str]], caps: dict[str, Pat
                              "connections": w["stats"]["connections"]} for src, w in wire.items()},
             "dir": str(d),
         })
-        out["rows_per_s"] = round(out["rows_in_total"] / out["feed_s"])
+        # over the time data went out (from the first subscription, a little before every shard had connected)
+        sent_s = (max(w["last_data_ns"] for w in wire.values()) - min(w["first_data_ns"] for w in wire.values())) / 1e9
+        out["rows_per_s"] = round(out["rows_in_total"] / sent_s)
         return out
     finally:
         for p in procs:
