@@ -24,7 +24,7 @@ from decimal import Decimal
 from engine.sim.coinbase import products as rest_products
 from engine.sim.fmt import fmt_rfc3339
 from engine.sim.replay.conn import Conn
-from engine.sim.replay.protocol import ReplayProtocol, dec, enc, shift_rfc3339
+from engine.sim.replay.protocol import ReplayProtocol, WireRows, dec, enc, shift_rfc3339
 
 CHANNELS = ("level2", "market_trades", "heartbeats", "ticker", "ticker_batch", "candles", "status")
 DATA_CHANNEL = {"l2_data": "level2", "market_trades": "market_trades", "heartbeats": "heartbeats",
@@ -177,6 +177,25 @@ class CoinbaseProtocol(ReplayProtocol):
                     tid = t.get("trade_id")
                     if isinstance(tid, str) and tid.isdigit():
                         t["trade_id"] = str(int(tid) + tid_step)
+
+    def wire_rows(self, text: str) -> list[WireRows]:
+        """An `l2_data` event's updates are l2 rows (a snapshot's: snapshot rows), a `market_trades`
+        event's trades trade rows, each carrying the frame's `sequence_num`."""
+        if '"l2_data"' not in text[:40] and '"market_trades"' not in text[:40]:
+            return []
+        d = dec(text)
+        seq = d.get("sequence_num")
+        out = []
+        for ev in d.get("events") or ():
+            if d.get("channel") == "l2_data":
+                out.append(WireRows("l2", ev.get("product_id", ""), len(ev.get("updates") or ()),
+                                    ev.get("type") == "snapshot", seq))
+            else:
+                per: dict[str, int] = {}
+                for t in ev.get("trades") or ():
+                    per[t.get("product_id", "")] = per.get(t.get("product_id", ""), 0) + 1
+                out += [WireRows("trades", pid, n, False, seq) for pid, n in per.items()]
+        return out
 
     # ------------------------------------------------------------------------------------------ frames out
 

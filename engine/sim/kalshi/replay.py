@@ -31,7 +31,7 @@ from engine.sim.fmt import fmt_dp
 from engine.sim.kalshi.markets import KalshiMarketSpec
 from engine.sim.kalshi.rest import KalshiRest, markets_from_list, markets_from_scan, scan_capture
 from engine.sim.replay.conn import Conn
-from engine.sim.replay.protocol import ReplayProtocol, dec, enc, json_response, shift_rfc3339
+from engine.sim.replay.protocol import ReplayProtocol, WireRows, dec, enc, json_response, shift_rfc3339
 
 WS_PATH = "/trade-api/ws/v2"
 REST_PREFIX = "/trade-api/v2"
@@ -195,6 +195,30 @@ class KalshiProtocol(ReplayProtocol):
         n = self.server.shift_pass
         if n and isinstance(msg.get("trade_id"), str):
             msg["trade_id"] = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{n}:{msg['trade_id']}"))
+
+    def wire_rows(self, text: str) -> list[WireRows]:
+        """A delta is one l2 row, a snapshot one snapshot row per level with contracts, a trade one
+        trade row; their market is the contract's series, their seq the subscription's."""
+        head = text[:60]
+        if not ('"orderbook_' in head or '"trade"' in head):
+            return []
+        d = dec(text)
+        typ, msg = d.get("type"), d.get("msg")
+        if not isinstance(msg, dict):
+            return []
+        tick = msg.get("market_ticker") or ""
+        spec = self.markets.get(tick)
+        series = spec.series_ticker if spec is not None else tick.split("-", 1)[0]
+        seq = d.get("seq")
+        if typ == "orderbook_delta":
+            return [WireRows("l2", series, 1, False, seq)]
+        if typ == "trade":
+            return [WireRows("trades", series, 1, False, seq)]
+        if typ == "orderbook_snapshot":
+            n = sum(1 for side in ("yes", "no") for lv in (msg.get(f"{side}_dollars_fp") or msg.get(side) or ())
+                    if _sz(lv[1]) > 0)
+            return [WireRows("l2", series, n, True, seq)]
+        return []
 
     # ------------------------------------------------------------------------------------------ books
 

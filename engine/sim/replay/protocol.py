@@ -17,7 +17,7 @@ import email.utils
 import json
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from websockets.datastructures import Headers
@@ -28,6 +28,17 @@ from engine.collect.sources import parse_ts
 if TYPE_CHECKING:  # pragma: no cover
     from engine.sim.replay.conn import Conn
     from engine.sim.replay.server import ReplayServer
+
+
+class WireRows(NamedTuple):
+    """Rows of one table and market carried by one sent frame: `seq` is the sequence number they
+    carry into the lake (None: none), `snapshot` whether they are book snapshot rows."""
+
+    table: str  # "l2" or "trades"
+    market: str  # the lake's `market` column
+    rows: int
+    snapshot: bool
+    seq: int | None
 
 dec = msgspec.json.decode
 enc = msgspec.json.Encoder().encode  # -> bytes; `.decode()` for a text frame
@@ -51,6 +62,7 @@ class ReplayProtocol:
       command loop until it leaves; `is_subscribed(conn)` tells the clock whether to run;
       `jump_seq(conn, k)` applies a `seq_jump` fault, `corrupt(k)` a `corrupt` fault (book
       messages damaged so the venue's checksum fails; only for a venue that sends one).
+    * `wire_rows(text)` (optional, for benchmarks): the rows a collector stores from a sent frame.
     * HTTP: `rest(path, query)` answers GETs under `rest_prefix` (when set); `check_request(path,
       request)` may refuse a WebSocket upgrade (wrong path, bad auth) with a `Response`.
     """
@@ -82,6 +94,11 @@ class ReplayProtocol:
 
     def shift(self, obj: dict) -> None:
         """Move a captured message's exchange times by `server.shift_ns` (in place)."""
+
+    def wire_rows(self, text: str) -> list[WireRows]:
+        """The canonical rows a collector stores from a frame this exchange sent (benchmarks count
+        rows in on the wire with it, to compare with the rows stored). Default: none."""
+        return []
 
     # ------------------------------------------------------------------------------------------ connections
 
