@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -449,6 +450,14 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
 
     res = compact_partition(eng, part, validate=gate)
     return res, (report[0] if report else None)
+
+
+def release_memory() -> None:
+    """Hand the memory Arrow's allocator keeps cached back to the OS: between the partitions of a
+    ranged run, so the run worker does not hold every partition's peak (nothing when Arrow is not loaded)."""
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
 
 
 def fmt_ts(ns: int | None) -> str:
