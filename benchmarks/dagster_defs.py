@@ -5,12 +5,16 @@
    materializations in SQLite, ticks to drain the backlog, an idle tick, and the Engine/catalog
    open time (every run pays it once).
 2. processes: dagster-webserver and dagster-daemon start time (until GraphQL answers / the daemon
-   heartbeats) and RSS of each process group (webserver or daemon + their code servers).
+   heartbeats) and RSS of each process group. `--code-server shared` (the default, as `./scripts/run`):
+   one `dagster api grpc` code server that both use (its group: the run workers too); `managed`: the
+   repo's workspace.yaml, each starting its own code servers in its group.
 3. backfill: a demo lake of D days × M markets (default 30 × 6), then a compaction backfill of all
    D × M partitions launched through the webserver's GraphQL API as the UI does (an asset backfill of
    the compacted assets and the catalog), executed by the daemon in runs of up to
    ENGINE_DAGSTER_BACKFILL_PARTITIONS partitions; wall time until every partition is materialized
-   and no run is left, and the daemon process group's peak RSS.
+   and no run is left, and the peak RSS of the daemon's side (daemon group + code server group: the
+   daemon, the code servers and the run workers, whichever group they are in), with the processes
+   at that peak, and of every Dagster process (webserver included).
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ def _rss_mb(pids) -> float:
     return total / 1024
 
 
+def _pss_mb(pids) -> float:
+    """Proportional set size: shared pages (the libraries every Dagster process maps) counted once over
+    the processes sharing them, so sums over processes are not inflated as RSS sums are."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass
+    return total / 1024
+
+
 def _cmd(pid: int) -> str:
     """A short name for a process: the dagster command it runs (daemon, code server, run worker)."""
     try:
@@ -82,6 +101,16 @@ def _gql(port, query, variables=None):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())["data"]
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def _free_port() -> int:
@@ -274,10 +303,11 @@ class Procs:
             p.wait()
 
 
-def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs: int, backfill: bool) -> dict:
+def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs: int, backfill: bool,
+                                 code_server: str = "shared") -> dict:
     import dagster as dg
 
-    from engine_defs.instance import ensure_instance
+    from engine_defs.instance import code_server_args, ensure_instance, ensure_workspace
     from engine_defs.partitions import market_key
 
     out = {}
@@ -296,11 +326,21 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
     env.pop("ENGINE_STORE", None)
     port = _free_port()
     procs = Procs(env, work / "logs")
+    out["code_server"] = code_server
     try:
         t0 = time.perf_counter()
-        web = procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-                                        "-w", "workspace.yaml"])
-        daemon = procs.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"])
+        ws, code = "workspace.yaml", None
+        if code_server == "shared":  # as ./scripts/run (engine/run/supervisor.py)
+            code_port = _free_port()
+            ws = str(ensure_workspace(dh, code_port))
+            code = procs.start("code_server", [str(BIN / "dagster"), *code_server_args(code_port)])
+            deadline = time.monotonic() + 120
+            while not _listening(code_port) and time.monotonic() < deadline and code.poll() is None:
+                time.sleep(0.1)
+            out["code_server_ready_s"] = round(time.perf_counter() - t0, 1)
+        web = procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", ws])
+        daemon = procs.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", ws])
+        groups = {"daemon": daemon, **({"code_server": code} if code else {}), "webserver": web}
         web_s = daemon_s = None
         deadline = time.monotonic() + 180
         while (web_s is None or daemon_s is None) and time.monotonic() < deadline:
@@ -321,7 +361,9 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
         out["daemon_heartbeat_s"] = round(daemon_s, 1) if daemon_s else None
         out["webserver_rss_mb"] = round(_rss_mb(_group_pids(web.pid)), 0)
         out["daemon_rss_mb"] = round(_rss_mb(_group_pids(daemon.pid)), 0)
-        out["processes"] = {"webserver_group": len(_group_pids(web.pid)), "daemon_group": len(_group_pids(daemon.pid))}
+        if code:
+            out["code_server_rss_mb"] = round(_rss_mb(_group_pids(code.pid)), 0)
+        out["processes"] = {f"{g}_group": len(_group_pids(p.pid)) for g, p in groups.items()}
         if not backfill:
             return out
         keys = [f"{d}|{market_key(s, m)}" for d in dates for s, m in markets]
@@ -338,12 +380,22 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
         q = ("""query { runsOrError(filter: {tags: [{key: "dagster/backfill", value: "%s"}]}) { ... on Runs {
                results { status } } } }""" % res["backfillId"])
         peak, rs, peak_parts = 0, [], []
+        peak_groups = dict.fromkeys(groups, 0.0)
+        peak_all = peak_side_pss = peak_all_pss = 0.0
         while True:  # until every partition's compaction is recorded and no run is queued or running
             rs = [r["status"] for r in _gql(port, q)["runsOrError"]["results"]]
-            pids = _group_pids(daemon.pid)
-            rss = _rss_mb(pids)
-            if rss > peak:
-                peak, peak_parts = rss, sorted((round(_rss_mb([p])), _cmd(p)) for p in pids)
+            pids = {g: _group_pids(p.pid) for g, p in groups.items()}
+            rss = {g: _rss_mb(ps) for g, ps in pids.items()}
+            for g, v in rss.items():
+                peak_groups[g] = max(peak_groups[g], v)
+            peak_all = max(peak_all, sum(rss.values()))
+            side = rss["daemon"] + rss.get("code_server", 0.0)  # the daemon's side: runs included
+            pss = {g: _pss_mb(ps) for g, ps in pids.items()}
+            peak_side_pss = max(peak_side_pss, pss["daemon"] + pss.get("code_server", 0.0))
+            peak_all_pss = max(peak_all_pss, sum(pss.values()))
+            if side > peak:
+                peak, peak_parts = side, sorted((round(_rss_mb([p])), g, _cmd(p)) for g in ("daemon", "code_server")
+                                                for p in pids.get(g, ()))
             busy = sum(1 for s in rs if s not in ("SUCCESS", "FAILURE", "CANCELED"))
             with dg.DagsterInstance.from_config(str(dh)) as inst:
                 done = len(inst.get_materialized_partitions(dg.AssetKey("compacted_l2")))
@@ -357,7 +409,10 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
                            "runs_ok": rs.count("SUCCESS"), "runs_failed": rs.count("FAILURE"),
                            "cli_submit_s": round(submit_s, 1), "wall_s": round(wall, 1),
                            "s_per_partition": round(wall / len(keys), 2), "max_concurrent_runs": max_runs,
-                           "daemon_group_peak_rss_mb": round(peak), "at_peak": peak_parts}
+                           "daemon_side_peak_rss_mb": round(peak),
+                           **{f"{g}_group_peak_rss_mb": round(v) for g, v in peak_groups.items()},
+                           "all_dagster_peak_rss_mb": round(peak_all), "daemon_side_peak_pss_mb": round(peak_side_pss),
+                           "all_dagster_peak_pss_mb": round(peak_all_pss), "at_peak": peak_parts}
         return out
     finally:
         procs.stop()
@@ -370,6 +425,9 @@ def main(argv=None) -> int:
     ap.add_argument("--markets", type=int, default=6)
     ap.add_argument("--max-runs", type=int, default=2, help="run queue concurrency for the backfill")
     ap.add_argument("--only", choices=["sensor", "processes", "backfill"], default=None)
+    ap.add_argument("--code-server", choices=["shared", "managed"], default="shared",
+                    help="shared: one `dagster api grpc` for webserver and daemon, as ./scripts/run; managed: each "
+                         "starts its own from workspace.yaml (the daemon a new one every 60 s)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_dagster_", dir=os.environ.get("BENCH_DIR") or None))
@@ -381,7 +439,8 @@ def main(argv=None) -> int:
             print(json.dumps({"sensor": results["sensor"]}, indent=1), flush=True)
         if a.only in (None, "processes", "backfill"):
             results["dagster"] = bench_processes_and_backfill(work, a.days, a.markets, a.max_runs,
-                                                              backfill=a.only != "processes")
+                                                              backfill=a.only != "processes",
+                                                              code_server=a.code_server)
             print(json.dumps({"dagster": results["dagster"]}, indent=1), flush=True)
     finally:
         if not a.keep:

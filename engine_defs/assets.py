@@ -183,6 +183,7 @@ def make_uploaded(table: str) -> dg.AssetsDefinition:
             if table != "gaps":
                 md.update(_gaps_figures(eng, source, market, date))
             per_part.append((f"{date}|{source}:{market}", md))
+            lake.release_memory()
             if res["failed"]:
                 failures.append(f"{res['failed']} of {res['failed'] + res['uploaded']} file(s) of {table} "
                                 f"{source}:{market} {date} did not upload to {eng.store.url}: " + "; ".join(res["errors"][:5]))
@@ -310,7 +311,10 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
     )
     def _compacted(context: dg.AssetExecutionContext, engine: EngineResource):
         eng = engine.engine(writer=True)
-        done = [(f"{d}|{s}:{m}", *compact_one(context, eng, table, d, s, m)) for d, s, m in partitions_of(context)]
+        done = []
+        for d, s, m in partitions_of(context):
+            done.append((f"{d}|{s}:{m}", *compact_one(context, eng, table, d, s, m)))
+            lake.release_memory()  # a ranged run holds one partition's buffers at a time, not the largest's
         checks = [(pk, c) for pk, c, _, _ in done if c is not None]
         if len(done) == 1:
             if checks:

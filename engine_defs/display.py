@@ -3,9 +3,12 @@ human durations, so a partition's metadata shows its shape at a glance."""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from engine.timeutil import NS, NS_PER_HOUR
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 EMPTY = "·"  # an hour without rows: visibly different from a quiet one (▁)
@@ -13,6 +16,8 @@ EMPTY = "·"  # an hour without rows: visibly different from a quiet one (▁)
 
 def hourly_counts(ns: np.ndarray, day0: int, hours: int = 24) -> list[int]:
     """Rows per UTC hour of the day starting at `day0` (int64 ns times; rows outside are ignored)."""
+    import numpy as np
+
     ns = np.asarray(ns, dtype=np.int64)
     h = (ns - day0) // NS_PER_HOUR
     h = h[(h >= 0) & (h < hours)]

@@ -2,6 +2,11 @@
 queue, run monitoring and tick retention. `python -m engine_defs.instance [DIR]` creates it and prints its path.
 
     export DAGSTER_HOME=$(python -m engine_defs.instance)   # default: <repo>/.dagster_home
+
+`ensure_workspace` writes the workspace of `./scripts/run`: one code server (`code_server_args`,
+`dagster api grpc`) that the webserver and the daemon share, instead of each starting its own from
+the repo's workspace.yaml; the daemon would also start a fresh one every 60 s (its workspace
+refresh), the old one living on while it runs a run: two or three copies of the definitions.
 """
 
 from __future__ import annotations
@@ -91,6 +96,36 @@ def ensure_instance(home: str | os.PathLike | None = None, max_concurrent_runs: 
         tmp.write_text(text)
         os.replace(tmp, path)
     return home
+
+
+CODE_LOCATION = "engine"  # the location name of the repo's workspace.yaml: same sensor and schedule state
+DEFS_MODULE = "engine_defs.definitions"
+
+WORKSPACE_YAML = """\
+# Written by engine_defs/instance.py: the one code server of ./scripts/run (`dagster api grpc` on this
+# port), shared by dagster-webserver, dagster-daemon and the dagster CLI (-w this file).
+load_from:
+  - grpc_server:
+      host: 127.0.0.1
+      port: {port}
+      location_name: {location}
+"""
+
+
+def code_server_args(port: int) -> list[str]:
+    """Arguments of `dagster` for the shared code server: the engine's definitions served over gRPC
+    on 127.0.0.1:`port`. Runs are launched through it (DefaultRunLauncher): run workers are its children."""
+    return ["api", "grpc", "--module-name", DEFS_MODULE, "--host", "127.0.0.1", "--port", str(port),
+            "--location-name", CODE_LOCATION]
+
+
+def ensure_workspace(home: str | os.PathLike, port: int) -> Path:
+    """DAGSTER_HOME/code_server_workspace.yaml pointing at the shared code server on `port`; its path."""
+    from engine.fsio import atomic_write_bytes
+
+    path = Path(home).resolve() / "code_server_workspace.yaml"
+    atomic_write_bytes(path, WORKSPACE_YAML.format(port=int(port), location=CODE_LOCATION).encode())
+    return path
 
 
 def main(argv: list[str]) -> int:

@@ -18,20 +18,21 @@ engine and the partition, None when the asset is not partitioned); e.g. referenc
 `LOADERS["instruments"] = lambda eng, p: eng.instruments(**({"source": p.source, "market": p.market} if p else {}), history=True)`.
 """
 
+from __future__ import annotations
 
 import datetime as dt
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
-import polars as pl
 
-from engine import schema
-from engine.timeutil import result_times
 from engine_defs.partitions import split_partition_key
 from engine_defs.resources import EngineResource
+
+if TYPE_CHECKING:  # imported where used: the code server loading the definitions stays light
+    import polars as pl
 
 LAKE_IO_MANAGER_KEY = "lake_io_manager"
 
@@ -61,7 +62,7 @@ class Part:
         return {"source": self.source, "market": self.market, "start": self.date, "end": self.end}
 
 
-Loader = Callable[..., pl.DataFrame]  # (engine, Part, or None for an unpartitioned asset) -> frame
+Loader = Callable[..., "pl.DataFrame"]  # (engine, Part, or None for an unpartitioned asset) -> frame
 
 
 def partitioned(p: Part | None, what: str) -> Part:
@@ -73,15 +74,21 @@ def partitioned(p: Part | None, what: str) -> Part:
 
 def empty(table: str) -> pl.DataFrame:
     """An empty result shaped like the engine's for `table` (time columns Datetime("ns", "UTC"))."""
+    import polars as pl
+
+    from engine import schema
+    from engine.timeutil import result_times
+
     return result_times(pl.from_arrow(schema.spec(table).schema.empty_table()), schema.time_cols(table))
 
 
 def read_table(table: str) -> Loader:
     """The partition of `table` as `eng.read(table, ...)` returns it; empty when the market never had
     rows of this table (e.g. a Kalshi series without l2), where the engine would raise."""
-    from engine.research.query import UnknownMarketError
 
     def load(eng, p: Part | None) -> pl.DataFrame:
+        from engine.research.query import UnknownMarketError
+
         try:
             return eng.read(table, **partitioned(p, f"table {table}").window())
         except UnknownMarketError:
@@ -123,6 +130,8 @@ class LakeIOManager(dg.IOManager):
             "return a MaterializeResult (or None); give an asset whose value Dagster should store another IO manager")
 
     def load_input(self, context: dg.InputContext) -> pl.DataFrame:
+        import polars as pl
+
         key = context.asset_key
         name = key.path[-1]
         loader = LOADERS.get(name)

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import polars as pl
-import pyarrow as pa
-
-from engine import schema
-from engine.lake.catalog import BadLine, FileEntry, Op, decode_op
-from engine.lake.writer import read_parquet
 from engine.timeutil import NS, NS_PER_DAY, NS_PER_HOUR, now_ns, to_ns
-from engine_defs.display import hourly_counts
+
+if TYPE_CHECKING:  # imported where used: the code server loading the definitions stays light
+    import numpy as np
+    import polars as pl
+    import pyarrow as pa
+
+    from engine.lake.catalog import FileEntry, Op
 
 RAW_TABLES = ("l2", "trades", "gaps")
 DATA_TABLES = ("l2", "trades")
@@ -45,6 +46,8 @@ class LogRead:
 
 def read_log(path: Path, offset: int, max_bytes: int = 4 << 20, max_ops: int | None = None) -> LogRead:
     """Complete lines after `offset`, at most `max_bytes` and `max_ops` (the rest is left for later)."""
+    from engine.lake.catalog import BadLine, decode_op
+
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -165,6 +168,10 @@ def _entry_figures(st: PartStats, files: list[FileEntry]) -> None:
 
 
 def read_column(eng, files: list[FileEntry], col: str) -> np.ndarray:
+    import numpy as np
+
+    from engine.lake.writer import read_parquet
+
     arrays = []
     for e in files:
         t = read_parquet(eng.local_path(e), e.key, columns=[col])
@@ -176,6 +183,11 @@ def part_stats(eng, table: str, source: str, market: str, date: str, *, read_row
                silence_s: float = SILENCE_S) -> PartStats:
     """Figures of one (table, source, market, date) partition from the catalog, plus (when
     `read_rows`) the time between consecutive rows read from the files' receive-time column."""
+    import numpy as np
+
+    from engine import schema
+    from engine_defs.display import hourly_counts
+
     eng.catalog.refresh()
     st = PartStats(table, source, market, date)
     files = eng.catalog.files_in((table, source, market, date))
@@ -213,6 +225,12 @@ def part_stats(eng, table: str, source: str, market: str, date: str, *, read_row
 
 def recorded_gaps(eng, source: str, market: str, date: str) -> pl.DataFrame:
     """Rows of the `gaps` table for (source, market) overlapping the UTC day `date` (sorted by start)."""
+    import polars as pl
+    import pyarrow as pa
+
+    from engine import schema
+    from engine.lake.writer import read_parquet
+
     day0, day1 = day_bounds(date)
     prev = (dt.date.fromisoformat(date) - dt.timedelta(days=1)).isoformat()
     tables = []
@@ -239,8 +257,17 @@ def recorded_gaps(eng, source: str, market: str, date: str) -> pl.DataFrame:
 DUP_KEYS = {
     "l2": ("instrument", "seq", "ts"),
     "trades": ("instrument", "trade_id"),
-    "gaps": tuple(schema.GAPS_SCHEMA.names),
+    "gaps": None,  # all its columns: schema.GAPS_SCHEMA.names (`dup_keys`; the schema is imported when used)
 }
+
+
+def dup_keys(table: str) -> tuple[str, ...]:
+    """The columns that identify one event of `table`."""
+    if table == "gaps":
+        from engine import schema
+
+        return tuple(schema.GAPS_SCHEMA.names)
+    return DUP_KEYS[table]
 DUP_WHAT = {
     "l2": "l2 message(s) stored more than once (same instrument, seq, ts received again, or its rows repeated)",
     "trades": "trade(s) stored more than once (same instrument, trade_id)",
@@ -271,7 +298,9 @@ def duplicate_rows(table: str, t: pa.Table) -> tuple[int, list[dict]]:
         return 0, []
     if table == "l2":
         return _l2_duplicates(t)
-    keys = list(DUP_KEYS[table])
+    import polars as pl
+
+    keys = list(dup_keys(table))
     df = pl.from_arrow(t.select(keys)).with_columns(pl.col(pl.Categorical).cast(pl.String))
     if table == "trades":
         df = df.filter(pl.col("trade_id").is_not_null())
@@ -292,6 +321,8 @@ def _l2_duplicates(t: pa.Table) -> tuple[int, list[dict]]:
     twice). A message that sets, clears and sets a level again is neither. Rows without a sequence
     number and snapshots (book anchors repeat the last message's seq and ts) are not judged here.
     """
+    import polars as pl
+
     msg = list(DUP_KEYS["l2"])
     df = (
         pl.from_arrow(t.select(msg + ["recv_ts", "side", "price", "size", "snapshot"]))
@@ -317,6 +348,8 @@ def _l2_duplicates(t: pa.Table) -> tuple[int, list[dict]]:
 
 def _repeat_excess(gid: np.ndarray, vals: list[np.ndarray]) -> np.ndarray:
     """Per group of contiguous rows (`gid` 0..G-1): rows beyond the shortest block that, repeated, makes the group."""
+    import numpy as np
+
     n = len(gid)
     starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
     length = np.diff(np.r_[starts, n])
@@ -346,6 +379,9 @@ def _repeat_excess(gid: np.ndarray, vals: list[np.ndarray]) -> np.ndarray:
 def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, source: str | None = None,
               market: str | None = None, date: str | None = None) -> Integrity:
     """Schema, sort order, duplicate events, row count (against the catalog) and partition bounds."""
+    import pyarrow as pa
+
+    from engine import schema
     from engine.lake.writer import is_sorted
 
     sp = schema.spec(table)
@@ -380,6 +416,8 @@ def integrity(table: str, t: pa.Table, *, expected_rows: int | None = None, sour
 
 
 def integrity_of_file(table: str, path: Path, key: str | None = None, **kw) -> Integrity:
+    from engine.lake.writer import read_parquet
+
     t = read_parquet(path, key or str(path))
     return integrity(table, t.replace_schema_metadata(None), **kw)
 
@@ -412,6 +450,14 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
 
     res = compact_partition(eng, part, validate=gate)
     return res, (report[0] if report else None)
+
+
+def release_memory() -> None:
+    """Hand the memory Arrow's allocator keeps cached back to the OS: between the partitions of a
+    ranged run, so the run worker does not hold every partition's peak (nothing when Arrow is not loaded)."""
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
 
 
 def fmt_ts(ns: int | None) -> str:

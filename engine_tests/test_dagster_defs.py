@@ -531,3 +531,25 @@ def test_read_log_offsets(tmp_path):
         f.write(b'{"op":"add","fi')  # a torn last line is not read until it is complete
     assert lake.read_log(p, full.offset).ops == []
     assert pq.read_metadata(eng.local_path(eng.catalog.entries()[0])).num_rows > 0
+
+
+def test_loading_the_definitions_leaves_the_heavy_engine_modules_unimported():
+    """Every code server and run worker imports the definitions: the engine's heavy modules
+    (pyarrow, numpy, DuckDB, pandas, the catalog) are imported by the asset bodies, sensors and
+    checks that use them, not when the definitions load. Polars stays: Dagster reads the research
+    asset's `pl.DataFrame` input annotation when the module loads."""
+    import os
+    import subprocess
+    import sys
+
+    from engine_tests.conftest import ROOT
+
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); import engine_defs.definitions as d; "
+            "d.defs.get_repository_def(); "
+            "heavy = ('pyarrow', 'numpy', 'duckdb', 'pandas', 'engine.schema', 'engine.lake.catalog', "
+            "'engine.research.query', 'engine.api'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout

@@ -1,7 +1,9 @@
-"""End to end: dagster-webserver and dagster-daemon as real processes (own process groups, a temp
-DAGSTER_HOME, free ports on 127.0.0.1) over a lake that a writer appends to. The catalog sensor sees
-the files and its upload runs succeed, as reported by the webserver's GraphQL API; a compaction
-backfill launched with the `dagster` CLI succeeds too. Every process is gone afterwards."""
+"""End to end: the code server, dagster-webserver and dagster-daemon as real processes started as
+`./scripts/run` starts them (own process groups, a temp DAGSTER_HOME, free ports on 127.0.0.1; the
+webserver and the daemon share the one code server) over a lake that a writer appends to. The
+catalog sensor sees the files and its upload runs succeed, as reported by the webserver's GraphQL
+API; a compaction backfill launched with the `dagster` CLI (from the repo's workspace.yaml) succeeds
+too. Every process is gone afterwards."""
 
 from __future__ import annotations
 
@@ -112,8 +114,22 @@ def grpc_preflight() -> None:
                     "pip install -r requirements.lock", pytrace=False)
 
 
+def grpc_servers_in(pgid: int) -> list[str]:
+    """Code servers (`dagster api grpc`) in a process group."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+                if b"grpc" in cmd:
+                    out.append(b" ".join(cmd).decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
-    from engine_defs.instance import ensure_instance
+    from engine_defs.instance import code_server_args, ensure_instance, ensure_workspace
 
     grpc_preflight()
     t0 = time.monotonic()
@@ -127,18 +143,22 @@ def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
     eng.append("trades", synth.trade_rows("kalshi", "KXBTC", T1 + 12 * H, 300, H, seed=2))
     eng.flush()
 
-    port = free_port()
+    port, code_port = free_port(), free_port()
+    ws = str(ensure_workspace(dh, code_port))
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = []
     try:
         for name, cmd in (
-            ("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"]),
-            ("daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"]),
+            ("code_server", [str(BIN / "dagster"), *code_server_args(code_port)]),
+            ("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", ws]),
+            ("daemon", [str(BIN / "dagster-daemon"), "run", "-w", ws]),
         ):
             out = open(logs / f"{name}.log", "wb")
             procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, start_new_session=True)))
+            if name == "code_server":
+                wait_port(code_port, timeout=60)
         wait_port(port, timeout=60)
         wait_for(lambda: gql(port, "{ version }"), 60, "the webserver's GraphQL API", procs)
         t_up = time.monotonic() - t0
@@ -187,6 +207,8 @@ def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
             return len([r for r in rs if r["status"] == "SUCCESS"]) == 2
 
         wait_for(compacted, 180, "the compaction backfill", procs)
+        for name, p in procs[1:]:  # the webserver and the daemon used the shared code server, none of their own
+            assert grpc_servers_in(p.pid) == [], (name, grpc_servers_in(p.pid))
         eng.catalog.refresh()
         raw_tables = ("l2", "trades", "gaps")  # compaction may also derive `quotes` from l2
         assert {(e.table, e.market) for e in eng.catalog.entries() if e.compacted and e.table in raw_tables} == {

@@ -97,8 +97,16 @@ def _wait(p: subprocess.Popen, timeout: float) -> None:
         pass
 
 
-_DAGSTER_INSTANCE = ("import sys; from engine_defs.instance import ensure_instance; ensure_instance(sys.argv[1]); "
+_DAGSTER_INSTANCE = ("import sys; from engine_defs.instance import ensure_instance, ensure_workspace; "
+                     "ensure_workspace(ensure_instance(sys.argv[1]), int(sys.argv[2])); "
                      "from dagster import DagsterInstance; DagsterInstance.get()")
+
+
+def code_server_cmd(port: int) -> list[str]:
+    """The one Dagster code server, shared by the webserver and the daemon (engine_defs/instance.py
+    says why; `code_server_args` there is the same command). Run workers are its children."""
+    return [_bin("dagster"), "api", "grpc", "--module-name", "engine_defs.definitions", "--host", "127.0.0.1",
+            "--port", str(port), "--location-name", "engine"]
 
 
 def _bin(name: str) -> str:
@@ -275,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         sup.stop()
         return 1
     if dagster:
-        ws = str(ROOT / "workspace.yaml")
-        # DAGSTER_HOME/dagster.yaml (engine_defs/instance.py), then the SQLite storages, created once
-        # before two processes race to create them; in a child: this supervisor never imports Dagster
-        subprocess.run([sys.executable, "-c", _DAGSTER_INSTANCE, str(dagster_home)],
+        code_port = _free_port()
+        # DAGSTER_HOME/dagster.yaml and the workspace naming the code server (engine_defs/instance.py),
+        # then the SQLite storages, created once before several processes race to create them; in a
+        # child: this supervisor never imports Dagster
+        subprocess.run([sys.executable, "-c", _DAGSTER_INSTANCE, str(dagster_home), str(code_port)],
                        env=env, cwd=ROOT, check=True, preexec_fn=die_with_parent())
+        ws = str(dagster_home / "code_server_workspace.yaml")
+        code = sup.start("dagster-code-server", code_server_cmd(code_port), env)
+        if not _wait_port(code_port, 120, code):  # the webserver and daemon load the definitions from it
+            print("warning: the Dagster code server did not listen within 120 s; see its log", flush=True)
         sup.start("dagster-daemon", [_bin("dagster-daemon"), "run", "-w", ws], env)
         web = sup.start("dagster-webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(args.port), "-w", ws], env)
         if _wait_port(args.port, 120, web):
