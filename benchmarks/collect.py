@@ -78,6 +78,15 @@ def make_stream(msgs: list[dict], target_rows: int) -> tuple[list[str], list[str
     return head, frames, rows
 
 
+def _frame_times(d: dict) -> list[str]:
+    """The exchange times a Coinbase frame carries (envelope, l2 event times, trade times)."""
+    out = [d["timestamp"]] if d.get("timestamp") else []
+    for ev in d.get("events") or ():
+        out += [u["event_time"] for u in ev.get("updates") or () if u.get("event_time")]
+        out += [t["time"] for t in ev.get("trades") or () if t.get("time")]
+    return out
+
+
 def real_shaped_records(target_rows: int, levels: int = 500) -> tuple[list[dict], str]:
     """A Coinbase capture of the real recording's frames (level2, market_trades, heartbeats; ~6.3
     rows per l2 update frame), played back to back until `target_rows` l2+trade rows: each pass
@@ -92,6 +101,7 @@ def real_shaped_records(target_rows: int, levels: int = 500) -> tuple[list[dict]
                                       start_ns=time.time_ns())), "generated (capture_gen; the recording is absent)"
     import zstandard
 
+    from engine.collect.timestamps import parse_ts
     from engine.sim.replay.protocol import shift_rfc3339
 
     head, body = [], []  # (recv_ns, frame dict)
@@ -113,7 +123,13 @@ def real_shaped_records(target_rows: int, levels: int = 500) -> tuple[list[dict]
                     ev["updates"] = bids + asks
             (head if snap or ch == "subscriptions" else body).append((recv, d))
     t0 = head[0][0]
-    period = -(-(body[-1][0] - t0) // 10**9 + 1) * 10**9
+    # a pass lasts longer than its receive times and its exchange times span (whole seconds), so the
+    # next pass starts after the last one in both clocks, as a live feed does (each product's
+    # exchange times rise within the recording). Until 2026-12-05 the period was the receive span
+    # rounded down, so every pass boundary stepped back ~0.6 s in exchange time.
+    times = [parse_ts(t) for _, d in body for t in _frame_times(d)]
+    lo, hi = min([t0, *times]), max([body[-1][0], *times])
+    period = (-(-(hi - lo) // 10**9) + 1) * 10**9
     base = (time.time_ns() - t0) // 10**9 * 10**9
 
     def moved(d: dict, sh: int, tid_step: int) -> str:
