@@ -87,42 +87,75 @@ class BatchConnection(ClientConnection):
 
     def _fast(self, buf: bytes) -> None:
         """Frames from the front of `buf`, the stock parser being at a frame boundary: simple data
-        frames delivered here, any other frame handed to the stock parser whole (so it is at a
-        boundary again after it), a frame cut short kept for the next read."""
+        frames delivered here (all of one read in one go: one batch append and one wake-up), any
+        other frame handed to the stock parser whole (so it is at a boundary again after it; what
+        was cut out before it is delivered first), a frame cut short kept for the next read."""
         p = self.protocol
         limit = p.max_message_size
         i, n = 0, len(buf)
-        with memoryview(buf) as mv:
-            while n - i >= 2:
-                if p.state is not OPEN or self._bad is not None:
-                    break  # closing or failing: the stock parser has the rest
-                b0, b1 = buf[i], buf[i + 1]
-                ln, h = b1 & 0x7F, 2
-                if ln >= 126:
-                    h = 4 if ln == 126 else 10
-                    if n - i < h:
+        msgs: list = []
+        try:
+            with memoryview(buf) as mv:
+                while n - i >= 2:
+                    if p.state is not OPEN or self._bad is not None:
+                        break  # closing or failing: the stock parser has the rest
+                    b0, b1 = buf[i], buf[i + 1]
+                    ln, h = b1 & 0x7F, 2
+                    if ln >= 126:
+                        h = 4 if ln == 126 else 10
+                        if n - i < h:
+                            self._rest = buf[i:]
+                            return
+                        ln = int.from_bytes(buf[i + 2:i + h], "big")
+                    if b1 & 0x80 or (limit is not None and ln > limit):
+                        break  # masked or too big: refused by the stock parser at its header (1002, 1009)
+                    end = i + h + ln
+                    if end > n:
                         self._rest = buf[i:]
                         return
-                    ln = int.from_bytes(buf[i + 2:i + h], "big")
-                if b1 & 0x80 or (limit is not None and ln > limit):
-                    break  # masked or too big: refused by the stock parser at its header (1002, 1009)
-                end = i + h + ln
-                if end > n:
-                    self._rest = buf[i:]
-                    return
-                if (b0 == 0x81 or b0 == 0x82) and p.current_size is None:
-                    self._deliver(mv[i + h:end], b0 == 0x81)
-                    self.fast_frames += 1
-                else:  # ping, pong, close, a fragment, extension bits: one whole frame to the stock parser
-                    Connection.data_received(self, bytes(mv[i:end]))
-                i = end
-        self._rest = b""
-        if i < n:
-            rest = buf[i:]
-            if n - i < 2 and p.state is OPEN and self._bad is None:
-                self._rest = rest  # one byte of the next frame
-            else:
-                Connection.data_received(self, rest)
+                    if b0 == 0x81 and p.current_size is None:
+                        try:
+                            msgs.append(str(mv[i + h:end], "utf-8"))
+                        except UnicodeDecodeError as e:  # nothing after it is delivered
+                            self._bad = e
+                    elif b0 == 0x82 and p.current_size is None:
+                        msgs.append(bytes(mv[i + h:end]))
+                    else:  # ping, pong, close, a fragment, extension bits: one whole frame to the stock parser
+                        self._deliver_all(msgs)
+                        msgs = []
+                        Connection.data_received(self, bytes(mv[i:end]))
+                    i = end
+            self._rest = b""
+            if i < n:
+                rest = buf[i:]
+                if n - i < 2 and p.state is OPEN and self._bad is None:
+                    self._rest = rest  # one byte of the next frame
+                else:
+                    self._deliver_all(msgs)
+                    msgs = []
+                    Connection.data_received(self, rest)
+        finally:
+            self._deliver_all(msgs)
+            if self._bad is not None:
+                self._wakeup()
+
+    def _deliver_all(self, msgs: list) -> None:
+        """Whole messages cut out of the current read into its batch, in order."""
+        if not msgs:
+            return
+        k = len(msgs)
+        self.fast_frames += k
+        b = self._batches
+        if b and b[-1][0] == self._read_ns:
+            b[-1][1].extend(msgs)
+        else:
+            b.append((self._read_ns, msgs))
+        self._pending += k
+        self.messages += k
+        if self.max_queue_high is not None and self._pending > self.max_queue_high and not self._full:
+            self._full = True
+            self._reading()
+        self._wakeup()
 
     def _tick_over(self) -> None:
         self._tick = None
