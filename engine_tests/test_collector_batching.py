@@ -4,6 +4,7 @@ tuning runs. Counted and compared, never timed."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pyarrow as pa
@@ -67,5 +68,11 @@ def test_split_groups_by_hour_source_market_in_arrival_order():
 def test_memory_tuning_and_release_run():
     done = memory.tune()
     assert done["arrow_pool"]
+    if memory._LIBC is not None:  # glibc: arenas capped, freed blocks kept between releases
+        want = {"malloc_arena_max": memory.ARENAS, "malloc_mmap_threshold": memory.MMAP_THRESHOLD,
+                "malloc_trim_threshold": memory.TRIM_THRESHOLD}
+        for k, v in want.items():
+            if f"{k.upper()}{'' if k.endswith('max') else '_'}" not in os.environ:
+                assert done[k] == v, (k, done)
     memory.release()
     memory.release()
