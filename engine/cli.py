@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DISPATCH:
+        if argv[0] == "collect":  # the collector's allocator options, read once when pyarrow loads
+            from engine.collect.memory import before_arrow
+
+            before_arrow()
         mod, fn = DISPATCH[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
     args = build_parser().parse_args(argv)

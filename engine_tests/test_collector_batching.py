@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -76,3 +79,19 @@ def test_memory_tuning_and_release_run():
                 assert done[k] == v, (k, done)
     memory.release()
     memory.release()
+
+
+def test_arrow_allocator_option_is_set_before_pyarrow_loads():
+    """`data-engine collect` sets mimalloc's purge delay before pyarrow loads (it is read once, at
+    load); an operator's own value wins; the memory module itself does not load pyarrow."""
+    code = ("import os, sys; os.environ.pop('MIMALLOC_PURGE_DELAY', None)\n"
+            "import engine.collect.memory as m\n"
+            "assert 'pyarrow' not in sys.modules\n"
+            "m.before_arrow(); print(os.environ['MIMALLOC_PURGE_DELAY'])\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == str(memory.MIMALLOC_PURGE_DELAY_MS)
+    env["MIMALLOC_PURGE_DELAY"] = "250"
+    out = subprocess.run([sys.executable, "-c", code.replace("os.environ.pop('MIMALLOC_PURGE_DELAY', None)", "pass")],
+                         capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "250"

@@ -11,7 +11,10 @@ free pages to the system (a few ms; nothing in use is touched).
 Between those releases glibc keeps what it frees: blocks up to `MMAP_THRESHOLD` come from its
 arenas (not a fresh mmap each) and up to `TRIM_THRESHOLD` of free memory stays mapped. Otherwise
 every chunk's few-MB arrays were mapped, zeroed by the kernel page by page and unmapped again: a
-third of the collector's CPU was kernel time, half of it page faults.
+third of the collector's CPU was kernel time, half of it page faults. Arrow's mimalloc likewise
+keeps a freed page `MIMALLOC_PURGE_DELAY_MS` before giving it back (its default, 10 ms, gave back
+and faulted in again the same 2 MB pages for every chunk); it reads that option once, when pyarrow
+loads, so `before_arrow` sets it first.
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ import ctypes
 import ctypes.util
 import os
 
-import pyarrow as pa
-
-from engine.log import get_logger
+from engine.log import get_logger  # no pyarrow at import: `before_arrow` must run before it loads
 
 ARENAS = 2
 RELEASE_EVERY_S = 10.0
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = 64 << 20
+MIMALLOC_PURGE_DELAY_MS = 5000
 _M_ARENA_MAX = -8  # mallopt parameter numbers (glibc malloc.h)
 _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
@@ -47,12 +49,21 @@ def _libc():
 _LIBC = _libc()
 
 
+def before_arrow() -> None:
+    """Arrow's mimalloc keeps freed pages `MIMALLOC_PURGE_DELAY_MS` (unless MIMALLOC_PURGE_DELAY is
+    set). Effective only before pyarrow is first imported: `data-engine collect` calls it first."""
+    os.environ.setdefault("MIMALLOC_PURGE_DELAY", str(MIMALLOC_PURGE_DELAY_MS))
+
+
 def tune() -> dict:
     """At most `ARENAS` glibc arenas, freed blocks kept up to the thresholds above (each unless its
     MALLOC_*_ variable is set: the operator's choice), and Arrow's pool as `ENGINE_ARROW_POOL`
     names it (mimalloc, jemalloc or system; default: Arrow's). Call before the threads start.
     Returns what was set, for the log."""
-    out: dict = {"arrow_pool": pa.default_memory_pool().backend_name}
+    import pyarrow as pa
+
+    out: dict = {"arrow_pool": pa.default_memory_pool().backend_name,
+                 "mimalloc_purge_delay_ms": os.environ.get("MIMALLOC_PURGE_DELAY")}
     if _LIBC is not None:
         for key, param, value in (("MALLOC_ARENA_MAX", _M_ARENA_MAX, ARENAS),
                                   ("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
@@ -76,6 +87,8 @@ def tune() -> dict:
 
 def release() -> None:
     """Return free pages to the system: Arrow's pool, then glibc's arenas."""
+    import pyarrow as pa
+
     try:
         pa.default_memory_pool().release_unused()
     except (AttributeError, pa.ArrowException):
