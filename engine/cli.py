@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: the process's own command line, and a collector's process then ends as soon as
+    it returns (see `_end_process`)."""
+    own = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DISPATCH:
         if argv[0] == "collect":  # the collector's allocator options, read once when pyarrow loads
@@ -186,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
 
             before_arrow()
         mod, fn = DISPATCH[argv[0]][0].split(":")
-        return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
+        rc = int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
+        if own and argv[0] == "collect":
+            _end_process(rc)
+        return rc
     args = build_parser().parse_args(argv)
     from engine.errors import EngineError
     from engine.lake.store import StoreError
@@ -197,6 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, SchemaError, StoreError, LookupError, ValueError, OSError) as e:
         print(f"data-engine {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _end_process(rc: int) -> None:
+    """End a collector's process once it has returned: everything it wrote is closed, synced and
+    catalogued by then, so only the log streams are flushed. Skips the interpreter's teardown of
+    pyarrow, polars and the rest (~0.09 CPU-s a stop, the collector's largest fixed cost)."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ blocks the socket reader: Kalshi kills slow consumers with error 25).
 
 Gaps: every reconnect records a `disconnect` (or `stale`) gap when the new connection opens; a
 sequence jump records a `sequence` gap at once; a start records a `restart` gap from the lake's
-last receive time. Counters go to the log every minute and atomically to {home}/status/{source}.json.
+last receive time. Counters go to the log every minute and atomically to {home}/status/{source}.json
+(written on a thread of its own, off the event loop).
 SIGTERM/SIGINT: final flush and exit 0. SIGUSR1 or the file {home}/status/flush.request: flush now.
 Nothing here knows an exchange by name: every per-exchange decision is the `Source`'s.
 """
@@ -87,6 +88,7 @@ class SourceRunner:
         self.started_ns = time.time_ns()
         self._rest_last: dict[str, bytes] = {}  # request key -> digest of its last answer (see rest())
         self.rest_unchanged = 0
+        self._status_write = None  # the status file write under way on the status thread
         self.link = src.link(self)
 
     # ---- shared helpers -----------------------------------------------------------------------
@@ -163,10 +165,24 @@ class SourceRunner:
         c.update(self.link.status())
         return c
 
-    def write_status(self, home: str) -> None:
+    def write_status(self, home: str, writer: ThreadPoolExecutor | None = None) -> None:
+        """The counters to {home}/status/{source}.json (atomically) and the log. With `writer`, the
+        file is written (and synced) on that thread, off the event loop; a write still under way
+        there makes this one skipped (the next interval's is fresher)."""
         st = self.status()
-        _atomic_write(status_dir(home) / f"{self.source}.json", json.dumps(st, indent=1, sort_keys=True))
+        text = json.dumps(st, indent=1, sort_keys=True)
+        path = status_dir(home) / f"{self.source}.json"
+        if writer is None:
+            _atomic_write(path, text)
+        elif self._status_write is None or self._status_write.done():
+            self._status_write = writer.submit(self._write_status_file, path, text)
         self.log.info("counters", **{k: v for k, v in st.items() if k not in ("skip_reasons",)}, skip_reasons=st["skip_reasons"])
+
+    def _write_status_file(self, path: Path, text: str) -> None:
+        try:
+            _atomic_write(path, text)
+        except OSError as e:  # a full disk must not stop collection; the next interval tries again
+            self.log.warning("status_write_failed", error=repr(e)[:200])
 
     # ---- connection ---------------------------------------------------------------------------
     def _auth_failed(self, e: Exception) -> str:
@@ -388,6 +404,7 @@ class Collector:
         self.home = cfg.home
         self.runners: list[SourceRunner] = []
         self.appender = ThreadPoolExecutor(1, thread_name_prefix="append")
+        self.status_writer = ThreadPoolExecutor(1, thread_name_prefix="status")  # status files, off the event loop
         self.eng = None
         self.stop: asyncio.Event | None = None
         self.pid_file = status_dir(self.home) / f"collector-{os.getpid()}.pid"
@@ -432,7 +449,7 @@ class Collector:
             if time.monotonic() - last_status >= self.cfg.status_interval:
                 last_status = time.monotonic()
                 for r in self.runners:
-                    r.write_status(self.home)
+                    r.write_status(self.home, self.status_writer)
 
     async def main(self) -> int:
         from engine.api import Engine
@@ -477,6 +494,7 @@ class Collector:
                 r.final()
             self.appender.shutdown(wait=True)
             self.eng.close()
+            self.status_writer.shutdown(wait=True)  # then the last status, written here: it has the final counters
             for r in self.runners:
                 r.write_status(self.home)
             try:
