@@ -62,14 +62,71 @@ class InstrumentStats:
 
 
 def of_table(table: str, t: pa.Table) -> InstrumentStats | None:
-    """The figures of `t`, by one group-by (None: the table has no instrument column)."""
+    """The figures of `t` (None: the table has no instrument column). Grouped on the instrument
+    column's dictionary codes in numpy, single-threaded: the encoder runs this for every chunk it
+    writes, and a thread pool's start-up and spinning cost more than the grouping."""
     sp = schema.spec(table)
     if "instrument" not in sp.columns:
         return None
-    cols = list(dict.fromkeys(["instrument", sp.time_col, sp.part_col]))
-    df = pl.from_arrow(t.select(cols)) if t.num_rows else None
-    if df is None:
+    if not t.num_rows:
         return InstrumentStats([], np.zeros((5, 0), np.int64))
+    times = [_np(t.column(c)) for c in (sp.time_col, sp.part_col)]
+    if any(x is None for x in times):  # a null time (not in lake tables): the general path
+        return _of_table_polars(table, t)
+    names, code = _name_codes(t.column("instrument"))
+    k = len(names)
+    ts, recv = times
+    if k == 1:
+        m = np.array([[len(code)], [ts.min()], [ts.max()], [recv.min()], [recv.max()]], np.int64)
+    else:
+        m = np.empty((5, k), np.int64)
+        m[0] = np.bincount(code, minlength=k)
+        for i, (x, op, init) in enumerate(((ts, np.minimum, _I64.max), (ts, np.maximum, _I64.min),
+                                           (recv, np.minimum, _I64.max), (recv, np.maximum, _I64.min)), 1):
+            m[i] = init
+            op.at(m[i], code, x)
+    order = sorted(range(k), key=lambda i: (names[i] is not None, names[i] or ""))
+    return InstrumentStats([names[i] for i in order], m[:, order])
+
+
+def _np(col: pa.ChunkedArray) -> np.ndarray | None:
+    """An int64 column as numpy, None when it holds a null."""
+    if col.null_count:
+        return None
+    return (col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)).to_numpy(zero_copy_only=False).astype(
+        np.int64, copy=False)
+
+
+def _name_codes(col: pa.ChunkedArray) -> tuple[list[str | None], np.ndarray]:
+    """The distinct names of a string or dictionary column (a null as None, each once, only those in
+    use) and each row's index into them."""
+    names: list[str | None] = []
+    index: dict[str | None, int] = {}
+    codes = []
+    for chunk in col.chunks:
+        if not len(chunk):
+            continue
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        values = chunk.dictionary.to_pylist() + [None]  # the last: null indices
+        idx = chunk.indices.fill_null(len(values) - 1).to_numpy(zero_copy_only=False).astype(np.int64)
+        used = np.zeros(len(values), bool)
+        used[idx] = True
+        remap = np.zeros(len(values), np.int64)
+        for v in np.flatnonzero(used).tolist():
+            name = values[v]
+            if name not in index:
+                index[name] = len(names)
+                names.append(name)
+            remap[v] = index[name]
+        codes.append(remap[idx])
+    return names, np.concatenate(codes)
+
+
+def _of_table_polars(table: str, t: pa.Table) -> InstrumentStats:
+    sp = schema.spec(table)
+    cols = list(dict.fromkeys(["instrument", sp.time_col, sp.part_col]))
+    df = pl.from_arrow(t.select(cols))
     g = (df.group_by(pl.col("instrument").cast(pl.String))
          .agg(pl.len().cast(pl.Int64).alias("rows"), pl.col(sp.time_col).min().alias("min_ts"),
               pl.col(sp.time_col).max().alias("max_ts"), pl.col(sp.part_col).min().alias("min_recv_ts"),
@@ -89,12 +146,19 @@ def merge(parts: Iterable[InstrumentStats | None]) -> InstrumentStats | None:
         return None
     if len(parts) == 1:
         return parts[0]
-    df = pl.concat([p.frame() for p in parts])
-    g = (df.group_by("instrument")
-         .agg(pl.col("rows").sum(), pl.col("min_ts").min(), pl.col("max_ts").max(), pl.col("min_recv_ts").min(),
-              pl.col("max_recv_ts").max())
-         .sort("instrument", nulls_last=False))
-    return _of_frame(g)
+    acc: dict[str | None, np.ndarray] = {}
+    for p in parts:
+        for i, n in enumerate(p.names):
+            col = p.m[:, i]
+            a = acc.get(n)
+            if a is None:
+                acc[n] = col.astype(np.int64, copy=True)
+            else:
+                a[0] += col[0]
+                a[1], a[3] = min(a[1], col[1]), min(a[3], col[3])
+                a[2], a[4] = max(a[2], col[2]), max(a[4], col[4])
+    names = sorted(acc, key=lambda n: (n is not None, n or ""))
+    return InstrumentStats(names, np.stack([acc[n] for n in names], axis=1) if names else np.zeros((5, 0), np.int64))
 
 
 def encode(st: InstrumentStats | None) -> str | None:
