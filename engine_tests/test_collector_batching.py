@@ -77,6 +77,10 @@ def test_memory_tuning_and_release_run():
         for k, v in want.items():
             if f"{k.upper()}{'' if k.endswith('max') else '_'}" not in os.environ:
                 assert done[k] == v, (k, done)
+        assert done["thp_disabled"] is True
+        status = Path("/proc/self/status").read_text()
+        if "THP_enabled:" in status:  # the kernel says so too (Linux >= 5.0)
+            assert "THP_enabled:\t0" in status
     memory.release()
     memory.release()
 
