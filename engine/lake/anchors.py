@@ -59,9 +59,10 @@ def end_book(t: pa.Table) -> pa.Table:
     live = rows[rows >= start[inst]]
     # one key per (instrument, side, price), numbered in order of first appearance among live rows
     side = _codes(t.column("side"))[live]
-    price = pc.dictionary_encode(t.column("price").combine_chunks().take(pa.array(live))).indices.to_numpy(zero_copy_only=False)
-    key = (inst[live] * (int(side.max()) + 1 if len(side) else 1) + side) * (int(price.max()) + 1 if len(price) else 1) + price
-    grp = pc.dictionary_encode(pa.array(key)).indices.to_numpy(zero_copy_only=False)
+    price = _codes(t.column("price").combine_chunks().take(pa.array(live)))
+    n_side, n_price = (int(side.max()) + 1, int(price.max()) + 1) if len(live) else (1, 1)
+    key = (inst[live] * n_side + side) * n_price + price
+    grp = _codes(pa.array(key))
     last_row = np.full(int(grp.max()) + 1 if len(grp) else 0, -1, np.int64)
     np.maximum.at(last_row, grp, live)
     size = t.column("size").to_numpy()
