@@ -307,6 +307,7 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
                                  code_server: str = "shared") -> dict:
     import dagster as dg
 
+    from engine_defs.daemon import daemon_cmd
     from engine_defs.instance import code_server_args, ensure_instance, ensure_workspace
     from engine_defs.partitions import market_key
 
@@ -339,7 +340,7 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
                 time.sleep(0.1)
             out["code_server_ready_s"] = round(time.perf_counter() - t0, 1)
         web = procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", ws])
-        daemon = procs.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", ws])
+        daemon = procs.start("daemon", daemon_cmd(ws))  # as ./scripts/run: backfills picked up within 2 s
         groups = {"daemon": daemon, **({"code_server": code} if code else {}), "webserver": web}
         web_s = daemon_s = None
         deadline = time.monotonic() + 180

@@ -227,9 +227,11 @@ def integrity_result(table: str, rep: lake.Integrity, key: str | None) -> dg.Ass
     )
 
 
-def compact_one(context, eng, t: str, date: str, source: str, market: str):
+def compact_one(context, eng, t: str, date: str, source: str, market: str, changed: list | None = None):
     """Compact one partition: (integrity check result or None, metadata or None, failure text or None).
-    A failure leaves that partition unchanged; the others of a ranged run go on."""
+    A failure leaves that partition unchanged; the others of a ranged run go on. With `changed`
+    (a ranged run), the manifest is not republished here: the partition is appended to `changed`
+    and the caller republishes once."""
     part = (t, source, market, date)
     files = eng.catalog.files_in(part)
     if files and not (len(files) == 1 and files[0].compacted):
@@ -244,11 +246,13 @@ def compact_one(context, eng, t: str, date: str, source: str, market: str):
             return None, None, (f"not compacting {t} {source}:{market} {date}: only closed days are compacted and "
                                 f"{why}. Nothing was changed; run it again once the day is sealed.")
         try:
-            res, rep = lake.compact_gated(eng, part)
+            res, rep = lake.compact_gated(eng, part, publish=changed is None)
         except lake.IntegrityError as err:
             return (integrity_result(t, err.report, err.key), None,
                     f"compaction of {t} {source}:{market} {date} blocked: {'; '.join(err.report.problems)}. "
                     "The merged file was deleted before upload; the raw files and the catalog are unchanged.")
+        if res is not None and changed is not None:
+            changed.append(part)
         st = lake.part_stats(eng, t, source, market, date)
         md = stats_metadata(st, eng.store.url)
         if res is not None:
@@ -311,10 +315,17 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
     )
     def _compacted(context: dg.AssetExecutionContext, engine: EngineResource):
         eng = engine.engine(writer=True)
-        done = []
-        for d, s, m in partitions_of(context):
-            done.append((f"{d}|{s}:{m}", *compact_one(context, eng, table, d, s, m)))
-            lake.release_memory()  # a ranged run holds one partition's buffers at a time, not the largest's
+        done, parts = [], partitions_of(context)
+        changed: list | None = [] if len(parts) > 1 else None  # a ranged run: one manifest publish, at the end
+        try:
+            for d, s, m in parts:
+                done.append((f"{d}|{s}:{m}", *compact_one(context, eng, table, d, s, m, changed)))
+                lake.release_memory()  # a ranged run holds one partition's buffers at a time, not the largest's
+        finally:
+            if changed:
+                from engine.lake.manifest import publish_after_change
+
+                publish_after_change(eng)
         checks = [(pk, c) for pk, c, _, _ in done if c is not None]
         if len(done) == 1:
             if checks:
