@@ -80,7 +80,7 @@ def instance_yaml(home: Path, max_concurrent_runs: int | None = None) -> str:
     return DAGSTER_YAML.format(
         home=Path(home).resolve(),
         max_runs=max_concurrent_runs or int(os.environ.get("ENGINE_DAGSTER_MAX_RUNS", "2")),
-        dequeue_s=int(os.environ.get("ENGINE_DAGSTER_DEQUEUE_S", "2")),
+        dequeue_s=int(os.environ.get("ENGINE_DAGSTER_DEQUEUE_S", "1")),  # a backfill's next run starts within 1 s
         backfill_runs=int(os.environ.get("ENGINE_DAGSTER_BACKFILL_RUNS", "1")),
         monitor_s=int(os.environ.get("ENGINE_DAGSTER_MONITOR_S", "30")),
     )
