@@ -378,8 +378,8 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
         if not backfill:
             return out
         keys = [f"{d}|{market_key(s, m)}" for d in dates for s, m in markets]
-        side = [p.pid for g, p in groups.items() if g != "webserver"]
-        cpu0 = sum(_cpu_s(pid) for pid in side)
+        side_pids = [p.pid for g, p in groups.items() if g != "webserver"]
+        cpu0 = sum(_cpu_s(pid) for pid in side_pids)
         load0 = os.getloadavg()[0]
         t1 = time.perf_counter()
         # an asset backfill, as the UI launches one (select the assets, pick the partitions): the daemon
@@ -420,7 +420,7 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
             time.sleep(1)
         wall = time.perf_counter() - t1
         time.sleep(2)  # the last run worker exits and is reaped: its CPU is its parent's then
-        cpu = sum(_cpu_s(pid) for pid in side) - cpu0
+        cpu = sum(_cpu_s(pid) for pid in side_pids) - cpu0
         out["backfill"] = {"partitions": len(keys), "partitions_compacted": done, "runs": len(rs),
                            "runs_ok": rs.count("SUCCESS"), "runs_failed": rs.count("FAILURE"),
                            "cli_submit_s": round(submit_s, 1), "wall_s": round(wall, 1),
