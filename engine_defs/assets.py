@@ -257,9 +257,9 @@ def compact_one(log, eng, t: str, date: str, source: str, market: str, changed: 
     part = (t, source, market, date)
     files = eng.catalog.files_in(part)
     if files and not (len(files) == 1 and files[0].compacted):
-        from engine.lake.compaction import closed_partitions
+        from engine.lake.compaction import is_closed
 
-        if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
+        if not is_closed(eng, part):
             day_end = lake.day_bounds(date)[1]
             wm = eng.sealed_until(source)
             why = ("the UTC day has not ended" if not lake.is_closed_day(date) else
