@@ -33,7 +33,6 @@ MINUTES_PER_YEAR = 525_600  # crypto trades around the clock
 MAX_TABLE_ROWS = 20
 
 
-
 def out_schema() -> dict:
     """Columns and types of `minute_vol`'s frame."""
     import polars as pl
