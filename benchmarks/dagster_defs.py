@@ -12,9 +12,10 @@
    D × M partitions launched through the webserver's GraphQL API as the UI does (an asset backfill of
    the compacted assets and the catalog), executed by the daemon in runs of up to
    ENGINE_DAGSTER_BACKFILL_PARTITIONS partitions; wall time until every partition is materialized
-   and no run is left, and the peak RSS of the daemon's side (daemon group + code server group: the
-   daemon, the code servers and the run workers, whichever group they are in), with the processes
-   at that peak, and of every Dagster process (webserver included).
+   and no run is left, the CPU seconds of the daemon's side (daemon group + code server group: the
+   daemon, the code servers and the run workers, whichever group they are in; less sensitive than
+   wall time to what else runs on the machine, whose 1-minute load average is printed), its peak
+   RSS with the processes at that peak, and that of every Dagster process (webserver included).
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def _pss_mb(pids) -> float:
         except OSError:
             pass
     return total / 1024
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (exited run workers included)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
 
 
 def _cmd(pid: int) -> str:
@@ -307,6 +317,7 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
                                  code_server: str = "shared") -> dict:
     import dagster as dg
 
+    from engine_defs.daemon import daemon_cmd
     from engine_defs.instance import code_server_args, ensure_instance, ensure_workspace
     from engine_defs.partitions import market_key
 
@@ -339,7 +350,7 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
                 time.sleep(0.1)
             out["code_server_ready_s"] = round(time.perf_counter() - t0, 1)
         web = procs.start("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", ws])
-        daemon = procs.start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", ws])
+        daemon = procs.start("daemon", daemon_cmd(ws))  # as ./scripts/run: backfills picked up within 2 s
         groups = {"daemon": daemon, **({"code_server": code} if code else {}), "webserver": web}
         web_s = daemon_s = None
         deadline = time.monotonic() + 180
@@ -367,6 +378,9 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
         if not backfill:
             return out
         keys = [f"{d}|{market_key(s, m)}" for d in dates for s, m in markets]
+        side_pids = [p.pid for g, p in groups.items() if g != "webserver"]
+        cpu0 = sum(_cpu_s(pid) for pid in side_pids)
+        load0 = os.getloadavg()[0]
         t1 = time.perf_counter()
         # an asset backfill, as the UI launches one (select the assets, pick the partitions): the daemon
         # groups the partitions into runs by the assets' BackfillPolicy
@@ -405,10 +419,14 @@ def bench_processes_and_backfill(work: Path, days: int, n_markets: int, max_runs
                 raise TimeoutError("backfill did not finish within an hour")
             time.sleep(1)
         wall = time.perf_counter() - t1
+        time.sleep(2)  # the last run worker exits and is reaped: its CPU is its parent's then
+        cpu = sum(_cpu_s(pid) for pid in side_pids) - cpu0
         out["backfill"] = {"partitions": len(keys), "partitions_compacted": done, "runs": len(rs),
                            "runs_ok": rs.count("SUCCESS"), "runs_failed": rs.count("FAILURE"),
                            "cli_submit_s": round(submit_s, 1), "wall_s": round(wall, 1),
                            "s_per_partition": round(wall / len(keys), 2), "max_concurrent_runs": max_runs,
+                           "daemon_side_cpu_s": round(cpu, 1), "load_avg_1m_before": round(load0, 2),
+                           "load_avg_1m_after": round(os.getloadavg()[0], 2),
                            "daemon_side_peak_rss_mb": round(peak),
                            **{f"{g}_group_peak_rss_mb": round(v) for g, v in peak_groups.items()},
                            "all_dagster_peak_rss_mb": round(peak_all), "daemon_side_peak_pss_mb": round(peak_side_pss),

@@ -153,6 +153,25 @@ def range_metadata(per_part: list[tuple[str, dict]], sums: tuple[str, ...] = ("d
     return md
 
 
+class StepLog:
+    """A step's info lines: logged at once for one partition; for a ranged run gathered and logged as
+    one message at the end (each log line is an event Dagster stores with its own SQLite commit)."""
+
+    def __init__(self, context, ranged: bool):
+        self.context, self.ranged, self.lines = context, ranged, []
+
+    def info(self, line: str) -> None:
+        if self.ranged:
+            self.lines.append(line)
+        else:
+            self.context.log.info(line)
+
+    def flush(self) -> None:
+        if self.lines:
+            self.context.log.info("\n".join(self.lines))
+            self.lines = []
+
+
 def _gaps_figures(eng, source, market, date) -> dict:
     g = lake.recorded_gaps(eng, source, market, date)
     secs = float(((g["end_ts"] - g["start_ts"]).sum() or 0) / 1e9) if g.height else 0.0
@@ -173,7 +192,9 @@ def make_uploaded(table: str) -> dg.AssetsDefinition:
     def _uploaded(context: dg.AssetExecutionContext, engine: EngineResource) -> dg.MaterializeResult:
         eng = engine.engine(writer=True)
         per_part, failures = [], []
-        for date, source, market in partitions_of(context):
+        parts = partitions_of(context)
+        log = StepLog(context, ranged=len(parts) > 1)
+        for date, source, market in parts:
             res = eng.upload(table=table, source=source, market=market, date=date)
             st = lake.part_stats(eng, table, source, market, date)
             md = stats_metadata(st, eng.store.url)
@@ -188,8 +209,9 @@ def make_uploaded(table: str) -> dg.AssetsDefinition:
                 failures.append(f"{res['failed']} of {res['failed'] + res['uploaded']} file(s) of {table} "
                                 f"{source}:{market} {date} did not upload to {eng.store.url}: " + "; ".join(res["errors"][:5]))
                 continue
-            context.log.info(f"uploaded {res['uploaded']} file(s), {res['bytes']} bytes of {table} {source}:{market} "
+            log.info(f"uploaded {res['uploaded']} file(s), {res['bytes']} bytes of {table} {source}:{market} "
                              f"{date}; partition now {st.files} file(s), {st.remote_files} remote")
+        log.flush()
         md = range_metadata(per_part)
         if failures:
             raise dg.Failure(description="; ".join(failures[:10]) + ". They stay local and the next run retries.",
@@ -227,15 +249,17 @@ def integrity_result(table: str, rep: lake.Integrity, key: str | None) -> dg.Ass
     )
 
 
-def compact_one(context, eng, t: str, date: str, source: str, market: str):
+def compact_one(log, eng, t: str, date: str, source: str, market: str, changed: list | None = None):
     """Compact one partition: (integrity check result or None, metadata or None, failure text or None).
-    A failure leaves that partition unchanged; the others of a ranged run go on."""
+    A failure leaves that partition unchanged; the others of a ranged run go on. `log`: a StepLog. With `changed`
+    (a ranged run), the manifest is not republished here: the partition is appended to `changed`
+    and the caller republishes once."""
     part = (t, source, market, date)
     files = eng.catalog.files_in(part)
     if files and not (len(files) == 1 and files[0].compacted):
-        from engine.lake.compaction import closed_partitions
+        from engine.lake.compaction import is_closed
 
-        if part not in closed_partitions(eng, date=date, table=t, source=source, market=market):
+        if not is_closed(eng, part):
             day_end = lake.day_bounds(date)[1]
             wm = eng.sealed_until(source)
             why = ("the UTC day has not ended" if not lake.is_closed_day(date) else
@@ -244,11 +268,13 @@ def compact_one(context, eng, t: str, date: str, source: str, market: str):
             return None, None, (f"not compacting {t} {source}:{market} {date}: only closed days are compacted and "
                                 f"{why}. Nothing was changed; run it again once the day is sealed.")
         try:
-            res, rep = lake.compact_gated(eng, part)
+            res, rep = lake.compact_gated(eng, part, publish=changed is None)
         except lake.IntegrityError as err:
             return (integrity_result(t, err.report, err.key), None,
                     f"compaction of {t} {source}:{market} {date} blocked: {'; '.join(err.report.problems)}. "
                     "The merged file was deleted before upload; the raw files and the catalog are unchanged.")
+        if res is not None and changed is not None:
+            changed.append(part)
         st = lake.part_stats(eng, t, source, market, date)
         md = stats_metadata(st, eng.store.url)
         if res is not None:
@@ -256,7 +282,7 @@ def compact_one(context, eng, t: str, date: str, source: str, market: str):
                        "compaction_s": dg.MetadataValue.float(round(res.seconds, 3))})
         if t != "gaps":
             md.update(_gaps_figures(eng, source, market, date))
-        context.log.info(f"compacted {t} {source}:{market} {date}: {st.rows} rows into {st.keys}")
+        log.info(f"compacted {t} {source}:{market} {date}: {st.rows} rows into {st.keys}")
         return integrity_result(t, rep, res.key if res else None), md, None
     # Already compacted (idempotent re-run: re-verify the committed file) or no data at all.
     st = lake.part_stats(eng, t, source, market, date)
@@ -311,10 +337,19 @@ def make_compacted(table: str) -> dg.AssetsDefinition:
     )
     def _compacted(context: dg.AssetExecutionContext, engine: EngineResource):
         eng = engine.engine(writer=True)
-        done = []
-        for d, s, m in partitions_of(context):
-            done.append((f"{d}|{s}:{m}", *compact_one(context, eng, table, d, s, m)))
-            lake.release_memory()  # a ranged run holds one partition's buffers at a time, not the largest's
+        done, parts = [], partitions_of(context)
+        changed: list | None = [] if len(parts) > 1 else None  # a ranged run: one manifest publish, at the end
+        log = StepLog(context, ranged=len(parts) > 1)
+        try:
+            for d, s, m in parts:
+                done.append((f"{d}|{s}:{m}", *compact_one(log, eng, table, d, s, m, changed)))
+                lake.release_memory()  # a ranged run holds one partition's buffers at a time, not the largest's
+        finally:
+            log.flush()
+            if changed:
+                from engine.lake.manifest import publish_after_change
+
+                publish_after_change(eng)
         checks = [(pk, c) for pk, c, _, _ in done if c is not None]
         if len(done) == 1:
             if checks:

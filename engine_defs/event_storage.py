@@ -1,16 +1,22 @@
-"""Dagster's SQLite storage with one change: a batch of runless asset events is written in one
-transaction per database instead of two engines, connections and commits per event.
+"""Dagster's SQLite storage with one change: a batch of asset events is written in one
+transaction per database instead of two engines, connections and commits per event (~5 ms each).
 
-The daemon stores the asset events a sensor returns one at a time (`report_runless_asset_event`),
-about 5 ms each on SQLite, so a catch-up tick of 432 raw-file events cost the daemon 2–4 s. The
-catalog sensor instead hands its events to `record_events`, which uses `store_event_batch` here
-when the instance runs on this storage (the project's DAGSTER_HOME, see `instance.py`) and falls
-back to the daemon's path on any other storage. The rows written are exactly those `store_event`
-writes (the run shard, the index shard, the asset tables and tags), through the same statements.
+Three places hand it batches:
+- the catalog sensor (`record_events`): a catch-up tick of 432 raw-file events cost the daemon
+  2–4 s stored one at a time (`report_runless_asset_event`); it falls back to the daemon's path
+  on any other storage;
+- run creation (daemon, webserver): one `ASSET_MATERIALIZATION_PLANNED` event per asset and
+  partition, 120 for a ranged backfill run of 4 assets × 30 partitions;
+- a ranged run's materializations, one per asset and partition.
+Dagster sends the last two as batches only when `DAGSTER_EVENT_BATCH_SIZE` is set, so this storage
+sets it (`BATCH_SIZE`, unless the environment has it) in every process that opens it. The rows
+written are exactly those `store_event` writes (the run shard, the index shard, the asset tables
+and tags), through the same statements, in the same order; other events keep Dagster's own path.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Sequence
 
@@ -21,13 +27,33 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventL
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage, _event_logs_directory
 from dagster._time import get_current_timestamp
 
-_BATCHABLE = {DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION}
+_BATCHABLE = {DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION,
+              DagsterEventType.ASSET_MATERIALIZATION_PLANNED}
+BATCH_SIZE = "1000"  # events per write: a ranged run's planned events or one step's materializations
+
+
+def _batchable(e: EventLogEntry) -> bool:
+    return e.is_dagster_event and e.dagster_event_type in _BATCHABLE and e.dagster_event.asset_key is not None
 
 
 class BatchedSqliteEventLogStorage(SqliteEventLogStorage):
     def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
-        if not events or any(not e.is_dagster_event or e.dagster_event_type not in _BATCHABLE for e in events):
-            return super().store_event_batch(events)  # anything else keeps Dagster's own path
+        """Runs of asset events in one transaction each, anything else one by one, in order."""
+        run: list[EventLogEntry] = []
+        for e in events:
+            if _batchable(e):
+                run.append(e)
+                continue
+            self._store_asset_batch(run)
+            run = []
+            self.store_event(e)
+        self._store_asset_batch(run)
+
+    def _store_asset_batch(self, events: Sequence[EventLogEntry]) -> None:
+        if len(events) < 2:
+            for e in events:
+                self.store_event(e)
+            return
         by_run: dict[str, list[EventLogEntry]] = defaultdict(list)
         for e in events:
             by_run[e.run_id].append(e)
@@ -50,6 +76,7 @@ class EngineSqliteStorage(DagsterSqliteStorage):
 
     def __init__(self, base_dir: str, inst_data=None):
         super().__init__(base_dir, inst_data=inst_data)
+        os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", BATCH_SIZE)  # Dagster's switch: hand us batches
         self._event_log_storage = BatchedSqliteEventLogStorage(_event_logs_directory(base_dir))
 
     @classmethod

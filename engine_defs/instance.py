@@ -35,9 +35,9 @@ local_artifact_storage:
   class: LocalArtifactStorage
   config:
     base_dir: {home}
-compute_logs:
-  module: dagster._core.storage.local_compute_log_manager
-  class: LocalComputeLogManager
+compute_logs:  # a run's stdout/stderr in files, without two tail + watcher processes per run (engine_defs/compute_logs.py)
+  module: engine_defs.compute_logs
+  class: FileComputeLogManager
   config:
     base_dir: {home}/logs
 run_coordinator:
@@ -57,6 +57,8 @@ run_monitoring:
   poll_interval_seconds: {monitor_s}
 run_retries:
   enabled: false
+auto_materialize:  # Dagster's default; stated because engine_defs/daemon.py shortens the constant it falls back on
+  minimum_interval_seconds: 30
 sensors:
   use_threads: true
   num_workers: 2
@@ -78,7 +80,7 @@ def instance_yaml(home: Path, max_concurrent_runs: int | None = None) -> str:
     return DAGSTER_YAML.format(
         home=Path(home).resolve(),
         max_runs=max_concurrent_runs or int(os.environ.get("ENGINE_DAGSTER_MAX_RUNS", "2")),
-        dequeue_s=int(os.environ.get("ENGINE_DAGSTER_DEQUEUE_S", "2")),
+        dequeue_s=int(os.environ.get("ENGINE_DAGSTER_DEQUEUE_S", "1")),  # a backfill's next run starts within 1 s
         backfill_runs=int(os.environ.get("ENGINE_DAGSTER_BACKFILL_RUNS", "1")),
         monitor_s=int(os.environ.get("ENGINE_DAGSTER_MONITOR_S", "30")),
     )

@@ -429,11 +429,12 @@ class IntegrityError(RuntimeError):
         self.key = key
 
 
-def compact_gated(eng, part: tuple[str, str, str, str]):
+def compact_gated(eng, part: tuple[str, str, str, str], publish: bool = True):
     """Compact one partition; the merged file must pass `integrity` before upload and catalog swap.
 
     Returns (CompactionResult | None, Integrity | None); raises IntegrityError (nothing uploaded,
-    catalog unchanged) when the merged file is bad.
+    catalog unchanged) when the merged file is bad. `publish=False`: the caller republishes the
+    manifest once after a series of partitions (as the core's `compact` pass does).
     """
     from engine.lake.compaction import compact_partition, purge_retired
 
@@ -448,7 +449,7 @@ def compact_gated(eng, part: tuple[str, str, str, str]):
         if not r.passed:
             raise IntegrityError(r, key)
 
-    res = compact_partition(eng, part, validate=gate)
+    res = compact_partition(eng, part, validate=gate, publish=publish)
     return res, (report[0] if report else None)
 
 

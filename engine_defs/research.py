@@ -11,11 +11,10 @@ valid returns: 1-minute volatility (root mean square of the returns), scaled to 
 the share of valid minutes, per instrument and per hour.
 """
 
-
 import math
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import polars as pl
 
 from engine.timeutil import NS, to_ns
 from engine_defs import lake
@@ -24,22 +23,33 @@ from engine_defs.display import RULER, sparkline
 from engine_defs.partitions import partitions_def, split_partition_key
 from engine_defs.resources import EngineResource
 
+if TYPE_CHECKING:  # imported where used: loading the definitions (code server, every run) stays light
+    import polars as pl
+
 GROUP = "research"
 MINUTE = 60 * NS
 MINUTES_PER_DAY = 1440
 MINUTES_PER_YEAR = 525_600  # crypto trades around the clock
 MAX_TABLE_ROWS = 20
 
-SCHEMA = {"source": pl.String, "market": pl.String, "instrument": pl.String, "minute": pl.Datetime("ns", "UTC"),
-          "close_ts": pl.Datetime("ns", "UTC"), "quotes": pl.UInt32, "mid": pl.Float64, "ret": pl.Float64,
-          "valid": pl.Boolean}
+
+def out_schema() -> dict:
+    """Columns and types of `minute_vol`'s frame."""
+    import polars as pl
+
+    return {"source": pl.String, "market": pl.String, "instrument": pl.String, "minute": pl.Datetime("ns", "UTC"),
+            "close_ts": pl.Datetime("ns", "UTC"), "quotes": pl.UInt32, "mid": pl.Float64, "ret": pl.Float64,
+            "valid": pl.Boolean}
 
 
-def minute_vol(eng, q: pl.DataFrame, end=None, window: str = "1m") -> pl.DataFrame:
+def minute_vol(eng, q: "pl.DataFrame", end=None, window: str = "1m") -> "pl.DataFrame":
     """Per (instrument, minute): quotes in the minute, mid at its close, log return from the previous
     close, and whether the trailing `window` ending at the close is valid. Minutes run from each
     instrument's first quote to its last; a minute closing after `end` (the data's end: sealed
     watermark or day end) is left out, its close not yet seen."""
+    import polars as pl
+
+    schema = out_schema()
     mids = (
         q.filter((pl.col("bid_price") > 0) & (pl.col("ask_price") > 0))
         .select(pl.col("source").cast(pl.String), pl.col("market").cast(pl.String),
@@ -47,7 +57,7 @@ def minute_vol(eng, q: pl.DataFrame, end=None, window: str = "1m") -> pl.DataFra
                 ((pl.col("bid_price") + pl.col("ask_price")) / 2).alias("mid"))
     )
     if mids.height == 0:
-        return pl.DataFrame(schema=SCHEMA)
+        return pl.DataFrame(schema=schema)
     keys = ["source", "market", "instrument"]
     per_min = (
         mids.sort(keys + ["ts"], maintain_order=True)
@@ -71,14 +81,16 @@ def minute_vol(eng, q: pl.DataFrame, end=None, window: str = "1m") -> pl.DataFra
     if end is not None:
         out = out.filter(pl.col("close_ts").dt.epoch("ns") <= to_ns(end))
     if out.height == 0:
-        return pl.DataFrame(schema=SCHEMA)
+        return pl.DataFrame(schema=schema)
     out = eng.valid(out.rename({"close_ts": "ts"}), window=window).rename({"ts": "close_ts"})
     out = out.with_columns((pl.col("valid") & pl.col("ret").is_not_null()).alias("valid"))
-    return out.select(list(SCHEMA)).cast(SCHEMA)
+    return out.select(list(schema)).cast(schema)
 
 
-def summary(df: pl.DataFrame) -> dict:
+def summary(df: "pl.DataFrame") -> dict:
     """Figures of the valid returns: count, valid share, 1-minute vol (RMS return) and its day/year scaling."""
+    import polars as pl
+
     with_ret = df.filter(pl.col("ret").is_not_null())
     good = df.filter(pl.col("valid"))["ret"]
     n = good.len()
@@ -98,7 +110,7 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.3g} %"
 
 
-def instruments_table(df: pl.DataFrame) -> str:
+def instruments_table(df: "pl.DataFrame") -> str:
     rows = []
     for (inst,), g in df.group_by(["instrument"]):
         s = summary(g)
@@ -113,8 +125,10 @@ def instruments_table(df: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def hourly_valid_markdown(df: pl.DataFrame) -> str:
+def hourly_valid_markdown(df: "pl.DataFrame") -> str:
     """Valid share of minutes per UTC hour as a sparkline (· = no minutes that hour)."""
+    import polars as pl
+
     h = (df.filter(pl.col("ret").is_not_null()).group_by(pl.col("minute").dt.hour().alias("h"))
          .agg(pl.col("valid").mean().alias("share"), pl.len().alias("n")))
     share = {r["h"]: r["share"] for r in h.iter_rows(named=True)}
@@ -134,7 +148,9 @@ def hourly_valid_markdown(df: pl.DataFrame) -> str:
                 "whether the trailing minute is gap-free (eng.valid); metadata: 1-minute realized volatility of the "
                 "valid returns and the share of valid minutes. Takes `quotes` through the lake IO manager.",
 )
-def realized_vol_1m(context: dg.AssetExecutionContext, engine: EngineResource, quotes: pl.DataFrame) -> dg.Output:
+def realized_vol_1m(context: dg.AssetExecutionContext, engine: EngineResource, quotes) -> dg.Output:
+    """`quotes`: the partition's polars.DataFrame, from the lake IO manager (unannotated: an annotation
+    would make Dagster import polars when the definitions load)."""
     date, source, market = split_partition_key(context.partition_key)
     eng = engine.engine()
     day0, day1 = lake.day_bounds(date)

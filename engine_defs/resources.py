@@ -5,7 +5,9 @@ placed in the process environment while the store client is built; they are neve
 """
 
 
+import atexit
 import contextlib
+import gc
 import os
 import threading
 from pathlib import Path
@@ -40,6 +42,23 @@ def _env_overlay(values: dict[str, str]):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+_exit_hook = False
+
+
+def _exit_without_final_gc() -> None:
+    """When this process exits (a run worker, after its run), skip the garbage collector's passes
+    over every object of Dagster, the definitions and the data libraries: `gc.freeze()` as the first
+    exit step. Those passes took ~0.4–0.6 s of CPU at each run worker's exit, while the next run of a
+    backfill was already starting beside it (two workers' memory at once). The run's writes are
+    durable before its end (fsync'd, SQLite committed); at exit, objects outside reference cycles
+    are still freed by reference counting and the standard streams flushed; cycles are left to the
+    OS, which takes the whole process a moment later."""
+    global _exit_hook
+    if not _exit_hook:
+        atexit.register(gc.freeze)
+        _exit_hook = True
 
 
 def _env_or_none(name: str):
@@ -117,6 +136,7 @@ class EngineResource(dg.ConfigurableResource):
         for eng in self._engines.values():
             eng.close()
         self._engines.clear()
+        _exit_without_final_gc()
 
     @property
     def catalog_log(self) -> Path:

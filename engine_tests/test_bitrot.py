@@ -121,3 +121,29 @@ def test_flipped_byte_in_cached_file(tmp_path, s3_env):
     assert got == [pytest.approx(want), pytest.approx(want)]
     events = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]
     assert any(ev.get("event") == "cache_copy_corrupt" and ev.get("key") == e.key for ev in events), r.stderr
+
+
+def test_read_parquet_is_read_table_without_the_dataset_layer(tmp_path):
+    """`read_parquet` (compaction, integrity, derived tables) returns what `pq.read_table` returns,
+    schema metadata included, page checksums verified, without importing `pyarrow.dataset` (which
+    imports pandas: +50 MB in every Dagster run)."""
+    from engine.lake.writer import read_parquet
+
+    eng, e = lake(tmp_path / "h")
+    path = eng.layout.staged(e.key)
+    assert b"engine.spool_key" in pq.ParquetFile(path).metadata.metadata  # a footer key added after writing
+    for cols in (None, ["recv_ts", "price"]):
+        want = pq.read_table(path, columns=cols, page_checksum_verification=True)
+        got = read_parquet(path, e.key, columns=cols)
+        assert got.equals(want) and got.schema.equals(want.schema, check_metadata=True)
+    code = ("import sys; from engine.lake.writer import read_parquet\n"
+            f"t = read_parquet({str(path)!r}, 'k'); print(t.num_rows, 'pyarrow.dataset' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(e.rows), "False"]
+    flip_in_data_page(path)
+    with pytest.raises(CorruptFileError) as ei:
+        read_parquet(path, e.key)
+    assert ei.value.key == e.key
+    eng.close()

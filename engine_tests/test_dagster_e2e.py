@@ -129,6 +129,7 @@ def grpc_servers_in(pgid: int) -> list[str]:
 
 
 def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
+    from engine_defs.daemon import daemon_cmd
     from engine_defs.instance import code_server_args, ensure_instance, ensure_workspace
 
     grpc_preflight()
@@ -152,7 +153,7 @@ def test_webserver_daemon_sensor_uploads_and_backfill(tmp_path):
         for name, cmd in (
             ("code_server", [str(BIN / "dagster"), *code_server_args(code_port)]),
             ("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", ws]),
-            ("daemon", [str(BIN / "dagster-daemon"), "run", "-w", ws]),
+            ("daemon", daemon_cmd(ws)),  # as ./scripts/run starts it
         ):
             out = open(logs / f"{name}.log", "wb")
             procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -143,3 +143,152 @@ def test_batch_equals_one_by_one(tmp_path, n):
             out[mode + "_parts"] = inst.get_materialized_partitions(dg.AssetKey("raw_l2"))
     assert out["batch"] == out["single"] and len(out["batch"]) == n
     assert out["batch_parts"] == out["single_parts"]
+
+
+def _ranged_compaction(home, dh, res=None):
+    """A ranged compact_job run over D1..D2 × BTC..KX on the project's storage at `dh`; (result, instance)."""
+    inst = dg.DagsterInstance.from_config(str(ensure_instance(dh)))
+    inst.add_dynamic_partitions(MARKETS, [BTC, KX])
+    job = defs.resolve_job_def("compact_job")
+    r = job.execute_in_process(instance=inst, resources={"engine": res or engine_resource(home)}, tags={
+        ASSET_PARTITION_RANGE_START_TAG: f"{D1}|{BTC}", ASSET_PARTITION_RANGE_END_TAG: f"{D2}|{KX}"})
+    return r, inst
+
+
+def _stored(inst) -> dict:
+    """What a run left in the storage, without ids and timestamps: planned and done materializations
+    per asset and partition (with their row counts), partition status, check evaluations."""
+    from dagster._core.events import DagsterEventType
+
+    out = {}
+    for t in ("compacted_l2", "compacted_trades", "compacted_gaps", "catalog"):
+        key = dg.AssetKey(t)
+        planned = inst.event_log_storage.get_event_records(
+            dg.EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION_PLANNED, key), limit=1000)
+        out[t, "planned"] = sorted(str(r.event_log_entry.dagster_event.event_specific_data.partition) for r in planned)
+        out[t, "done"] = sorted((str(m.partition), m.metadata["dagster/row_count"].value if "dagster/row_count" in
+                                 m.metadata else None) for m in _events(inst, t))
+        out[t, "status"] = inst.get_materialized_partitions(key)
+        latest = inst.get_latest_materialization_event(key)
+        out[t, "latest_run"] = latest is not None
+    checks = inst.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("compacted_l2"), "integrity"), limit=10)
+    out["checks"] = [c.status.value for c in checks]
+    return out
+
+
+def test_a_ranged_run_stores_its_events_in_batches_equal_to_one_by_one(tmp_path, monkeypatch):
+    """Run creation (one planned event per asset and partition) and a ranged step's materializations
+    reach the project's storage in one transaction per batch; what is stored is what Dagster's
+    one-event-at-a-time path stores (DAGSTER_EVENT_BATCH_SIZE=0 turns Dagster's batching off)."""
+    batches: list[int] = []
+    orig = BatchedSqliteEventLogStorage._store_asset_batch
+
+    def spy(self, events):
+        if len(events) > 1:
+            batches.append(len(events))
+        return orig(self, events)
+
+    monkeypatch.setattr(BatchedSqliteEventLogStorage, "_store_asset_batch", spy)
+    out = {}
+    for mode in ("batch", "single"):
+        build_lake(tmp_path / mode / "h")
+        if mode == "single":
+            monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "0")
+        else:
+            monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)  # the storage sets it
+        n0 = len(batches)
+        r, inst = _ranged_compaction(tmp_path / mode / "h", tmp_path / mode / "dh")
+        assert r.success
+        out[mode] = _stored(inst)
+        out[mode + "_batches"] = batches[n0:]
+        inst.dispose()
+    assert out["batch"] == out["single"]
+    want = sorted(f"{d}|{m}" for d in (D1, D2) for m in (BTC, KX))
+    assert out["batch"]["compacted_l2", "planned"] == want and len(out["batch"]["compacted_l2", "done"]) == 4
+    # run creation: 4 assets × 4 partitions planned in one batch; then each step's 4 materializations
+    assert 16 in out["batch_batches"] and out["batch_batches"].count(4) >= 4, out["batch_batches"]
+    assert out["single_batches"] == []
+
+
+def test_a_ranged_compaction_publishes_the_manifest_once_per_step(tmp_path, monkeypatch):
+    """Each compacted step of a ranged run republishes the store's manifest once, after its last
+    partition, not once per partition; the manifest then lists every compacted file."""
+    import engine.lake.manifest as manifest
+
+    calls = []
+    orig = manifest.publish
+    monkeypatch.setattr(manifest, "publish", lambda eng: calls.append(1) or orig(eng))
+    eng = build_lake(tmp_path / "h")
+    r, inst = _ranged_compaction(tmp_path / "h", tmp_path / "dh")
+    assert r.success
+    eng2 = type(eng).open(tmp_path / "h", writer=True, background=False)
+    compacted = {e.key for e in eng2.catalog.entries() if e.compacted}
+    assert len(compacted) >= 5  # l2 BTC D1, D2; trades BTC D1, KX D1; gaps BTC D1
+    # steps that compacted something (l2, trades, gaps) once each, then the catalog asset once
+    assert len(calls) == 4, len(calls)
+    part = manifest.read_part(eng2.store.get_bytes(manifest.MANIFEST_KEY), eng2.store.url)
+    assert compacted <= set(part.df["key"].to_list())
+    inst.dispose()
+
+
+def test_run_output_is_captured_in_files_without_tail_processes(tmp_path):
+    """The project's compute log manager keeps a run's stdout and stderr in the files the UI shows,
+    and starts no `tail` / watcher processes to mirror them (Dagster's local manager starts four)."""
+    import sys
+    from pathlib import Path
+
+    from engine_defs.compute_logs import FileComputeLogManager
+
+    @dg.op
+    def speak() -> list:
+        print("to-stdout-1234", flush=True)
+        print("to-stderr-5678", file=sys.stderr, flush=True)
+        kids = [k for task in Path("/proc/self/task").iterdir() for k in (task / "children").read_text().split()]
+        return [Path(f"/proc/{k}/cmdline").read_bytes() for k in kids if Path(f"/proc/{k}").exists()]
+
+    @dg.job
+    def talk():
+        speak()
+
+    with dg.DagsterInstance.from_config(str(ensure_instance(tmp_path / "dh"))) as inst:
+        assert isinstance(inst.compute_log_manager, FileComputeLogManager)
+        r = talk.execute_in_process(instance=inst)
+        assert r.success
+        assert not [c for c in r.output_for_node("speak") if b"tail" in c or b"watch_orphans" in c]
+        (cap,) = [e for e in inst.all_logs(r.run_id) if e.dagster_event and e.dagster_event.event_type_value ==
+                  "LOGS_CAPTURED"]
+        cm = inst.compute_log_manager
+        data = cm.get_log_data(cm.build_log_key_for_run(r.run_id, cap.dagster_event.logs_captured_data.file_key))
+        assert b"to-stdout-1234" in data.stdout and b"to-stderr-5678" in data.stderr
+
+
+def test_the_daemon_entry_point_is_dagster_daemon_with_a_short_backfill_loop(tmp_path):
+    """`python -m engine_defs.daemon` is dagster-daemon's CLI; it shortens the constant the backfill
+    daemon's loop sleeps on (Dagster has no setting for it), and the asset daemon keeps its 30 s."""
+    import subprocess
+    import sys
+
+    from dagster._daemon import controller
+
+    from engine_defs import daemon
+    from engine_tests.conftest import ROOT
+
+    before = controller.DEFAULT_DAEMON_INTERVAL_SECONDS
+    try:
+        daemon.set_backfill_interval(2)
+        assert controller.DEFAULT_DAEMON_INTERVAL_SECONDS == 2
+    finally:
+        controller.DEFAULT_DAEMON_INTERVAL_SECONDS = before
+    import inspect
+
+    from dagster._daemon import backfill
+
+    # the loop reads the constant from the controller module when it starts: what the patch relies on
+    assert "from dagster._daemon.controller import DEFAULT_DAEMON_INTERVAL_SECONDS" in \
+        inspect.getsource(backfill.execute_backfill_iteration_loop)
+    p = subprocess.run([*daemon.daemon_cmd("w.yaml")[:3], "--version"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and dg.__version__ in p.stdout, p.stderr[-2000:]
+    with dg.DagsterInstance.from_config(str(ensure_instance(tmp_path / "dh"))) as inst:
+        assert inst.auto_materialize_minimum_interval_seconds == 30

@@ -53,21 +53,20 @@ class CompactionError(RuntimeError):
 def closed_partitions(eng, date=None, table=None, source=None, market=None):
     """Partitions that can be compacted: a whole day below the source's watermark, not yet one compacted file."""
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    out = []
-    for part in eng.catalog.partitions(table=table, source=source, market=market):
-        t, s, m, d = part
-        if date is not None and d != date:
-            continue
-        if d >= today:
-            continue
-        day_end = to_ns(d) + schema.NS_PER_DAY
-        if schema.spec(t).part_col == "recv_ts" and eng.sealed_until(s) < day_end:
-            continue
-        files = eng.catalog.files_in(part)
-        if len(files) == 1 and files[0].compacted:
-            continue
-        out.append(part)
-    return out
+    return [part for part in eng.catalog.partitions(table=table, source=source, market=market)
+            if (date is None or part[3] == date) and is_closed(eng, part, today)]
+
+
+def is_closed(eng, part, today: str | None = None) -> bool:
+    """Whether one (table, source, market, date) partition can be compacted (see `closed_partitions`),
+    without listing the catalog's partitions: a ranged run asks this once per partition."""
+    t, s, m, d = part
+    if d >= (today or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")):
+        return False
+    if schema.spec(t).part_col == "recv_ts" and eng.sealed_until(s) < to_ns(d) + schema.NS_PER_DAY:
+        return False
+    files = eng.catalog.files_in(part)
+    return bool(files) and not (len(files) == 1 and files[0].compacted)
 
 
 def compact(eng, date=None, table=None, market=None, source=None, grace_s: float = GRACE_S, progress=None):
