@@ -7,6 +7,10 @@ core) and keeps their free pages; Arrow's mimalloc keeps freed pages for reuse. 
 towards the sum of every thread's peak and stays there. So, once at start, glibc gets at most
 `ARENAS` arenas; and every `RELEASE_EVERY_S` the housekeeping asks Arrow's pool and glibc to return
 free pages to the system (a few ms; nothing in use is touched).
+
+The peak is read from /proc (VmHWM: this process since its exec), not from getrusage: Linux keeps a
+process's `ru_maxrss` across fork and exec, so a collector started by a large parent would report
+the parent's peak as its own.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -68,3 +73,14 @@ def release() -> None:
         pass
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set since its exec (VmHWM), in MB; None where /proc has none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
