@@ -18,7 +18,7 @@ per (source, market): l2 updates, l2 snapshot rows (book anchors, the designed e
 at the start of each later file, are told apart by their sequence numbers) and trades.
 
 Reported per configuration: CPU per shard (user+sys CPU-seconds of each collector process / wall
-over the feed), rows/s, rows in = stored, lag: exchange time to receive time (p50/p99, the replay's
+over the feed), each collector's peak RSS (its /proc VmHWM, final flush included), rows/s, rows in = stored, lag: exchange time to receive time (p50/p99, the replay's
 start-up offset removed; it includes the simulated exchange's own delay, e.g. Coinbase l2 event
 times 20-300 ms before the frame), and how far behind the feed each collector fell: its receive time
 minus the time the exchange sent the same frame (matched by connection and sequence number).
@@ -193,17 +193,50 @@ def _cpu_s(pid: int) -> float | None:
         return None
 
 
+def _hwm_mb(pid: int) -> float | None:
+    """A live process's peak RSS since its exec (VmHWM)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _reap(p: subprocess.Popen, timeout: float) -> dict:
-    """Wait for a child (wait4: its own CPU time and peak RSS, final flush included)."""
+    """Wait for a child: its CPU time (wait4) and its peak RSS (VmHWM, read until it exits).
+
+    Not wait4's ru_maxrss: Linux carries the parent's peak across fork and exec into the child's,
+    so every child this soak starts after counting a lake reports at least the soak's own peak."""
     end = time.monotonic() + timeout
+    hwm = None
     while True:
+        h = _hwm_mb(p.pid)
+        hwm = h if hwm is None or (h is not None and h > hwm) else hwm
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid:
             p.returncode = os.waitstatus_to_exitcode(status)
-            return {"rc": p.returncode, "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "max_rss_mb": round(ru.ru_maxrss / 1024)}
+            return {"rc": p.returncode, "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+                    "hwm_mb": None if hwm is None else round(hwm), "ru_maxrss_mb": round(ru.ru_maxrss / 1024)}
         if time.monotonic() > end:
-            return {"rc": None, "cpu_s": None, "max_rss_mb": None}
+            return {"rc": None, "cpu_s": None, "hwm_mb": None, "ru_maxrss_mb": None}
         time.sleep(0.05)
+
+
+def _logged_peak_mb(log_path: Path) -> float | None:
+    """The peak RSS a collector logged as it stopped (after its final flush)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if '"collector_stopped"' in line:
+            try:
+                return json.loads(line).get("peak_rss_mb")
+            except ValueError:
+                return None
+    return None
 
 
 def _status(home: Path, source: str) -> dict:
@@ -276,6 +309,7 @@ def run_config(n_shards: int, markets: dict[str, list[str]], caps: dict[str, Pat
         plan = shards.assign(markets, n_shards)
         homes = [shards.shard_home(home, i) for i in range(n_shards)] if n_shards > 1 else [home]
         colls, keepers = [], []
+        soak_hwm = round(_hwm_mb(os.getpid()) or 0)
         for i, h in enumerate(homes):
             ids = []
             if n_shards > 1:  # claimed before either process opens the home (as scripts/run does)
@@ -320,6 +354,8 @@ def run_config(n_shards: int, markets: dict[str, list[str]], caps: dict[str, Pat
         for p in colls:
             p.send_signal(signal.SIGTERM)
         coll_ru = [_reap(p, 180) for p in colls]
+        peak_mb = [max((x for x in (r["hwm_mb"], _logged_peak_mb(d / f"collector-{i}.log")) if x is not None), default=None)
+                   for i, r in enumerate(coll_ru)]
         for p in keepers:
             p.send_signal(signal.SIGTERM)
         keep_ru = [_reap(p, 180) for p in keepers]
@@ -335,7 +371,9 @@ def run_config(n_shards: int, markets: dict[str, list[str]], caps: dict[str, Pat
             "shards": n_shards, "plan": plan, "feed_s": round(t_drain - t0, 1), "caught_up_after_feed_s": round(caught_up_s, 1),
             "cpu_per_shard": [round((b - a) / wall, 3) if a is not None and b is not None else None
                               for a, b in zip(cpu0, cpu1)],
-            "collector_cpu_s_total": [r["cpu_s"] for r in coll_ru], "collector_max_rss_mb": [r["max_rss_mb"] for r in coll_ru],
+            "collector_cpu_s_total": [r["cpu_s"] for r in coll_ru], "collector_max_rss_mb": [None if x is None else round(x) for x in peak_mb],
+            # wait4's figure, for comparison only: at least the soak's own peak when the collector started
+            "collector_ru_maxrss_mb": [r["ru_maxrss_mb"] for r in coll_ru], "soak_peak_rss_mb_at_start": soak_hwm,
             "collector_rc": [r["rc"] for r in coll_ru], "keeper_cpu_s": [r["cpu_s"] for r in keep_ru],
             "replay_cpu_s": {src: r["cpu_s"] for src, r in replay_ru.items()},
             "reconnects": {src: sum(s.get("reconnects", 0) for s in sts) for src, sts in status.items()},
@@ -531,7 +569,8 @@ def summary_lines(r: dict) -> list[str]:
         row("collectors' CPU-s, start to exit (final flush included)",
             lambda c: " + ".join(f"{x:.0f}" for x in c["collector_cpu_s_total"] if x is not None),
             lambda c: sum(x or 0 for x in c["collector_cpu_s_total"])),
-        row("collector peak RSS MB", lambda c: " + ".join(str(x) for x in c["collector_max_rss_mb"])),
+        row("collector peak RSS MB (VmHWM, final flush included)", lambda c: " + ".join(str(x) for x in c["collector_max_rss_mb"]),
+            lambda c: max((x for x in c["collector_max_rss_mb"] if x is not None), default=None)),
         row("keeper / replay CPU-s", lambda c: f"{sum(x or 0 for x in c['keeper_cpu_s']):.0f} / "
             + " ".join(f"{v:.0f}" for v in c["replay_cpu_s"].values() if v is not None)),
     ]

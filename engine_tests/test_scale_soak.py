@@ -39,6 +39,9 @@ def _check(r: dict, shards: int) -> dict:
         assert planned == sorted((m["source"], m["market"]) for m in c["markets"])
     assert c["gaps"] == []  # a clean start on fresh homes and a flushed stop leave none
     assert c["reconnects"] == {"coinbase": 0, "kalshi": 0}
+    # each collector's own peak (VmHWM, as sampled and as it logged at stop), not wait4's, which
+    # carries the soak's own peak across fork+exec
+    assert len(c["collector_max_rss_mb"]) == shards and all(x and x > 0 for x in c["collector_max_rss_mb"])
     for src in ("coinbase", "kalshi"):
         assert c["lag_behind_feed_ms"][src]["frames"] > 0 and c["lag_exchange_to_recv_ms"][src] is not None
     return c

@@ -18,6 +18,10 @@ loads, so `before_arrow` sets it first. And the process uses no transparent huge
 mimalloc ask for them, and each first touch then makes the kernel zero 2 MB, of which a chunk's
 arrays use a part before they are freed again; with 4 kB pages the collector's kernel time halved
 and its RSS fell by ~25 MB.
+
+The peak is read from /proc (VmHWM: this process since its exec), not from getrusage: Linux keeps a
+process's `ru_maxrss` across fork and exec, so a collector started by a large parent would report
+the parent's peak as its own.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 
 from engine.log import get_logger  # no pyarrow at import: `before_arrow` must run before it loads
 
@@ -100,3 +105,14 @@ def release() -> None:
         pass
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set since its exec (VmHWM), in MB; None where /proc has none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

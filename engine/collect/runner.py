@@ -501,7 +501,7 @@ class Collector:
                 self.pid_file.unlink()
             except OSError:
                 pass
-            log.info("collector_stopped", sources=sources)
+            log.info("collector_stopped", sources=sources, peak_rss_mb=memory.peak_rss_mb())
         return 0
 
 

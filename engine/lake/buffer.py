@@ -1,6 +1,11 @@
 """Columnar buffer of one (table, source, market) for the current hour, sealed off the append path.
 
-Rows arrive as Arrow batches and wait in a small hot list. Each full chunk is handed to the
+Rows arrive as Arrow batches and wait in a small hot list. Each arrival is a zero-copy slice of an
+append's batch, often of a few dozen rows (a quiet market, appended every 0.25 s), and each costs
+some 7 KB of C++ objects (table, columns, arrays, dictionaries) against ~60 bytes a row of data: a
+minute of a hundred such markets took ~5x its size. So every `HOT_COMPACT` arrivals are copied into
+one table, merged with the previous one while that is no larger (a binary counter: a few tables per
+buffer, each row copied a few times, ~0.25 µs a row). Each full chunk is handed to the
 engine's encoder thread (pyarrow releases the GIL, so on two cores appends and encoding overlap):
 - while rows arrive in file order (one instrument, non-decreasing sort keys: a feed's normal
   case) every chunk is encoded once, straight into the Parquet file it will end up in, so a flush
@@ -25,9 +30,15 @@ from engine.lake.anchors import anchor_rows, end_book
 from engine.lake.writer import ROW_GROUP_ROWS, StreamWriter, WrittenFile, key_array, keys_sorted, write_parquet
 
 SEAL_ROWS = 65_536  # chunk size once out of order (IPC blobs)
+HOT_COMPACT = 16  # hot arrivals copied into one table (see the module doc)
 MAX_PENDING = 4  # chunks queued for the encoder per buffer before append waits: bounds memory
 _IPC_OPTS = pa.ipc.IpcWriteOptions(compression="zstd")
 _READ_OPTS = pa.ipc.IpcReadOptions(use_threads=False)
+
+
+def _combine(parts: list[pa.Table]) -> pa.Table:
+    """One table of contiguous buffers (a copy), dictionaries unified."""
+    return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
 
 
 class Buffer:
@@ -39,6 +50,7 @@ class Buffer:
         self._encoder = encoder
         self.hot: list[pa.Table] = []
         self.hot_rows = 0
+        self._loose = 0  # hot[_loose:] are arrivals as they came, hot[:_loose] compacted tables
         self.rows = 0
         self.first_batch: int | None = None
         self.last_batch = -1
@@ -76,7 +88,7 @@ class Buffer:
         if self.ordered:
             while self.hot_rows >= ROW_GROUP_ROWS:  # whole row groups, the rest stays hot
                 t = pa.concat_tables(self.hot)
-                self.hot, self.hot_rows = [t.slice(ROW_GROUP_ROWS)], t.num_rows - ROW_GROUP_ROWS
+                self.hot, self.hot_rows, self._loose = [t.slice(ROW_GROUP_ROWS)], t.num_rows - ROW_GROUP_ROWS, 0
                 self._submit([t.slice(0, ROW_GROUP_ROWS)])
         elif self.hot_rows >= SEAL_ROWS:
             self._seal()
@@ -86,6 +98,18 @@ class Buffer:
             self.ordered = False
         self.hot.append(t)
         self.hot_rows += t.num_rows
+        if len(self.hot) - self._loose >= HOT_COMPACT:
+            self._compact()
+
+    def _compact(self) -> None:
+        """The loose arrivals into one table, merged with the compacted ones before it while those
+        are no larger; row order is kept."""
+        done = self.hot[:self._loose]
+        t = _combine(self.hot[self._loose:])
+        while done and done[-1].num_rows <= t.num_rows:
+            t = _combine([done.pop(), t])
+        done.append(t)
+        self.hot, self._loose = done, len(done)
 
     def _in_order(self, t: pa.Table) -> bool:
         """Whether `t` continues the file order, so the file can be written as rows arrive."""
@@ -107,7 +131,7 @@ class Buffer:
 
     def _seal(self) -> None:
         if self.hot_rows:
-            parts, self.hot, self.hot_rows = self.hot, [], 0
+            parts, self.hot, self.hot_rows, self._loose = self.hot, [], 0, 0
             self._submit(parts)
 
     def _submit(self, parts: list[pa.Table]) -> None:
@@ -122,7 +146,7 @@ class Buffer:
         if self._error is not None:
             return None
         try:
-            t = pa.concat_tables(parts).unify_dictionaries().combine_chunks()
+            t = _combine(parts)
             if self._track_book:
                 self._fold_book(t)
             if to_stream:
